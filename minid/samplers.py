@@ -1,0 +1,427 @@
+"""Samplers: DDIM, DPM-Solver++ (multistep, orders 1-3), their inversions, and EditedID's hybrid solver.
+
+Every step is a function of one family,
+
+    step(z, eps, t, s, schedule, state, ...) -> z
+
+over plain tensors. A step is named by its pair of times (t, s), t the noisier end and s the less noisy end, in
+both directions: a sampling step takes z at t to z at s; its inversion takes z at s back to z at t. `eps` is the
+model's noise prediction at the current point (convert other prediction types with `eps_from_model_output`),
+`schedule` is a `NoiseSchedule`, `state` a `SolverState` (the DPM-Solver++ history; DDIM ignores it). Times are
+floats on the training axis (see schedule.py, with the two levels below 0: FINAL and CLEAN).
+
+Notation (schedule.py has the schedule's half; ALGORITHM.md "Notation" is the same table):
+
+    | symbol                       | code name   | meaning                                                   |
+    |------------------------------|-------------|-----------------------------------------------------------|
+    | z_t                          | `z`         | the latent at time t: z_t = α_t x_0 + σ_t ε               |
+    | ε_θ(z_t, t)                  | `eps`       | the network's noise prediction                            |
+    | x̂_0 = (z_t − σ_t ε)/α_t      | `x0`        | data prediction (DDIM Eq. 12 "predicted x_0")             |
+    | v = α_t ε − σ_t x̂_0          | `v`         | velocity prediction (Salimans & Ho 2022)                  |
+    | ε̃ = ε(∅) + s(ε(c) − ε(∅))    | `eps_cfg`   | classifier-free guidance, scale s (SD: 7.5)               |
+    | λ_t = log(α_t/σ_t)           | `lam`       | half log-SNR, grows as the latent gets cleaner            |
+    | h = λ_s − λ_t                | `h`         | step length in λ (> 0 when sampling, < 0 when inverting)  |
+    | r_k = h_k / h                | `r0`, `r1`  | ratio of an earlier step's λ-length to this one's         |
+    | η                            | `eta`       | DDIM stochasticity (0: deterministic ODE, 1: DDPM-like)   |
+
+Papers: DDIM (Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models"), DPM-Solver (Lu et al. 2022a),
+DPM-Solver++ (Lu et al. 2022b, "Fast Solver for Guided Sampling of Diffusion Probabilistic Models"),
+EditedID (hybrid solver: its Eq. 5-6; see ALGORITHM.md).
+
+The loop stays visible: `sample_loop` / `invert_loop` below are a dozen lines each, meant to be read and copied
+(inversion.py and editedid.py write their own loops around the same step functions).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .schedule import CLEAN, FINAL, NoiseSchedule, ddim_timesteps, dpm_solver_times, model_timestep
+
+DDIM = "ddim"
+DPM_SOLVER = "dpm_solver++"
+
+
+# ---- guidance and prediction types ---------------------------------------------------------------------
+
+def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): ε̃ = ε(∅) + s·(ε(c) − ε(∅)); s = 1 gives ε(c)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def x0_from_eps(z: torch.Tensor, eps: torch.Tensor, t: float, schedule: NoiseSchedule) -> torch.Tensor:
+    """x̂_0 = (z_t − σ_t ε) / α_t  (DDIM Eq. 12, "predicted x_0")."""
+    return (z - schedule.sigma(t) * eps) / schedule.alpha(t)
+
+
+def eps_from_x0(z: torch.Tensor, x0: torch.Tensor, t: float, schedule: NoiseSchedule) -> torch.Tensor:
+    """ε = (z_t − α_t x̂_0) / σ_t; undefined at CLEAN (σ = 0)."""
+    return (z - schedule.alpha(t) * x0) / schedule.sigma(t)
+
+
+def v_from_eps(z: torch.Tensor, eps: torch.Tensor, t: float, schedule: NoiseSchedule) -> torch.Tensor:
+    """v = α_t ε − σ_t x̂_0 = (ε − σ_t z_t) / α_t   (using α² + σ² = 1)."""
+    return (eps - schedule.sigma(t) * z) / schedule.alpha(t)
+
+
+def eps_from_v(z: torch.Tensor, v: torch.Tensor, t: float, schedule: NoiseSchedule) -> torch.Tensor:
+    """ε = σ_t z_t + α_t v."""
+    return schedule.sigma(t) * z + schedule.alpha(t) * v
+
+
+def x0_from_v(z: torch.Tensor, v: torch.Tensor, t: float, schedule: NoiseSchedule) -> torch.Tensor:
+    """x̂_0 = α_t z_t − σ_t v."""
+    return schedule.alpha(t) * z - schedule.sigma(t) * v
+
+
+def eps_from_model_output(output: torch.Tensor, z: torch.Tensor, t: float, schedule: NoiseSchedule,
+                          prediction_type: str = "epsilon") -> torch.Tensor:
+    """The network's output as ε, for `prediction_type` "epsilon" (SD1.x) or "v_prediction" (SD2.x-v)."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return eps_from_v(z, output, t, schedule)
+    raise ValueError(f"samplers.py: prediction_type {prediction_type!r} is not 'epsilon' or 'v_prediction'")
+
+
+# ---- DDIM ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SolverState:
+    """What a multistep solver remembers between steps: the last x̂_0 predictions and the λ they were made at,
+    oldest first. The DPM-Solver++ steps append to it (their one side effect); DDIM steps leave it alone."""
+
+    x0s: list = field(default_factory=list)  # x̂_0 of earlier steps, each like z
+    lams: list = field(default_factory=list)  # λ of the point each x̂_0 was predicted at
+    keep: int = 2  # order 3 needs the two previous predictions
+
+    def remember(self, x0: torch.Tensor, lam: float) -> None:
+        self.x0s = (self.x0s + [x0])[-self.keep:]
+        self.lams = (self.lams + [lam])[-self.keep:]
+
+
+def ddim_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: NoiseSchedule,
+              state: Optional[SolverState] = None, eta: float = 0.0,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """DDIM from t to s < t (Song et al. 2021, Eq. 12):
+
+        z_s = α_s x̂_0 + sqrt(1 − ᾱ_s − σ_η²) ε + σ_η n,   n ~ N(0, I) from `generator`
+        σ_η = η · sqrt((1 − ᾱ_s)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_s)                          (Eq. 16)
+
+    η = 0 is the deterministic sampler (the first-order solver of the probability-flow ODE).
+    """
+    # 1. noise levels of the two ends (s may be FINAL or CLEAN after the last step)
+    a_t, a_s = schedule.alphas_cumprod_at(t), schedule.alphas_cumprod_at(s)
+    # 2. predicted x_0 (Eq. 12, first term)
+    x0 = (z - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    # 3. the noise added back (Eq. 16); zero for η = 0
+    sigma_eta = eta * math.sqrt((1 - a_s) / (1 - a_t)) * math.sqrt(1 - a_t / a_s)
+    # 4. "direction pointing to x_t" (Eq. 12, second term)
+    direction = math.sqrt(max(1 - a_s - sigma_eta ** 2, 0.0)) * eps
+    # 5. the step
+    z_s = math.sqrt(a_s) * x0 + direction
+    if sigma_eta > 0:
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        z_s = z_s + sigma_eta * noise
+    return z_s
+
+
+def ddim_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: NoiseSchedule,
+                        state: Optional[SolverState] = None) -> torch.Tensor:
+    """DDIM inversion: the η = 0 formula run from s up to t > s, z given at s:
+
+        x̂_0 = (z_s − σ_s ε)/α_s,   z_t = α_t x̂_0 + σ_t ε
+
+    ε is the model's prediction at the current, less noisy point z_s (the unknown z_t is replaced by z_s, the
+    approximation every DDIM inversion makes; exact when ε does not depend on z). The loops tell the model the
+    pair's noisier timestep t, as diffusers' DDIMInverseScheduler pipelines and null-text inversion do, so a
+    step and its inversion see the same label.
+    """
+    # 1. noise levels: current s, target t
+    a_s, a_t = schedule.alphas_cumprod_at(s), schedule.alphas_cumprod_at(t)
+    # 2. predicted x_0 at the current point
+    x0 = (z - math.sqrt(1 - a_s) * eps) / math.sqrt(a_s)
+    # 3. re-noise to t with the same ε
+    return math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
+
+
+# ---- DPM-Solver++ (multistep, data prediction) ---------------------------------------------------------
+# The probability-flow ODE has the exact solution (DPM-Solver++, Eq. 8), from the current time c to the next n:
+#
+#     z_n = (σ_n/σ_c) z_c + σ_n ∫_{λ_c}^{λ_n} e^λ x̂_0(z_λ, λ) dλ
+#
+# The linear part is solved exactly; only x̂_0(λ) is approximated, by its Taylor expansion around λ_c in powers
+# of (λ − λ_c). With h = λ_n − λ_c, the integrals of the first terms are (integrate by parts):
+#
+#     σ_n ∫ e^λ dλ              = α_n (1 − e^{−h})                  = −α_n (e^{−h} − 1)
+#     σ_n ∫ e^λ (λ − λ_c) dλ    = α_n h ((e^{−h} − 1)/h + 1)
+#     σ_n ∫ e^λ (λ − λ_c)²/2 dλ = α_n h² (1/2 − (e^{−h} − 1 + h)/h²)
+#
+# (using σ_n e^{λ_n} = α_n). The derivatives of x̂_0 in λ are estimated from the earlier predictions
+# (multistep: no extra model calls): with h_0 = λ_c − λ_p1 the previous step's length and r0 = h_0/h,
+# D1 = (x̂_0(c) − x̂_0(p1))/r0 ≈ h·x̂_0'. Order 2 ("2M", Alg. 2 of DPM-Solver++) replaces the second integral by
+# half the first one, which gives Alg. 2's D = (1 + 1/(2 r0)) x̂_0(c) − (1/(2 r0)) x̂_0(p1). Order 3 ("3M") uses
+# the two previous predictions for a second difference. Every formula holds for h < 0 too: that is the inversion,
+# the same update with the two times exchanged, explicit, from the current (less noisy) point.
+
+def _dpm_solver_update(z: torch.Tensor, x0: torch.Tensor, cur: float, nxt: float, schedule: NoiseSchedule,
+                       state: SolverState, order: int) -> torch.Tensor:
+    """One multistep DPM-Solver++ update from time `cur` to `nxt` (either direction), x0 predicted at `cur`."""
+    # 1. noise levels and the step length in λ
+    sigma_c, sigma_n, alpha_n = schedule.sigma(cur), schedule.sigma(nxt), schedule.alpha(nxt)
+    lam_c, lam_n = schedule.lam(cur), schedule.lam(nxt)
+    h = lam_n - lam_c
+    # 2. the order this step can use: at most one more than the predictions remembered (warm-up), and 1 when
+    #    an end is CLEAN (h = ±∞: the higher-order coefficients have no finite limit there)
+    order = min(order, len(state.x0s) + 1)
+    if math.isinf(h):
+        order = 1
+    if h == 0.0:  # a zero-length step is the identity (and would divide by h below)
+        state.remember(x0, lam_c)
+        return z
+    phi_1 = math.expm1(-h)  # e^{−h} − 1
+    # 3. the update: exact linear part + Taylor terms of the integral (see the block comment above)
+    if order == 1:  # DPM-Solver++1 = DDIM
+        z_next = (sigma_n / sigma_c) * z - alpha_n * phi_1 * x0
+    elif order == 2:  # DPM-Solver++(2M), midpoint form
+        h_0 = lam_c - state.lams[-1]
+        r0 = h_0 / h
+        D0, D1 = x0, (x0 - state.x0s[-1]) / r0
+        z_next = (sigma_n / sigma_c) * z - alpha_n * phi_1 * D0 - 0.5 * alpha_n * phi_1 * D1
+    elif order == 3:  # DPM-Solver++(3M)
+        h_0, h_1 = lam_c - state.lams[-1], state.lams[-1] - state.lams[-2]
+        r0, r1 = h_0 / h, h_1 / h
+        D0 = x0
+        D1_0 = (x0 - state.x0s[-1]) / r0  # ≈ h·x̂_0' from the last two points
+        D1_1 = (state.x0s[-1] - state.x0s[-2]) / r1  # the same one step earlier
+        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)  # first derivative, corrected to second order
+        D2 = (D1_0 - D1_1) / (r0 + r1)  # ≈ h²·x̂_0''/2
+        # Caution: the coefficient of D2 below is the one of DPM-Solver's reference code and of diffusers, kept
+        # for parity. With D2 ≈ h² x̂_0''/2, the Taylor term of the block comment above,
+        # α_n h² (1/2 − (e^{−h} − 1 + h)/h²) x̂_0'', equals −2 α_n ((e^{−h} − 1 + h)/h² − 1/2) D2: twice the term
+        # used. So "3M" is third order only before the asymptotic regime; on a Gaussian test problem its global
+        # error falls like N^-2 for large N (tests/test_samplers.py measures both slopes).
+        z_next = ((sigma_n / sigma_c) * z - alpha_n * phi_1 * D0
+                  + alpha_n * (phi_1 / h + 1.0) * D1
+                  - alpha_n * ((phi_1 + h) / h ** 2 - 0.5) * D2)
+    else:
+        raise ValueError(f"samplers.py: DPM-Solver++ order {order} is not 1, 2 or 3")
+    # 4. remember this prediction for the next steps
+    state.remember(x0, lam_c)
+    return z_next
+
+
+def dpm_solver_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: NoiseSchedule,
+                    state: SolverState, order: int = 2) -> torch.Tensor:
+    """DPM-Solver++ multistep from t to s < t, with x̂_0 = (z_t − σ_t ε)/α_t (data prediction).
+
+    order 1: z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) x̂_0(t), h = λ_s − λ_t — the same map as DDIM (η = 0).
+    order 2: x̂_0(t) → D = (1 + 1/(2r)) x̂_0(t) − (1/(2r)) x̂_0(t_prev), r = h_prev/h.
+    order 3: the 3M update with two previous predictions.
+    The order used is at most 1 + the number of predictions in `state` (warm-up), and 1 when s is CLEAN.
+    Appends (x̂_0(t), λ_t) to `state`.
+    """
+    x0 = x0_from_eps(z, eps, t, schedule)
+    return _dpm_solver_update(z, x0, t, s, schedule, state, order)
+
+
+def dpm_solver_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: NoiseSchedule,
+                              state: SolverState, order: int = 2) -> torch.Tensor:
+    """DPM-Solver++ inversion: the update above with the roles of t and s exchanged, z given at s, returns z at t.
+    Explicit: x̂_0 is predicted at the current point s; `state` holds the predictions of the earlier (less
+    noisy) inversion steps. From CLEAN (σ_s = 0) the first-order update is written in DDIM form,
+    z_t = α_t x̂_0 + σ_t ε, the finite form of (σ_t/σ_s) z_s − α_t (e^{−h} − 1) x̂_0 there.
+    """
+    x0 = x0_from_eps(z, eps, s, schedule)
+    if schedule.sigma(s) == 0.0:
+        state.remember(x0, schedule.lam(s))
+        return schedule.alpha(t) * x0 + schedule.sigma(t) * eps
+    return _dpm_solver_update(z, x0, s, t, schedule, state, order)
+
+
+# ---- plans: which solver runs each step, between which times ------------------------------------------
+
+@dataclass(frozen=True)
+class PlanStep:
+    """One step of a plan, named by its pair of times in both directions (see the module docstring)."""
+
+    solver: str  # DDIM or DPM_SOLVER
+    t: float  # noisier end: where sampling starts, where inversion lands
+    s: float  # less noisy end: where sampling lands, where inversion starts (FINAL/CLEAN after the last step)
+    timestep: int  # what the model is told, in both directions: the noisier end, rounded
+    order: int = 1  # DPM-Solver++ order when sampling (warm-up and lower_order_final applied); 1 for DDIM
+    inversion_order: int = 1  # DPM-Solver++ order when inverting (warm-up from the clean end)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole pass: the schedule and the steps from pure noise to data (inversion walks them backwards)."""
+
+    schedule: NoiseSchedule
+    steps: tuple[PlanStep, ...]
+    eta: float = 0.0  # DDIM η for the sampling direction (inversion is always deterministic)
+
+    @property
+    def timesteps(self) -> list[int]:
+        return [step.timestep for step in self.steps]
+
+
+def ddim_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", eta: float = 0.0) -> Plan:
+    """DDIMScheduler's pass: timesteps from `ddim_timesteps`, each step from t to t − T//N (diffusers'
+    convention for every spacing; below 0 is the FINAL level, ᾱ = final_alphas_cumprod)."""
+    T = schedule.num_train_timesteps
+    ts = ddim_timesteps(num_steps, spacing, schedule.steps_offset, T)
+    steps = tuple(PlanStep(DDIM, float(t), float(t - T // num_steps) if t - T // num_steps >= 0 else FINAL, t)
+                  for t in ts)
+    return Plan(schedule, steps, eta)
+
+
+def dpm_solver_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "logSNR", order: int = 2,
+                    lower_order_final: bool = True) -> Plan:
+    """DPMSolverMultistepScheduler's pass (algorithm_type="dpmsolver++", final_sigmas_type="zero"): the times of
+    `dpm_solver_times`, each step landing on the next, the last one on CLEAN."""
+    times = dpm_solver_times(schedule, num_steps, spacing)
+    solvers = [DPM_SOLVER] * num_steps
+    return Plan(schedule, _with_orders(solvers, times, times[1:] + [CLEAN], order, lower_order_final))
+
+
+def _with_orders(solvers: list[str], ts: list[float], ss: list[float], order: int,
+                 lower_order_final: bool) -> tuple[PlanStep, ...]:
+    """Attach the DPM-Solver++ orders, diffusers' rule, counted within each run of DPM-Solver++ steps:
+    warm-up (the k-th step of a run uses order ≤ k), and with `lower_order_final` and fewer than 15 steps in the
+    pass, order 1 on the last step and ≤ 2 on the one before (stability at low noise). A step to or from CLEAN
+    is order 1 (see `_dpm_solver_update`). The inversion uses the same order at the same step (the paper's
+    symmetry), lowered where its own warm-up, counted from the clean end of the run, has fewer predictions."""
+    n = len(solvers)
+    steps = []
+    for i, solver in enumerate(solvers):
+        o = inv = 1
+        if solver == DPM_SOLVER:
+            run_before = next((k for k in range(i) if solvers[i - 1 - k] != DPM_SOLVER), i)
+            run_after = next((k for k in range(n - 1 - i) if solvers[i + 1 + k] != DPM_SOLVER), n - 1 - i)
+            o = min(order, run_before + 1)
+            if lower_order_final and n < 15:
+                o = 1 if i == n - 1 else (min(o, 2) if i == n - 2 else o)
+            inv = min(o, run_after + 1)
+            if ss[i] == CLEAN:
+                o = inv = 1
+        steps.append(PlanStep(solver, ts[i], ss[i], model_timestep(ts[i]), o, inv))
+    return tuple(steps)
+
+
+@dataclass(frozen=True)
+class HybridSchedule:
+    """EditedID's hybrid solver (paper Eq. 5-6): DPM-Solver++ on steps τ_s … τ_e, DDIM on the others."""
+
+    num_steps: int = 6  # N, model calls per pass (the paper's 6)
+    dpm_start: int = 5  # τ_s: first step run by DPM-Solver++, 1-based, counted from pure noise
+    dpm_end: int = 6  # τ_e: last step run by DPM-Solver++; τ_s > τ_e gives DDIM only
+    # "global": both full N-step sequences first, step i takes t_i from its solver's sequence and lands where
+    # step i+1 starts (paper Eq. 6, no jump at the switch). "fragmented": each run of one solver uses that
+    # solver's own sequence for its own number of steps, landing by its own rule (the paper's ablation,
+    # which jumps at the switch).
+    timesteps: str = "global"
+    ddim_spacing: str = "leading"  # SD's DDIM spacing (with the schedule's steps_offset)
+    dpm_spacing: str = "logSNR"  # λ-uniform (paper A.4); "linspace" is the option
+    dpm_order: int = 2  # DPM-Solver++ order (2M is diffusers' default)
+    lower_order_final: bool = True  # diffusers' rule for passes of < 15 steps
+
+    def solvers(self) -> list[str]:
+        return [DPM_SOLVER if self.dpm_start <= i <= self.dpm_end else DDIM
+                for i in range(1, self.num_steps + 1)]
+
+
+def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule()) -> Plan:
+    """The per-step solver and times of the hybrid solver; the inversion walks the same steps backwards
+    (the paper's symmetry: the same solver at the same noise levels)."""
+    n, T = hybrid.num_steps, schedule.num_train_timesteps
+    solvers = hybrid.solvers()
+    final = {DDIM: FINAL, DPM_SOLVER: CLEAN}  # where each solver's own pass ends
+    if hybrid.timesteps == "global":
+        sequences = {DDIM: [float(t) for t in ddim_timesteps(n, hybrid.ddim_spacing, schedule.steps_offset, T)],
+                     DPM_SOLVER: dpm_solver_times(schedule, n, hybrid.dpm_spacing)}
+        ts = [sequences[solver][i] for i, solver in enumerate(solvers)]
+        ss = ts[1:] + [final[solvers[-1]]]  # continuity: each step lands where the next one starts
+        for i in range(n - 1):
+            if not ts[i] > ts[i + 1]:
+                raise ValueError(f"samplers.py: hybrid timesteps {ts} do not decrease at step {i + 2} "
+                                 f"({hybrid}); choose other spacings or switch steps")
+    elif hybrid.timesteps == "fragmented":
+        ts, ss = [], []
+        i = 0
+        while i < n:  # one run of consecutive steps with the same solver
+            j = i
+            while j < n and solvers[j] == solvers[i]:
+                j += 1
+            m = j - i
+            if solvers[i] == DDIM:
+                own = [float(t) for t in ddim_timesteps(m, hybrid.ddim_spacing, schedule.steps_offset, T)]
+                lands = [t - T // m if t - T // m >= 0 else FINAL for t in own]
+            else:
+                own = dpm_solver_times(schedule, m, hybrid.dpm_spacing)
+                lands = own[1:] + [CLEAN]
+            ts += own
+            ss += lands
+            i = j
+    else:
+        raise ValueError(f"samplers.py: HybridSchedule.timesteps={hybrid.timesteps!r} is not 'global' or "
+                         "'fragmented'")
+    return Plan(schedule, _with_orders(solvers, ts, ss, hybrid.dpm_order, hybrid.lower_order_final))
+
+
+# ---- dispatch and the two loops ------------------------------------------------------------------------
+
+def hybrid_step(z: torch.Tensor, eps: torch.Tensor, step: PlanStep, schedule: NoiseSchedule, state: SolverState,
+                eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The sampling step `step` names: DDIM or DPM-Solver++ from step.t to step.s."""
+    if step.solver == DDIM:
+        return ddim_step(z, eps, step.t, step.s, schedule, state, eta=eta, generator=generator)
+    return dpm_solver_step(z, eps, step.t, step.s, schedule, state, order=step.order)
+
+
+def hybrid_inversion_step(z: torch.Tensor, eps: torch.Tensor, step: PlanStep, schedule: NoiseSchedule,
+                          state: SolverState) -> torch.Tensor:
+    """The inversion of `step`: the same solver, from step.s up to step.t."""
+    if step.solver == DDIM:
+        return ddim_inversion_step(z, eps, step.t, step.s, schedule, state)
+    return dpm_solver_inversion_step(z, eps, step.t, step.s, schedule, state, order=step.inversion_order)
+
+
+ModelFn = Callable[[torch.Tensor, int], torch.Tensor]  # (z, timestep) -> model output
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (i, timestep, z after the step, x̂_0)
+
+
+def sample_loop(model_fn: ModelFn, z: torch.Tensor, plan: Plan, callback: Optional[Callback] = None,
+                prediction_type: str = "epsilon", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """From z at the plan's first time to data: one model call and one step per plan step."""
+    schedule, state = plan.schedule, SolverState()
+    for i, step in enumerate(plan.steps):
+        # 1. the model at the current point
+        eps = eps_from_model_output(model_fn(z, step.timestep), z, step.t, schedule, prediction_type)
+        # 2. one step to step.s
+        x0 = x0_from_eps(z, eps, step.t, schedule)
+        z = hybrid_step(z, eps, step, schedule, state, eta=plan.eta, generator=generator)
+        if callback is not None:
+            callback(i, step.timestep, z, x0)
+    return z
+
+
+def invert_loop(model_fn: ModelFn, z: torch.Tensor, plan: Plan, callback: Optional[Callback] = None,
+                prediction_type: str = "epsilon") -> torch.Tensor:
+    """From data back to the plan's first time: the plan's steps in reverse, each one inverted. The model is
+    evaluated at the current (less noisy) point and told the step's timestep (its noisier end)."""
+    schedule, state = plan.schedule, SolverState()
+    for i in reversed(range(len(plan.steps))):
+        step = plan.steps[i]
+        # 1. the model at the current point, which lies at step.s
+        eps = eps_from_model_output(model_fn(z, step.timestep), z, step.s, schedule, prediction_type)
+        # 2. one step up to step.t
+        x0 = x0_from_eps(z, eps, step.s, schedule)
+        z = hybrid_inversion_step(z, eps, step, schedule, state)
+        if callback is not None:
+            callback(i, step.timestep, z, x0)
+    return z

@@ -1,0 +1,326 @@
+"""Samplers against diffusers' schedulers, and the properties their math promises."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minid.samplers import (CLEAN, DDIM, DPM_SOLVER, FINAL, HybridSchedule, SolverState, cfg, ddim_inversion_step,
+                            ddim_plan, ddim_step, dpm_solver_inversion_step, dpm_solver_plan, dpm_solver_step,
+                            eps_from_model_output, eps_from_v, eps_from_x0, hybrid_plan, invert_loop,
+                            sample_loop, v_from_eps, x0_from_eps, x0_from_v)
+from minid.schedule import NoiseSchedule, ddim_timesteps, dpm_solver_times
+
+diffusers = pytest.importorskip("diffusers")
+
+SCHEDULE = NoiseSchedule.scaled_linear()
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+STEP_COUNTS = [6, 10, 20, 50]
+
+
+def toy_eps(z: torch.Tensor, timestep: int) -> torch.Tensor:
+    """A deterministic stand-in for the UNet that depends on both z and t."""
+    return torch.tanh(0.7 * z + 0.3 * math.sin(timestep / 100.0) + 0.1)
+
+
+@pytest.fixture(scope="module")
+def z_start() -> torch.Tensor:
+    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _float64_schedule_into(scheduler, final_attr: str | None):
+    """Give a diffusers scheduler minid's float64 ᾱ (it builds float32 ones), so the loops compare the step math."""
+    scheduler.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    if final_attr:
+        setattr(scheduler, final_attr, torch.tensor(SCHEDULE.final_alphas_cumprod, dtype=torch.float64))
+    return scheduler
+
+
+# ---- parity with diffusers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", STEP_COUNTS)
+def test_ddim_loop_matches_diffusers(z_start, spacing, n):
+    ref = _float64_schedule_into(diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False,
+                                                         steps_offset=1, timestep_spacing=spacing),
+                                 "final_alpha_cumprod")
+    ref.set_timesteps(n)
+    plan = ddim_plan(SCHEDULE, n, spacing)
+    assert plan.timesteps == ref.timesteps.tolist()
+    z = z_start.clone()
+    for t in ref.timesteps.tolist():
+        z = ref.step(toy_eps(z, t), t, z).prev_sample
+    ours = sample_loop(toy_eps, z_start.clone(), plan)
+    err = (ours - z).abs().max().item()
+    assert err < 1e-6, f"DDIM {spacing} {n} steps: max abs error {err:.2e} ≥ 1e-6"
+
+
+def test_ddim_eta_matches_diffusers(z_start):
+    ref = _float64_schedule_into(diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False,
+                                                         steps_offset=1), "final_alpha_cumprod")
+    ref.set_timesteps(10)
+    g_ref, g_ours = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    z = z_start.clone()
+    for t in ref.timesteps.tolist():
+        z = ref.step(toy_eps(z, t), t, z, eta=0.8, generator=g_ref).prev_sample
+    ours = sample_loop(toy_eps, z_start.clone(), ddim_plan(SCHEDULE, 10, eta=0.8), generator=g_ours)
+    err = (ours - z).abs().max().item()
+    assert err < 1e-6, f"DDIM η=0.8: max abs error {err:.2e} ≥ 1e-6"
+    deterministic = sample_loop(toy_eps, z_start.clone(), ddim_plan(SCHEDULE, 10))
+    assert (ours - deterministic).abs().max() > 1e-2, "η > 0 must add noise"
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("n", STEP_COUNTS)
+def test_ddim_inversion_loop_matches_diffusers(z_start, spacing, n):
+    ref = _float64_schedule_into(diffusers.DDIMInverseScheduler(**SD, clip_sample=False, set_alpha_to_one=False,
+                                                                steps_offset=1, timestep_spacing=spacing),
+                                 "initial_alpha_cumprod")
+    ref.set_timesteps(n)
+    plan = ddim_plan(SCHEDULE, n, spacing)
+    assert ref.timesteps.tolist() == plan.timesteps[::-1]
+    z = z_start.clone()
+    for t in ref.timesteps.tolist():
+        z = ref.step(toy_eps(z, t), t, z).prev_sample
+    ours = invert_loop(toy_eps, z_start.clone(), plan)
+    err = (ours - z).abs().max().item()
+    assert err < 1e-6, f"DDIM inversion {spacing} {n} steps: max abs error {err:.2e} ≥ 1e-6"
+
+
+# DPMSolverMultistepScheduler casts the latent to float32 inside `step` and keeps its sigmas in float32, so this
+# comparison is at float32 precision: ~1e-7 relative per step, accumulated over up to 50 steps.
+DPM_TOL = 1e-4
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("use_lu_lambdas", [False, True])
+@pytest.mark.parametrize("n", STEP_COUNTS)
+def test_dpm_solver_loop_matches_diffusers(z_start, order, use_lu_lambdas, n):
+    ref = _float64_schedule_into(diffusers.DPMSolverMultistepScheduler(
+        **SD, algorithm_type="dpmsolver++", solver_order=order, use_lu_lambdas=use_lu_lambdas), None)
+    ref.set_timesteps(n)
+    plan = dpm_solver_plan(SCHEDULE, n, "logSNR" if use_lu_lambdas else "linspace", order)
+    assert plan.timesteps == ref.timesteps.tolist()
+    z = z_start.clone()
+    for t in ref.timesteps:
+        z = ref.step(toy_eps(z, int(t)), t, z).prev_sample
+    ours = sample_loop(toy_eps, z_start.clone(), plan)
+    err = (ours - z).abs().max().item()
+    assert err < DPM_TOL, f"DPM-Solver++ order {order}, lu={use_lu_lambdas}, {n} steps: max abs error {err:.2e}"
+
+
+def test_lower_order_final_follows_diffusers_rule():
+    # < 15 steps: order 1 at the last step, ≤ 2 at the one before; ≥ 15: only the step to CLEAN drops to 1
+    assert [s.order for s in dpm_solver_plan(SCHEDULE, 6, order=3).steps] == [1, 2, 3, 3, 2, 1]
+    assert [s.order for s in dpm_solver_plan(SCHEDULE, 16, order=3).steps][-3:] == [3, 3, 1]
+    assert [s.order for s in dpm_solver_plan(SCHEDULE, 6, order=3, lower_order_final=False).steps] == \
+        [1, 2, 3, 3, 3, 1]
+
+
+# ---- small exact properties ---------------------------------------------------------------------------
+
+times = st.floats(0.0, 999.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=times, s=times, seed=st.integers(0, 2 ** 16))
+def test_dpm_solver_order_1_is_ddim(t, s, seed):
+    t, s = max(t, s), min(t, s)
+    if t - s < 1e-3:
+        return
+    g = torch.Generator().manual_seed(seed)
+    z, eps = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    a = ddim_step(z, eps, t, s, SCHEDULE)
+    b = dpm_solver_step(z, eps, t, s, SCHEDULE, SolverState(), order=1)
+    assert torch.allclose(a, b, rtol=0, atol=1e-10), f"t={t}, s={s}: {(a - b).abs().max():.2e}"
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=times, s=st.one_of(times, st.just(FINAL)), seed=st.integers(0, 2 ** 16),
+       solver=st.sampled_from([DDIM, DPM_SOLVER]))
+def test_inversion_step_then_step_returns_the_start(t, s, seed, solver):
+    # with ε independent of z, the inversion step and the sampling step are exact inverses (to float64 rounding)
+    if s != FINAL:
+        t, s = max(t, s), min(t, s)
+    g = torch.Generator().manual_seed(seed)
+    z_s, eps = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    if solver == DDIM:
+        z_t = ddim_inversion_step(z_s, eps, t, s, SCHEDULE)
+        back = ddim_step(z_t, eps, t, s, SCHEDULE)
+    else:
+        z_t = dpm_solver_inversion_step(z_s, eps, t, s, SCHEDULE, SolverState(), order=1)
+        back = dpm_solver_step(z_t, eps, t, s, SCHEDULE, SolverState(), order=1)
+    err = (back - z_s).abs().max().item()
+    assert err < 1e-9, f"{solver} t={t}, s={s}: round trip error {err:.2e}"  # |z_t| · σ_t/σ_s reaches ~100
+
+
+@pytest.mark.parametrize("plan_name", ["ddim", "dpm3", "hybrid"])
+def test_round_trip_exact_when_eps_ignores_z(z_start, plan_name):
+    plan = {"ddim": ddim_plan(SCHEDULE, 10), "dpm3": dpm_solver_plan(SCHEDULE, 10, order=3),
+            "hybrid": hybrid_plan(SCHEDULE, HybridSchedule(num_steps=8, dpm_start=5, dpm_end=8, dpm_order=3))}[plan_name]
+    fixed = torch.randn_like(z_start)
+    model = lambda z, t: fixed  # noqa: E731  (a constant ε keeps x̂_0 constant along the path, at every order)
+    err = (sample_loop(model, invert_loop(model, z_start, plan), plan) - z_start).abs().max().item()
+    assert err < 1e-10, f"{plan_name}: round trip error {err:.2e}"
+
+
+def test_prediction_type_conversions(z_start):
+    t = 421
+    eps = torch.randn_like(z_start)
+    x0 = x0_from_eps(z_start, eps, t, SCHEDULE)
+    v = v_from_eps(z_start, eps, t, SCHEDULE)
+    assert torch.allclose(eps_from_x0(z_start, x0, t, SCHEDULE), eps, atol=1e-12)
+    assert torch.allclose(eps_from_v(z_start, v, t, SCHEDULE), eps, atol=1e-12)
+    assert torch.allclose(x0_from_v(z_start, v, t, SCHEDULE), x0, atol=1e-12)
+    # v = α ε − σ x̂_0 (Salimans & Ho)
+    assert torch.allclose(v, SCHEDULE.alpha(t) * eps - SCHEDULE.sigma(t) * x0, atol=1e-12)
+    assert torch.equal(eps_from_model_output(eps, z_start, t, SCHEDULE, "epsilon"), eps)
+    assert torch.allclose(eps_from_model_output(v, z_start, t, SCHEDULE, "v_prediction"), eps, atol=1e-12)
+    with pytest.raises(ValueError, match="samplers.py"):
+        eps_from_model_output(eps, z_start, t, SCHEDULE, "sample")
+
+
+def test_cfg():
+    u, c = torch.randn(8), torch.randn(8)
+    assert torch.allclose(cfg(u, c, 1.0), c, atol=1e-6) and torch.equal(cfg(u, c, 0.0), u)
+    assert torch.allclose(cfg(u, c, 7.5), u + 7.5 * (c - u))
+
+
+# ---- Gaussian data: the exact ε and the exact ODE solution -------------------------------------------
+# For x_0 ~ N(μ, s²I), z_t ~ N(α_t μ, (α_t² s² + σ_t²) I) and E[x_0 | z_t] is linear in z_t; the probability-flow
+# ODE moves z_t − α_t μ by the ratio of the standard deviations.
+MU, SD_DATA = 0.5, 0.3
+
+
+def _std(t):
+    return math.sqrt(SCHEDULE.alpha(t) ** 2 * SD_DATA ** 2 + SCHEDULE.sigma(t) ** 2)
+
+
+def gaussian_eps(z: torch.Tensor, t: float) -> torch.Tensor:
+    a, s = SCHEDULE.alpha(t), SCHEDULE.sigma(t)
+    x0 = MU + a * SD_DATA ** 2 / _std(t) ** 2 * (z - a * MU)
+    return (z - a * x0) / s
+
+
+def gaussian_flow(z: torch.Tensor, t: float, u: float) -> torch.Tensor:
+    return SCHEDULE.alpha(u) * MU + _std(u) / _std(t) * (z - SCHEDULE.alpha(t) * MU)
+
+
+def _solve_error(order: int, n: int, z0: torch.Tensor) -> float:
+    """Error at t=0 of an n-step λ-uniform solve from t=999. Multistep methods start from exact earlier values
+    (the standard way to measure a multistep method's order without the warm-up's lower-order steps)."""
+    ta, tb = 999.0, 0.0
+    lams = np.linspace(SCHEDULE.lam(ta), SCHEDULE.lam(tb), n + 1)
+    ts = [ta] + [SCHEDULE.t_of_lam(x) for x in lams[1:-1]] + [tb]
+    state = SolverState()
+    for i in range(order - 1):
+        zi = gaussian_flow(z0, ta, ts[i])
+        state.remember(x0_from_eps(zi, gaussian_eps(zi, ts[i]), ts[i], SCHEDULE), SCHEDULE.lam(ts[i]))
+    z = gaussian_flow(z0, ta, ts[order - 1])
+    for i in range(order - 1, n):
+        z = dpm_solver_step(z, gaussian_eps(z, ts[i]), ts[i], ts[i + 1], SCHEDULE, state, order)
+    return (z - gaussian_flow(z0, ta, tb)).abs().max().item()
+
+
+def _slope(ns, errs):
+    return -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+
+
+@pytest.fixture(scope="module")
+def convergence():
+    z0 = torch.randn(32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return {(order, n): _solve_error(order, n, z0) for order in (1, 2, 3) for n in (8, 16, 32, 64, 128, 256)}
+
+
+def test_convergence_orders_on_gaussian_data(convergence):
+    ns = [32, 64, 128, 256]
+    slopes = {o: _slope(ns, [convergence[o, n] for n in ns]) for o in (1, 2, 3)}
+    assert 0.8 < slopes[1] < 1.2, f"DDIM / DPM-Solver++1 slope {slopes[1]:.2f} not ≈ 1"
+    assert 1.7 < slopes[2] < 2.3, f"2M slope {slopes[2]:.2f} not ≈ 2"
+    # 3M: third order before the asymptotic regime, second order in it (see the Caution in samplers.py)
+    early = _slope([8, 16], [convergence[3, 8], convergence[3, 16]])
+    assert early > 2.5, f"3M slope from 8 to 16 steps {early:.2f} ≤ 2.5"
+    assert 1.7 < slopes[3] < 2.3, f"3M asymptotic slope {slopes[3]:.2f} not ≈ 2"
+    assert all(convergence[3, n] < convergence[2, n] < convergence[1, n] for n in ns), \
+        f"errors must fall with the order: {convergence}"
+
+
+def test_ddim_plan_converges_on_gaussian_data():
+    # the whole DDIM pass (SD spacing) vs the exact flow between its first time and its FINAL level
+    z = torch.randn(32, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    errs = []
+    for n in (10, 20, 40, 80):
+        plan = ddim_plan(SCHEDULE, n, "trailing")
+        exact = gaussian_flow(z, plan.steps[0].t, 0.0)  # FINAL = timestep 0's level for SD
+        errs.append((sample_loop(gaussian_eps, z, plan) - exact).abs().max().item())
+    assert _slope([10, 20, 40, 80], errs) > 0.8, f"DDIM pass errors {errs}"
+
+
+# ---- the hybrid solver --------------------------------------------------------------------------------
+
+def test_default_hybrid_plan():
+    plan = hybrid_plan(SCHEDULE)
+    assert [s.solver for s in plan.steps] == [DDIM] * 4 + [DPM_SOLVER] * 2
+    dpm = dpm_solver_times(SCHEDULE, 6, "logSNR")
+    assert [s.t for s in plan.steps] == [831.0, 665.0, 499.0, 333.0, dpm[4], dpm[5]]
+    assert plan.timesteps == [831, 665, 499, 333, 11, 0]
+    assert plan.steps[-1].s == CLEAN
+
+
+@pytest.mark.parametrize("window", [(5, 6), (4, 6), (1, 2), (6, 6), (7, 6)])
+def test_global_hybrid_is_continuous_and_smooth(window):
+    n = 6
+    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n, dpm_start=window[0], dpm_end=window[1]))
+    ts = [s.t for s in plan.steps]
+    assert all(a > b for a, b in zip(ts, ts[1:])), f"timesteps not strictly decreasing: {ts}"
+    assert all(a.s == b.t for a, b in zip(plan.steps, plan.steps[1:])), "a step must land where the next starts"
+    ddim_seq, dpm_seq = ddim_timesteps(n), dpm_solver_times(SCHEDULE, n)
+    for i, step in enumerate(plan.steps):  # paper Eq. 6: each step's time from its own solver's full sequence
+        assert step.t == (dpm_seq[i] if window[0] <= i + 1 <= window[1] else ddim_seq[i])
+
+    # No jump: on the Gaussian model the latent moves per unit of λ no faster than in either pure pass.
+    def speeds(p):
+        z = torch.randn(32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        zs = [z]
+        sample_loop(gaussian_eps, z, p, callback=lambda i, t, z_i, x0: zs.append(z_i))
+        lams = [SCHEDULE.lam(s.t) for s in p.steps] + [min(SCHEDULE.lam(p.steps[-1].s), 5.0)]
+        return [((b - a).norm() / (lb - la)).item() for a, b, la, lb in zip(zs, zs[1:], lams, lams[1:])]
+
+    envelope = max(speeds(ddim_plan(SCHEDULE, n)) + speeds(dpm_solver_plan(SCHEDULE, n)))
+    assert max(speeds(plan)) <= 1.05 * envelope, f"speeds {speeds(plan)} exceed {envelope:.3f}"
+
+
+def test_fragmented_hybrid_uses_each_solvers_own_sequence():
+    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=6, dpm_start=5, dpm_end=6, timesteps="fragmented"))
+    assert [s.t for s in plan.steps[:4]] == [float(t) for t in ddim_timesteps(4)]  # 751, 501, 251, 1
+    assert [s.t for s in plan.steps[4:]] == dpm_solver_times(SCHEDULE, 2)  # 999, 0
+    assert plan.steps[3].s == FINAL and plan.steps[4].t == 999.0, "the fragmented schedule jumps at the switch"
+    with pytest.raises(ValueError, match="samplers.py"):
+        hybrid_plan(SCHEDULE, HybridSchedule(timesteps="patchwork"))
+
+
+def test_hybrid_inversion_mirrors_sampling():
+    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=10, dpm_start=5, dpm_end=10, dpm_order=3))
+    seen = []
+    invert_loop(lambda z, t: torch.zeros_like(z), torch.zeros(4, dtype=torch.float64), plan,
+                callback=lambda i, t, z, x0: seen.append((i, t)))
+    assert seen == [(i, plan.steps[i].timestep) for i in reversed(range(10))]
+    for step in plan.steps:  # same solver, same order at the same step, except where warm-up has no history
+        assert step.inversion_order <= step.order
+
+
+@pytest.mark.parametrize("make_plan", [lambda n: ddim_plan(SCHEDULE, n),
+                                       lambda n: hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n,
+                                                                                      dpm_start=n - 1, dpm_end=n))])
+def test_round_trip_error_shrinks_with_steps(z_start, make_plan):
+    errs = []
+    for n in (6, 12, 24, 48):
+        plan = make_plan(n)
+        errs.append((sample_loop(toy_eps, invert_loop(toy_eps, z_start, plan), plan) - z_start).abs().max().item())
+    assert all(b < a for a, b in zip(errs, errs[1:])), f"round trip errors do not shrink: {errs}"
+    assert errs[-1] < 0.25 * errs[0], f"round trip errors {errs}"
