@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run in Triton's interpreter. Triton reads this when it is first imported
+# (which may happen inside a reference library), so it is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 # The steering repository's shared/ folder sits beside the checkout; MINID_SHARED overrides it.
 SHARED = Path(os.environ.get("MINID_SHARED", REPO.parent / "shared"))
