@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 # Query rows per chunk. Scores and probabilities of a chunk take 2 · B·h·QUERY_CHUNK·Nk · 4 bytes: for three
 # branches × 8 heads against 4096 keys that is 200 MiB, against 256 MiB per head for one full fp32 map.
@@ -35,6 +36,9 @@ def _probs(q_rows: torch.Tensor, k: torch.Tensor):
 
 def attention_chunked(q, k, v, want_map: bool = False, want_lse: bool = False, chunk: int = QUERY_CHUNK):
     """(out (B, h, Nq, d) in q's dtype, head-averaged map (B, Nq, Nk) fp32 | None, lse (B, h, Nq) fp32 | None)."""
+    if not want_map and not want_lse:
+        # Only the output: PyTorch's fused SDPA, the same bits as the unedited attention of the UNet.
+        return F.scaled_dot_product_attention(q, k, v), None, None
     outs, maps, lses = [], [], []
     for start in range(0, q.shape[2], chunk):
         p, lse = _probs(q[:, :, start:start + chunk], k)  # (B, h, c, Nk)
@@ -50,24 +54,24 @@ def attention_chunked(q, k, v, want_map: bool = False, want_lse: bool = False, c
 def multi_source_chunked(qs, ks, vs, weights: torch.Tensor, mode: str = "output", chunk: int = QUERY_CHUNK):
     """Σ_s w_s(p) softmax(q_s k_sᵀ)[p] V (V = the last source's v in mode "map", v_s in mode "output").
 
-    weights (B, S, Nq). A source whose weights are zero over a whole chunk is skipped, as in the kernel.
+    weights (B, S, Nq). Because the edit is linear in V, each source's term is one plain attention,
+    softmax(q_s k_sᵀ) V, which PyTorch's fused SDPA computes with bounded memory (and a backward); only the
+    (B, h, Nq, d) outputs are weighted and summed. A source whose weights are zero everywhere is skipped.
+    A source with weight 1 on every row therefore gives exactly `F.scaled_dot_product_attention`'s bits, the
+    same as the unedited attention of that branch. `chunk` is kept for the signature; SDPA does its own tiling.
     """
     B, H, N_Q, D = qs[0].shape
-    outs = []
-    for start in range(0, N_Q, chunk):
-        rows = slice(start, start + chunk)
-        w = weights[:, :, rows]  # (B, S, c)
-        acc = torch.zeros(B, H, w.shape[-1], vs[-1].shape[-1], dtype=_compute_dtype(qs[0].dtype),
-                          device=qs[0].device)
-        for s in range(len(qs)):
-            if not bool((w[:, s] > 0).any()):
-                continue
-            p, _ = _probs(qs[s][:, :, rows], ks[s])  # (B, h, c, Nk)
-            v = vs[-1] if mode == "map" else vs[s]
-            # (Σ_s w_s P_s) V = Σ_s w_s (P_s V): weight the normalised output rows, never the map.
-            acc = acc + w[:, s, None, :, None].to(p.dtype) * (p @ v.to(p.dtype))
-        outs.append(acc.to(qs[0].dtype))
-    return torch.cat(outs, dim=2)
+    compute = _compute_dtype(qs[0].dtype)
+    acc = torch.zeros(B, H, N_Q, vs[-1].shape[-1], dtype=compute, device=qs[0].device)
+    for s in range(len(qs)):
+        w = weights[:, s]  # (B, Nq)
+        if not bool((w != 0).any()):
+            continue
+        v = vs[-1] if mode == "map" else vs[s]
+        out_s = F.scaled_dot_product_attention(qs[s], ks[s], v.to(qs[s].dtype))  # (B, h, Nq, d)
+        # (Σ_s w_s P_s) V = Σ_s w_s (P_s V): weight the normalised output rows, never the map.
+        acc = acc + w[:, None, :, None].to(compute) * out_s.to(compute)
+    return acc.to(qs[0].dtype)
 
 
 def token_replace_chunked(q_t, k_t, v_t, sources, src_branch: torch.Tensor, src_token: torch.Tensor,
@@ -77,6 +81,9 @@ def token_replace_chunked(q_t, k_t, v_t, sources, src_branch: torch.Tensor, src_
     src_token = src_token.to(q_t.device)
     keep = (src_branch < 0).to(_compute_dtype(q_t.dtype))  # (Nk,) 1 where T keeps its own column
     used = sorted(set(src_branch[src_branch >= 0].tolist()))
+    if not used:
+        # No column replaced: P' = P_T, plain attention (the same bits as the unedited branch).
+        return F.scaled_dot_product_attention(q_t, k_t, v_t)
     outs = []
     for start in range(0, q_t.shape[2], chunk):
         rows = slice(start, start + chunk)
