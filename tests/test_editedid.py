@@ -1,0 +1,292 @@
+"""EditedID end to end on the tiny random stack: exact properties of the gating, blending, ablations, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minid.editedid import Disentanglement, EditedID, EditedIDConfig, generate
+from minid.control import AttentionStore
+from minid.images import load_image, save_image
+from tiny_models import IMAGE_SIZE, one_thread, random_image, tiny_sd  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+P_O = "a photo of a man"
+P_E = "a photo of a man wearing black glasses"
+FAST = dict(image_size=IMAGE_SIZE, null_inner_steps=2)  # tiny images, few null-text updates
+LATENT = IMAGE_SIZE // 8
+
+
+def _stage3_inputs(sd, seed=0):
+    """Random start latents and per-step null embeddings: Stage 3 alone, without running Stages 1-2."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ctx = sd.text_encoder(sd.tokenizer(["", P_O, P_E]))
+    nulls_o = [ctx[0:1] + 0.1 * torch.randn(ctx[0:1].shape, generator=g) for _ in range(6)]
+    nulls_e = [ctx[0:1] + 0.1 * torch.randn(ctx[0:1].shape, generator=g) for _ in range(6)]
+    z_T = torch.randn(1, 4, LATENT, LATENT, generator=g)
+    d = Disentanglement(null_o=nulls_o, null_e=nulls_e, z_T_o=z_T, z_T_e=z_T.clone(), z0=torch.zeros(2, 4, 8, 8),
+                        store=AttentionStore(), steps=[])
+    return d, ctx[1:2], ctx[2:3]
+
+
+def _id_pairs(sd, prompt_t):
+    pos_o, pos_t = sd.tokenizer.align_tokens(P_O, prompt_t, "man")
+    return list(zip(pos_t, pos_o))
+
+
+@pytest.mark.parametrize("mode", ["output", "map"])
+def test_full_face_mask_with_identity_words_and_o_as_target_reproduces_o(tiny_sd, mode):
+    pipe = EditedID(tiny_sd, EditedIDConfig(target="original", gating_mode=mode, **FAST))
+    d, c_o, c_e = _stage3_inputs(tiny_sd)
+    full, empty = torch.ones(1, 1, LATENT, LATENT), torch.zeros(1, 1, LATENT, LATENT)
+    z = pipe.entangle(d, c_o, c_e, full, empty, _id_pairs(tiny_sd, P_O), [])
+    err = (z[2] - z[0]).abs().max().item()
+    scale = z[0].abs().max().item()
+    assert err <= 1e-4 * max(scale, 1.0), f"branch T differs from branch O by {err} (|z| up to {scale})"
+    assert (z[1] - z[0]).abs().max().item() > 1e-2, "O and E should differ (different null-texts and prompts)"
+
+
+def test_empty_masks_and_no_tokens_reproduce_e_exactly(tiny_sd):
+    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    d, c_o, c_e = _stage3_inputs(tiny_sd, seed=1)
+    empty = torch.zeros(1, 1, LATENT, LATENT)
+    z = pipe.entangle(d, c_o, c_e, empty, empty, [], [], blend=False)
+    assert torch.equal(z[2], z[1]), f"T differs from E by {(z[2] - z[1]).abs().max().item()}"
+
+
+def test_blending_keeps_e_outside_the_dilated_mask_union_exactly(tiny_sd):
+    cfg = EditedIDConfig(blend_dilation=1, **FAST)
+    pipe = EditedID(tiny_sd, cfg)
+    d, c_o, c_e = _stage3_inputs(tiny_sd, seed=2)
+    d.z_T_e = d.z_T_o + 0.5  # different starts: without blending T would differ from E everywhere
+    mask_o = torch.zeros(1, 1, LATENT, LATENT)
+    mask_o[..., 1:3, 1:3] = 1
+    mask_e = torch.zeros(1, 1, LATENT, LATENT)
+    mask_e[..., 5:6, 5:7] = 1
+    z = pipe.entangle(d, c_o, c_e, mask_o, mask_e, _id_pairs(tiny_sd, P_E),
+                      list(zip(*tiny_sd.tokenizer.align_tokens(P_E, P_E, "glasses"))))
+    m = pipe.blend_mask(mask_o, mask_e)[0, 0].bool()  # (h, w)
+    assert 0 < int(m.sum()) < m.numel()
+    assert bool(m[0:4, 0:4].all()) and not bool(m[7, 0]), "the union is dilated by one latent pixel"
+    outside = ~m
+    assert torch.equal(z[2][:, outside], z[1][:, outside]), "outside the mask T must equal E exactly"
+    assert not torch.equal(z[2][:, m], z[1][:, m]), "inside the mask T should differ from E"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    paths = {}
+    for name, seed in (("original", 11), ("edited", 12)):
+        paths[name] = save_image(random_image(seed), folder / f"{name}.png")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def full_result(tiny_sd, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("restored")
+    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    result = pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=0,
+                          progress=False, save_intermediates=out)
+    return result, out
+
+
+def test_restore_returns_everything_and_saves_intermediates(full_result):
+    result, out = full_result
+    assert result.image.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.isfinite(result.image).all() and result.image.abs().max() <= 1
+    assert set(result.psnr) == {"original", "edited"} and all(v == v for v in result.psnr.values())
+    assert set(result.timings) >= {"encode", "align", "disentangle", "entangle", "decode"}
+    assert result.w_schedule[0] == 0.04 and result.w_schedule[-1] == 0.5
+    assert len(result.null_text) == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["w_schedule"] == result.w_schedule
+    for name in ("restored", "reconstruction_original", "reconstruction_edited", "mask_face", "mask_element",
+                 "w_schedule_plot", "attention_grid"):
+        assert result.paths[name].is_file(), f"{name} was not written"
+    assert any("cross-attention" in n for n in result.notes), "masks from attention must be noted"
+    assert set(result.attention_maps) == {"man", "glasses"}
+    for word, m in result.attention_maps.items():
+        assert m.shape == (LATENT, LATENT) and abs(float(m.max()) - 1) < 1e-6 and float(m.min()) < 1, \
+            f"the attention map of {word!r} is not a normalised map (range {float(m.min())}..{float(m.max())})"
+
+
+def test_same_seed_same_output_and_the_seed_matters_when_sampling(tiny_sd, inputs, full_result):
+    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    again = pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=0,
+                         progress=False)
+    assert torch.equal(again.image, full_result[0].image), "the same inputs and seed gave another image"
+    sampled = EditedID(tiny_sd, EditedIDConfig(sample_posterior=True, **FAST))
+    a = sampled.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=1, progress=False)
+    b = sampled.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=1, progress=False)
+    c = sampled.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=2, progress=False)
+    assert torch.equal(a.image, b.image)
+    assert not torch.equal(a.image, c.image), "a posterior sample with another seed gave the same image"
+
+
+def _masks():
+    face = torch.zeros(IMAGE_SIZE, IMAGE_SIZE)
+    face[8:40, 8:40] = 1
+    glasses = torch.zeros(IMAGE_SIZE, IMAGE_SIZE)
+    glasses[16:24, 8:56] = 1
+    return face, glasses
+
+
+def _restore_with_masks(sd, inputs, ablation):
+    face, glasses = _masks()
+    pipe = EditedID(sd, EditedIDConfig(ablation=ablation, **FAST))
+    return pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], face_mask=face,
+                        element_mask=glasses, progress=False)
+
+
+@pytest.fixture(scope="module")
+def full_method_with_masks(tiny_sd, inputs):
+    return _restore_with_masks(tiny_sd, inputs, "none")
+
+
+@pytest.mark.parametrize("ablation", ["baseline", "no_alignment", "no_disentanglement", "no_entanglement"])
+def test_each_ablation_changes_the_result(tiny_sd, inputs, full_method_with_masks, ablation):
+    ablated = _restore_with_masks(tiny_sd, inputs, ablation)
+    diff = (ablated.image - full_method_with_masks.image).abs().max().item()
+    assert diff > 1e-4, f"ablation {ablation} left the result unchanged (max difference {diff})"
+    if ablation in ("baseline", "no_alignment"):
+        assert ablated.w_schedule == [0.0] * 6, "without alignment nothing is mixed"
+    else:
+        assert ablated.w_schedule[-1] == 0.5
+
+
+def test_bad_inputs_fail_early_with_clear_errors(tiny_sd, inputs):
+    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    calls = []
+    original_forward = tiny_sd.unet.forward
+    tiny_sd.unet.forward = lambda *a, **k: calls.append(1) or original_forward(*a, **k)
+    try:
+        args = (inputs["original"], inputs["edited"], P_O, P_E)
+        with pytest.raises(ValueError, match="'woman' is not in the prompt"):
+            pipe.restore(*args, ["woman"], ["glasses"], progress=False)
+        with pytest.raises(ValueError, match="'hat' is not in the prompt"):
+            pipe.restore(*args, ["man"], ["hat"], progress=False)
+        with pytest.raises(ValueError, match="empty"):
+            pipe.restore(*args, ["man"], ["glasses"], face_mask=torch.zeros(IMAGE_SIZE, IMAGE_SIZE), progress=False)
+        with pytest.raises(ValueError, match=r"\(1, 3, 64, 64\)"):
+            pipe.restore(torch.zeros(1, 3, 32, 32), inputs["edited"], P_O, P_E, ["man"], ["glasses"], progress=False)
+        with pytest.raises(ValueError, match="non-empty"):
+            pipe.restore(inputs["original"], inputs["edited"], "", P_E, ["man"], ["glasses"], progress=False)
+        with pytest.raises(ValueError, match="at least one identity word"):
+            pipe.restore(*args, [], ["glasses"], progress=False)
+        with pytest.raises(FileNotFoundError, match="not found"):
+            pipe.restore("/nonexistent/original.png", inputs["edited"], P_O, P_E, ["man"], ["glasses"], progress=False)
+        with pytest.raises(ValueError, match="ablation"):
+            EditedIDConfig(ablation="no_everything")
+        assert calls == [], "the UNet ran before the inputs were checked"
+    finally:
+        tiny_sd.unet.forward = original_forward
+
+
+def test_wrong_mask_size_is_resized_with_a_note(tiny_sd, inputs):
+    pipe = EditedID(tiny_sd, EditedIDConfig(**dict(FAST, null_inner_steps=0)))
+    small = torch.zeros(16, 16)
+    small[4:12, 4:12] = 1
+    with pytest.warns(UserWarning, match="resized"):
+        result = pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"],
+                              face_mask=small, progress=False)
+    assert any("resized" in n for n in result.notes)
+    assert result.masks["face"].shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_outputs_never_overwrite_an_input(tiny_sd, inputs, tmp_path):
+    x, _ = load_image(inputs["original"], size=IMAGE_SIZE)
+    with pytest.raises(FileExistsError, match="input image"):
+        save_image(x, inputs["original"], inputs=[inputs["original"]])
+
+
+def test_generate_is_deterministic_per_seed(tiny_sd):
+    a = generate(tiny_sd, P_O, num_steps=3, seed=5, size=IMAGE_SIZE)
+    b = generate(tiny_sd, P_O, num_steps=3, seed=5, size=IMAGE_SIZE)
+    c = generate(tiny_sd, P_O, num_steps=3, seed=6, size=IMAGE_SIZE, solver="dpm")
+    assert a.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_demo_writes_original_edited_restored_and_the_diagnostics(tiny_sd, tmp_path):
+    from minid.editedid import demo
+
+    paths = demo(tiny_sd, tmp_path / "demo", size=IMAGE_SIZE, generate_steps=4,
+                 config=EditedIDConfig(**FAST), progress=False)
+    for name in ("original", "edited", "restored", "comparison", "mask_face", "mask_element", "w_schedule_plot",
+                 "summary", "attention_grid"):
+        assert paths[name].is_file(), f"demo did not write {name}"
+    original, _ = load_image(paths["original"], size=IMAGE_SIZE)
+    edited, _ = load_image(paths["edited"], size=IMAGE_SIZE)
+    assert not torch.equal(original, edited), "the edit changed nothing"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+def test_load_image_any_mode_and_size_and_paste_back(tmp_path, mode):
+    from PIL import Image
+
+    from minid.images import paste_back
+
+    g = torch.Generator().manual_seed(0)
+    rgb = (torch.rand(60, 100, 3, generator=g) * 255).to(torch.uint8).numpy()  # a 100×60 landscape picture
+    img = Image.fromarray(rgb, "RGB")
+    if mode == "I;16":
+        img = Image.fromarray(rgb[..., 0].astype("uint16") * 200)  # 16-bit grey
+    elif mode != "RGB":
+        img = img.convert(mode)
+    path = tmp_path / f"in_{mode.replace(';', '')}.png"
+    img.save(path)
+    x, frame = load_image(path, size=32)
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
+    assert float(x.min()) >= -1 and float(x.max()) <= 1
+    assert frame.original_size == (100, 60) and frame.box == (20, 0, 80, 60), "the crop is the centred square"
+    back = paste_back(x, frame, path)
+    assert back.size == (100, 60)
+    import numpy as np
+
+    from minid.images import to_rgb
+
+    before, after = np.asarray(to_rgb(Image.open(path))), np.asarray(back)
+    assert (before[:, :20] == after[:, :20]).all() and (before[:, 80:] == after[:, 80:]).all(), \
+        "paste_back changed pixels outside the crop"
+
+
+def test_a_mask_file_of_another_size_is_resized_with_a_note(tiny_sd, inputs, tmp_path):
+    from PIL import Image
+
+    mask = Image.new("L", (2 * IMAGE_SIZE, 2 * IMAGE_SIZE), 0)
+    mask.paste(255, (16, 16, 80, 80))
+    mask.save(tmp_path / "face.png")
+    pipe = EditedID(tiny_sd, EditedIDConfig(**dict(FAST, null_inner_steps=0)))
+    with pytest.warns(UserWarning, match="resized"):
+        result = pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"],
+                              face_mask=tmp_path / "face.png", progress=False)
+    assert any("resized" in n for n in result.notes)
+    m = result.masks["face"][0, 0]
+    assert m[20, 20] > 0.9 and m[50, 50] < 0.1, "the resized mask is not where the file put it"
+
+
+def test_save_restored_pastes_the_square_back_into_the_edited_photo(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from minid.images import check_output_path, save_restored
+
+    Image.new("RGB", (100, 60), (0, 0, 0)).save(tmp_path / "edited.png")
+    result = SimpleNamespace(image=torch.ones(1, 3, 32, 32))  # a white square
+    path = save_restored(result, tmp_path / "restored.png", original=tmp_path / "edited.png",
+                         inputs=[tmp_path / "edited.png"])
+    import numpy as np
+
+    out = np.asarray(Image.open(path))
+    assert out.shape == (60, 100, 3), "the output has the edited photo's size"
+    assert out[:, :20].max() == 0 and out[:, 80:].max() == 0 and out[:, 20:80].min() == 255
+    with pytest.raises(FileExistsError, match="input image"):
+        check_output_path(tmp_path / "edited.png", [tmp_path / "edited.png"])
+    with pytest.raises(ValueError, match="must end in"):
+        check_output_path(tmp_path / "restored.tiff")

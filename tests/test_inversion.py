@@ -1,0 +1,144 @@
+"""Inversion on a tiny random SD stack: null-text optimisation (single and joint) and adaptive mixing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from minid.inversion import (InversionConfig, adaptive_mixing_inversion, invert, make_plan,
+                             null_text_optimization, reconstruct)
+from minid.schedule import NoiseSchedule
+from tiny_models import one_thread, random_image, tiny_sd  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCHEDULE = NoiseSchedule.scaled_linear()
+
+
+def _context(sd, prompts):
+    with torch.no_grad():
+        return sd.text_encoder(sd.tokenizer(prompts))
+
+
+def _reachable_pivots(sd, plan, cond, uncond, seed, perturbation=0.05):
+    """A guided trajectory made with known per-step null embeddings near `uncond`: null-text optimisation
+    started from `uncond` has an exact solution to find, so its early-stop threshold is reachable."""
+    g = torch.Generator().manual_seed(seed)
+    z_T = torch.randn(cond.shape[0], 4, 8, 8, generator=g)
+    nulls = [uncond.expand(cond.shape[0], -1, -1) + perturbation * torch.randn(cond.shape[0], *uncond.shape[1:],
+                                                                              generator=g)
+             for _ in range(plan.num_steps)]
+    return reconstruct(sd.unet, plan, z_T, cond, nulls, 7.5)[::-1]  # z_0 first, as `invert` returns
+
+
+def test_null_text_lowers_the_loss_at_every_step_and_reaches_the_threshold(tiny_sd):
+    ctx = _context(tiny_sd, ["", "a photo of a man"])
+    uncond, cond = ctx[0:1], ctx[1:2]
+    config = InversionConfig(inner_steps=50)
+    plan = config.plan(SCHEDULE)
+    pivots = _reachable_pivots(tiny_sd, plan, cond, uncond, seed=1)
+    result = null_text_optimization(tiny_sd.unet, plan, pivots, cond, uncond, config)
+    assert len(result.null_embeddings) == plan.num_steps and len(result.latents) == plan.num_steps + 1
+    for i, step in enumerate(result.steps):
+        (initial,), (final,) = step.initial_loss, step.final_loss
+        assert final <= initial, f"step {i}: loss rose from {initial} to {final}"
+        if initial >= step.threshold:
+            assert final < initial, f"step {i}: loss {initial} above the threshold was not lowered"
+        assert step.reached_threshold == [True], \
+            f"step {i}: final loss {final} did not reach the early-stop threshold {step.threshold}"
+        assert step.iterations[0] <= config.inner_steps
+    # the threshold grows with the step: epsilon + i·epsilon_growth
+    assert [s.threshold for s in result.steps] == pytest.approx(
+        [config.epsilon + i * config.epsilon_growth for i in range(plan.num_steps)])
+
+
+def test_null_text_keeps_the_conditional_embedding_fixed_and_warm_starts(tiny_sd):
+    ctx = _context(tiny_sd, ["", "a photo of a man"])
+    uncond, cond = ctx[0:1], ctx[1:2]
+    cond_before = cond.clone()
+    config = InversionConfig(inner_steps=0)  # no updates: every ∅_i is the warm start, i.e. ""'s embedding
+    plan = config.plan(SCHEDULE)
+    pivots = _reachable_pivots(tiny_sd, plan, cond, uncond, seed=2)
+    result = null_text_optimization(tiny_sd.unet, plan, pivots, cond, uncond, config)
+    assert torch.equal(cond, cond_before), "the conditional embedding was modified"
+    for i, null in enumerate(result.null_embeddings):
+        assert torch.equal(null, uncond), f"step {i}: with 0 inner steps ∅ must stay the warm start"
+    # and then reconstruction with them is the plain guided reconstruction
+    plain = reconstruct(tiny_sd.unet, plan, pivots[-1], cond, uncond, config.guidance)
+    # (batched [uncond; cond] and separate calls round differently: a relative tolerance)
+    assert torch.allclose(result.z0, plain[-1], rtol=1e-4, atol=1e-4), \
+        "0-iteration null-text differs from plain sampling"
+
+
+def test_joint_null_text_equals_two_single_runs(tiny_sd):
+    """Eq. 4's summed loss gives each ∅_k the gradient of its own image's loss (the images do not interact in
+    the batch), and each image stops on its own: the joint run is two single runs. In float64, so that Adam's
+    normalised steps do not amplify the rounding differences of batched and single convolutions."""
+    unet = copy.deepcopy(tiny_sd.unet).double()
+    ctx = _context(tiny_sd, ["", "a photo of a man", "a photo of a woman wearing glasses"]).double()
+    uncond, cond = ctx[0:1], ctx[1:3]
+    config = InversionConfig(inner_steps=4)
+    plan = config.plan(SCHEDULE)
+    pivots = [p.double() for p in _reachable_pivots(tiny_sd, plan, cond.float(), uncond.float(), seed=3,
+                                                    perturbation=0.2)]
+    joint = null_text_optimization(unet, plan, pivots, cond, uncond, config)
+    for k in range(2):
+        single = null_text_optimization(unet, plan, [p[k:k + 1] for p in pivots], cond[k:k + 1], uncond, config)
+        for i in range(plan.num_steps):
+            assert joint.steps[i].iterations[k] == single.steps[i].iterations[0]
+            err = (joint.null_embeddings[i][k:k + 1] - single.null_embeddings[i]).abs().max().item()
+            assert err < 1e-9, f"image {k}, step {i}: joint ∅ differs from the single run's by {err}"
+        err = (joint.z0[k:k + 1] - single.z0).abs().max().item()
+        assert err < 1e-9, f"image {k}: joint reconstruction differs from the single run's by {err}"
+    # and the two images did get different embeddings (the test is not trivially satisfied)
+    assert not torch.allclose(joint.null_embeddings[-1][0], joint.null_embeddings[-1][1])
+
+
+@pytest.mark.parametrize("solver", ["hybrid", "ddim"])
+def test_adaptive_mixing_meets_at_z_T_and_w_moves_monotonically_to_one_half(tiny_sd, solver):
+    ctx = _context(tiny_sd, ["a photo of a man", "a photo of a man wearing black glasses"])
+    with torch.no_grad():
+        z0 = tiny_sd.vae.encode_latent(torch.cat([random_image(1), random_image(2)]))
+    # a larger step than the default so that w visibly moves on the tiny model's small latents
+    config = InversionConfig(solver=solver, w_lr=20.0)
+    plan = config.plan(SCHEDULE)
+    res = adaptive_mixing_inversion(tiny_sd.unet, plan, z0[0:1], z0[1:2], ctx[0:1], ctx[1:2], config)
+    assert torch.equal(res.pivots_o[-1], res.pivots_e[-1]), "z_T^O and z_T^E differ"
+    assert len(res.pivots_o) == len(res.pivots_e) == plan.num_steps + 1
+    assert torch.equal(res.pivots_o[0], z0[0:1]) and torch.equal(res.pivots_e[0], z0[1:2])
+    ws = res.w_schedule
+    assert len(ws) == plan.num_steps
+    assert ws[0] == config.w0, f"w starts at {ws[0]}, expected w_0 = {config.w0}"
+    assert ws[-1] == 0.5, f"the last inversion step must force w = 0.5, found {ws[-1]}"
+    assert all(b > a for a, b in zip(ws, ws[1:])), f"w does not increase strictly toward 0.5: {ws}"
+    assert all(w <= 0.5 for w in ws), f"w overshoots 0.5: {ws}"
+    # mixing narrows the gap: the mixed pair differs by (1 − 2w) times the unmixed pair
+    assert all(a >= b for a, b in zip(res.alignment_loss, res.alignment_loss[1:]) if b > 0) or res.alignment_loss[-1] == 0
+    assert res.alignment_loss[-1] == 0.0
+
+
+def test_without_mixing_the_two_inversions_are_independent(tiny_sd):
+    ctx = _context(tiny_sd, ["a photo of a man", "a photo of a man wearing black glasses"])
+    with torch.no_grad():
+        z0 = tiny_sd.vae.encode_latent(torch.cat([random_image(1), random_image(2)]))
+    config = InversionConfig()
+    plan = config.plan(SCHEDULE)
+    res = adaptive_mixing_inversion(tiny_sd.unet, plan, z0[0:1], z0[1:2], ctx[0:1], ctx[1:2], config, mixing=False)
+    alone = invert(tiny_sd.unet, plan, z0[0:1], ctx[0:1])
+    assert res.w_schedule == [0.0] * plan.num_steps
+    err = (res.pivots_o[-1] - alone[-1]).abs().max().item()
+    assert err < 1e-5, f"unmixed batched inversion differs from a single inversion by {err}"
+    assert not torch.equal(res.pivots_o[-1], res.pivots_e[-1])
+
+
+def test_fragmented_and_ddim_plans_are_different_passes():
+    hybrid = make_plan(SCHEDULE, 6)
+    fragmented = make_plan(SCHEDULE, 6, global_presetting=False)
+    ddim = make_plan(SCHEDULE, 6, dpm_steps=None)
+    assert [s.solver for s in ddim.plan.steps] == ["ddim"] * 6
+    assert [s.solver for s in hybrid.plan.steps][-2:] == ["dpm_solver++"] * 2
+    assert hybrid.plan.timesteps != fragmented.plan.timesteps
+    # inversion step j is reconstruction step N−1−j: the same labels in reverse (symmetry)
+    assert [hybrid.invert_eval_time(j) for j in range(6)] == [hybrid.eval_time(i) for i in range(6)][::-1]
