@@ -130,7 +130,7 @@ class CLIPTextModel(nn.Module):
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.config = cfg
+        self.cfg = cfg
         # The extra level gives the state-dict keys their `text_model.` prefix, as in the published file.
         self.text_model = CLIPTextTransformer(cfg)
 
@@ -138,7 +138,7 @@ class CLIPTextModel(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"input_ids has {T} tokens; the model has {self.config.max_position_embeddings} "
+        if T > self.cfg.max_position_embeddings:
+            raise ValueError(f"input_ids has {T} tokens; the model has {self.cfg.max_position_embeddings} "
                              "positions (tokenize with truncation to 77)")
         return self.text_model(input_ids)

@@ -1,0 +1,223 @@
+"""The `minid` command: demo, restore, generate, eval, download, convert, keymap.
+
+Each sub-command is a thin layer over a library function; the heavy imports happen inside the command, so
+`minid --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _device_and_dtype(device: str | None, dtype: str | None):
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        # fp16 halves memory and time on a GPU; CPUs run fp32 far better than fp16.
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise SystemExit(f"minid: --dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("minid: --device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return device, dtypes[dtype]
+
+
+def _load(args):
+    """Load SD1.4 from --weights, or from weights/sd-v1-4, downloaded and verified first when needed."""
+    from minid import checkpoint
+
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    if args.weights is None:
+        source = checkpoint.DEFAULT_WEIGHTS
+        # Verifies what is there (no network needed when every file is present) and fetches what is not.
+        checkpoint.download(source, precision="fp32" if dtype == _torch().float32 else "fp16")
+    else:
+        source = Path(args.weights)
+    print(f"minid: loading {source} as {str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
+    return checkpoint.load_stable_diffusion(source, dtype=dtype, device=device)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="hub folder or single .safetensors file (default: weights/sd-v1-4, "
+                                     "downloaded on first use)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    from minid.editedid import EditedIDConfig
+
+    d = EditedIDConfig()
+    p.add_argument("--steps", type=int, default=d.num_steps, help="inversion/reconstruction steps N")
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--w0", type=float, default=d.w0, help="initial mixing weight of Stage 1")
+    p.add_argument("--w-lr", type=float, default=d.w_lr)
+    p.add_argument("--dpm-start", type=int, default=d.dpm_start, help="first DPM-Solver++ step τ_s (1-based)")
+    p.add_argument("--dpm-end", type=int, default=d.dpm_end, help="last DPM-Solver++ step τ_e")
+    p.add_argument("--null-inner-steps", type=int, default=d.null_inner_steps)
+    p.add_argument("--gating-mode", choices=("output", "map"), default=d.gating_mode)
+    p.add_argument("--lambda-o", type=float, default=d.lambda_o, help="weight of O where the masks overlap")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="side the models work at (SD1.4: 512)")
+    p.add_argument("--ablation", default=d.ablation,
+                   choices=("none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement"))
+
+
+def _method_config(args):
+    from minid.editedid import EditedIDConfig
+
+    return EditedIDConfig(num_steps=args.steps, guidance=args.guidance, w0=args.w0, w_lr=args.w_lr,
+                          dpm_start=args.dpm_start, dpm_end=args.dpm_end, null_inner_steps=args.null_inner_steps,
+                          gating_mode=args.gating_mode, lambda_o=args.lambda_o, lambda_e=1.0 - args.lambda_o,
+                          image_size=args.image_size, ablation=args.ablation)
+
+
+def cmd_demo(args) -> int:
+    from minid.editedid import demo
+
+    sd = _load(args)
+    paths = demo(sd, args.out, prompt=args.prompt, subject_word=args.subject_word, element=args.element,
+                 element_word=args.element_word, seed=args.seed, size=args.image_size,
+                 config=_method_config(args))
+    print("minid demo: wrote")
+    for name, path in paths.items():
+        print(f"  {name:24s} {path}")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from minid import images
+    from minid.editedid import EditedID, save_result
+
+    out = Path(args.out)
+    inputs = [Path(args.original), Path(args.edited)]
+    images.check_output_path(out, inputs)  # before any heavy work
+    for p in inputs:
+        images.load_image(p)  # a clear error for an unreadable or non-image file, before loading the models
+    for p in (args.face_mask, args.element_mask):
+        if p is not None and not Path(p).is_file():
+            raise FileNotFoundError(f"mask file {p} not found")
+    sd = _load(args)
+    method = EditedID(sd, _method_config(args))
+    result = method.restore(args.original, args.edited, args.prompt_original, args.prompt_edited,
+                            id_words=args.id_words, element_words=args.element_words,
+                            face_mask=args.face_mask, element_mask=args.element_mask, seed=args.seed,
+                            progress=True, save_intermediates=args.save_intermediates)
+    written = images.save_restored(result, out, original=args.edited, inputs=inputs)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"minid restore: wrote {written}  (reconstruction PSNR: "
+          + ", ".join(f"{k} {v:.1f} dB" for k, v in result.psnr.items()) + ")")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from minid import images
+    from minid.editedid import generate
+
+    images.check_output_path(Path(args.out), [])
+    sd = _load(args)
+    image = generate(sd, args.prompt, num_steps=args.steps, guidance=args.guidance, solver=args.solver,
+                     seed=args.seed, size=args.size)
+    print(f"minid generate: wrote {images.save_image(image, args.out)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from minid.faces import FaceAnalyzer
+    from minid.metrics import evaluate_folder
+
+    analyzer = FaceAnalyzer.from_pack(args.pack, root=args.face_models, download=args.download_faces)
+    summary = evaluate_folder(args.folder, analyzer, out_dir=args.out, progress=True)
+    print(summary.get("summary", summary))
+    return 0
+
+
+def cmd_checkpoint(argv: list[str]) -> int:
+    from minid import checkpoint
+
+    return checkpoint.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minid", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="generate a portrait, edit it (identity drifts), restore it with EditedID")
+    _add_model_args(p)
+    _add_method_args(p)
+    p.add_argument("--out", default="out/demo", help="folder for the images, masks, w schedule, maps")
+    p.add_argument("--prompt", default="a photo of a man")
+    p.add_argument("--subject-word", default="man")
+    p.add_argument("--element", default="black glasses")
+    p.add_argument("--element-word", default="glasses")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("restore", help="restore the original's face identity in an edited image")
+    p.add_argument("--original", required=True, help="the photo whose identity is kept")
+    p.add_argument("--edited", required=True, help="the edited image whose face drifted")
+    p.add_argument("--prompt-original", required=True, help='e.g. "a photo of a man"')
+    p.add_argument("--prompt-edited", required=True, help='e.g. "a photo of a man wearing black glasses"')
+    p.add_argument("--id-words", nargs="+", required=True, help="identity words, e.g. man face")
+    p.add_argument("--element-words", nargs="*", default=[], help="edited elements, e.g. glasses")
+    p.add_argument("--face-mask", help="PNG, white = face region of the original")
+    p.add_argument("--element-mask", help="PNG, white = edited element region of the edited image")
+    p.add_argument("--out", required=True, help="output image (never written over an input)")
+    p.add_argument("--save-intermediates", metavar="DIR",
+                   help="write reconstructions, masks, the w schedule and attention maps here")
+    _add_model_args(p)
+    _add_method_args(p)
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("generate", help="text to image with SD1.4")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--solver", choices=("ddim", "dpm", "hybrid"), default="ddim")
+    p.add_argument("--size", type=int, default=512)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="ID similarity and PSNR over a folder of (original, edited, result) triples")
+    p.add_argument("folder", help="with original/, edited/ and result/ sub-folders of equally named images")
+    p.add_argument("--out", help="where metrics.csv and metrics.json go (default: the folder)")
+    p.add_argument("--pack", default="buffalo_l", help="insightface model pack")
+    p.add_argument("--face-models", help="folder of insightface model packs (default ~/.insightface)")
+    p.add_argument("--download-faces", action="store_true", help="let insightface fetch the pack if missing")
+    p.set_defaults(func=cmd_eval)
+
+    for name, text in (("download", "fetch and verify the SD1.4 weights"),
+                       ("convert", "convert a pickle checkpoint to .safetensors"),
+                       ("keymap", "print the hub -> single-file key map")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("download", "convert", "keymap"):
+        return cmd_checkpoint(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        print(f"minid {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The `minid` command end to end on a tiny random model saved in the published hub layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from minid import cli
+from tiny_models import IMAGE_SIZE, random_image, tiny_sd  # noqa: F401  (fixture)
+from minid.images import tensor_to_pil
+
+
+def _write_component(folder: Path, model: torch.nn.Module, config: dict, weights_name: str) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / weights_name))
+
+
+@pytest.fixture(scope="module")
+def tiny_hub(tiny_sd, sd14_reference, tmp_path_factory) -> Path:
+    """The tiny stack written as a hub folder: config.json files (published key names), safetensors, tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_hub")
+    unet_cfg = dataclasses.asdict(tiny_sd.unet.cfg)
+    unet_cfg["attention_head_dim"] = unet_cfg.pop("num_heads")  # the published config's name for it
+    _write_component(root / "unet", tiny_sd.unet, unet_cfg, "diffusion_pytorch_model.safetensors")
+    _write_component(root / "vae", tiny_sd.vae, dataclasses.asdict(tiny_sd.vae.cfg), "diffusion_pytorch_model.safetensors")
+    _write_component(root / "text_encoder", tiny_sd.text_encoder, dataclasses.asdict(tiny_sd.text_encoder.cfg),
+                     "model.safetensors")
+    shutil.copytree(sd14_reference / "hub" / "tokenizer", root / "tokenizer")
+    return root
+
+
+def _png(tensor: torch.Tensor, path: Path) -> Path:
+    tensor_to_pil(tensor).save(path)
+    return path
+
+
+COMMON = ["--device", "cpu", "--dtype", "fp32", "--seed", "0"]
+
+
+def test_generate_writes_an_image_of_the_asked_size(tiny_hub, tmp_path):
+    out = tmp_path / "gen.png"
+    rc = cli.main(["generate", "--prompt", "a photo of a man", "--out", str(out), "--weights", str(tiny_hub),
+                   "--steps", "2", "--size", str(IMAGE_SIZE), *COMMON])
+    assert rc == 0 and out.is_file(), f"exit code {rc}, file written: {out.is_file()}"
+    assert Image.open(out).size == (IMAGE_SIZE, IMAGE_SIZE), f"size {Image.open(out).size}"
+
+
+def test_restore_writes_the_result_at_the_edited_image_size(tiny_hub, tmp_path, capsys):
+    original = _png(random_image(1), tmp_path / "original.png")
+    # The edited image is not square: the result comes back at its own size.
+    edited_t = torch.nn.functional.interpolate(random_image(2), size=(IMAGE_SIZE, IMAGE_SIZE + 16))
+    edited = _png(edited_t, tmp_path / "edited.png")
+    out = tmp_path / "restored.png"
+    rc = cli.main(["restore", "--original", str(original), "--edited", str(edited),
+                   "--prompt-original", "a photo of a man", "--prompt-edited", "a photo of a man wearing glasses",
+                   "--id-words", "man", "--element-words", "glasses", "--out", str(out),
+                   "--weights", str(tiny_hub), "--steps", "2", "--dpm-start", "2", "--dpm-end", "2",
+                   "--null-inner-steps", "1", "--image-size", str(IMAGE_SIZE),
+                   "--save-intermediates", str(tmp_path / "inter"), *COMMON])
+    assert rc == 0, capsys.readouterr().err
+    assert Image.open(out).size == (IMAGE_SIZE + 16, IMAGE_SIZE), f"size {Image.open(out).size}"
+    written = {p.name for p in (tmp_path / "inter").iterdir()}
+    for name in ("summary.json", "w_schedule.png", "mask_face.png", "reconstruction_original.png"):
+        assert name in written, f"{name} missing from the intermediates: {sorted(written)}"
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_restore_refuses_to_write_over_an_input_before_loading_anything(tmp_path, capsys):
+    original = _png(random_image(1), tmp_path / "original.png")
+    edited = _png(random_image(2), tmp_path / "edited.png")
+    before = edited.read_bytes()
+    rc = cli.main(["restore", "--original", str(original), "--edited", str(edited), "--prompt-original", "a man",
+                   "--prompt-edited", "a man", "--id-words", "man", "--out", str(edited),
+                   "--weights", str(tmp_path / "no-such-weights"), *COMMON])
+    err = capsys.readouterr().err
+    assert rc == 2 and "input" in err, f"exit code {rc}, stderr: {err}"
+    assert edited.read_bytes() == before, "the input image was modified"
+
+
+def test_restore_names_a_file_that_is_not_an_image(tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    good = _png(random_image(2), tmp_path / "edited.png")
+    rc = cli.main(["restore", "--original", str(bad), "--edited", str(good), "--prompt-original", "a man",
+                   "--prompt-edited", "a man", "--id-words", "man", "--out", str(tmp_path / "o.png"),
+                   "--weights", str(tmp_path), *COMMON])
+    err = capsys.readouterr().err
+    assert rc == 2 and "notes.png" in err, f"exit code {rc}, stderr: {err}"
+
+
+def test_missing_weights_folder_is_a_clear_error(tmp_path, capsys):
+    rc = cli.main(["generate", "--prompt", "a man", "--out", str(tmp_path / "x.png"),
+                   "--weights", str(tmp_path / "absent"), *COMMON])
+    err = capsys.readouterr().err
+    assert rc == 2 and "absent" in err and "download" in err, f"exit code {rc}, stderr: {err}"
+
+
+def test_eval_writes_the_table(tmp_path, monkeypatch):
+    from minid import faces, metrics
+
+    seen = {}
+
+    def fake_evaluate(folder, analyzer, out_dir=None, progress=True, **_):
+        seen.update(folder=folder, analyzer=analyzer, out_dir=out_dir)
+        return {"summary": {"images": 0}}
+
+    sentinel = object()
+    monkeypatch.setattr(faces.FaceAnalyzer, "from_pack", classmethod(lambda cls, *a, **k: sentinel))
+    monkeypatch.setattr(metrics, "evaluate_folder", fake_evaluate)
+    assert cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert seen == {"folder": str(tmp_path), "analyzer": sentinel, "out_dir": str(tmp_path / "o")}, seen
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("demo", "restore", "generate", "eval", "download", "convert", "keymap"):
+        assert command in text, f"{command} missing from --help"
+
+
+def test_checkpoint_commands_are_forwarded(capsys):
+    assert cli.main(["keymap"]) == 0
+    assert "input_blocks" in capsys.readouterr().out
