@@ -7,8 +7,9 @@ Every step is a function of one family,
 over plain tensors. A step is named by its pair of times (t, s), t the noisier end and s the less noisy end, in
 both directions: a sampling step takes z at t to z at s; its inversion takes z at s back to z at t. `eps` is the
 model's noise prediction at the current point (convert other prediction types with `eps_from_model_output`),
-`schedule` is a `NoiseSchedule`, `state` a `SolverState` (the DPM-Solver++ history; DDIM ignores it). Times are
-floats on the training axis (see schedule.py, with the two levels below 0: FINAL and CLEAN).
+`schedule` is a `NoiseSchedule`, `state` a `SolverState` (the multistep history: every step records its x̂_0
+there, DPM-Solver++ steps use it). Times are floats on the training axis (see schedule.py, with the two levels
+below 0: FINAL and CLEAN).
 
 Notation (schedule.py has the schedule's half; ALGORITHM.md "Notation" is the same table):
 
@@ -93,7 +94,10 @@ def eps_from_model_output(output: torch.Tensor, z: torch.Tensor, t: float, sched
 @dataclass
 class SolverState:
     """What a multistep solver remembers between steps: the last x̂_0 predictions and the λ they were made at,
-    oldest first. The DPM-Solver++ steps append to it (their one side effect); DDIM steps leave it alone."""
+    oldest first. Every step given a state appends its (x̂_0, λ) to it, its one side effect: the DPM-Solver++
+    steps to use it, and the DDIM steps too, so that a DPM-Solver++ step right after DDIM steps (the hybrid
+    solver) is already multistep. Which of the remembered predictions a step uses is its order's business
+    (the plans count only predictions on the current path; see `_with_orders`)."""
 
     x0s: list = field(default_factory=list)  # x̂_0 of earlier steps, each like z
     lams: list = field(default_factory=list)  # λ of the point each x̂_0 was predicted at
@@ -112,7 +116,8 @@ def ddim_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: 
         z_s = α_s x̂_0 + sqrt(1 − ᾱ_s − σ_η²) ε + σ_η n,   n ~ N(0, I) from `generator`
         σ_η = η · sqrt((1 − ᾱ_s)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_s)                          (Eq. 16)
 
-    η = 0 is the deterministic sampler (the first-order solver of the probability-flow ODE).
+    η = 0 is the deterministic sampler (the first-order solver of the probability-flow ODE). With a `state`,
+    appends (x̂_0(t), λ_t) to it.
     """
     # 1. noise levels of the two ends (s may be FINAL or CLEAN after the last step)
     a_t, a_s = schedule.alphas_cumprod_at(t), schedule.alphas_cumprod_at(s)
@@ -127,6 +132,9 @@ def ddim_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: 
     if sigma_eta > 0:
         noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
         z_s = z_s + sigma_eta * noise
+    # 6. remember the prediction for a multistep step that may follow (the hybrid solver)
+    if state is not None:
+        state.remember(x0, schedule.lam(t))
     return z_s
 
 
@@ -139,13 +147,16 @@ def ddim_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, 
     ε is the model's prediction at the current, less noisy point z_s (the unknown z_t is replaced by z_s, the
     approximation every DDIM inversion makes; exact when ε does not depend on z). The loops tell the model the
     pair's noisier timestep t, as diffusers' DDIMInverseScheduler pipelines and null-text inversion do, so a
-    step and its inversion see the same label.
+    step and its inversion see the same label. With a `state`, appends (x̂_0(s), λ_s) to it.
     """
     # 1. noise levels: current s, target t
     a_s, a_t = schedule.alphas_cumprod_at(s), schedule.alphas_cumprod_at(t)
     # 2. predicted x_0 at the current point
     x0 = (z - math.sqrt(1 - a_s) * eps) / math.sqrt(a_s)
-    # 3. re-noise to t with the same ε
+    # 3. remember the prediction for a multistep inversion step that may follow (the hybrid solver)
+    if state is not None:
+        state.remember(x0, schedule.lam(s))
+    # 4. re-noise to t with the same ε
     return math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
 
 
@@ -167,6 +178,17 @@ def ddim_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, 
 # half the first one, which gives Alg. 2's D = (1 + 1/(2 r0)) x̂_0(c) − (1/(2 r0)) x̂_0(p1). Order 3 ("3M") uses
 # the two previous predictions for a second difference. Every formula holds for h < 0 too: that is the inversion,
 # the same update with the two times exchanged, explicit, from the current (less noisy) point.
+#
+# The step to CLEAN (σ_n = 0, h = +∞). The Taylor terms above diverge there (α_n h ((e^{−h} − 1)/h + 1) → ∞):
+# no polynomial in λ can be extrapolated to λ = ∞, which is why diffusers (final_sigmas_type="zero") and
+# k-diffusion take this step at order 1, z_n = x̂_0(c). The exact solution is finite: as σ_n → 0 the weight
+# σ_n e^λ of the integral concentrates at λ → ∞, so z_n = x̂_0 at σ = 0, the limit of the predictions along the
+# path. In u = σ²/α² = e^{−2λ} that limit is an ordinary point: with y = z/α the probability-flow ODE reads
+# dy/du = −½ ∇log p_u(y), p_u the data smoothed by a Gaussian of variance u (heat-equation time u/2), a right-hand
+# side smooth in u down to u = 0 for a smooth data density; so y and x̂_0 = y − 2u dy/du are smooth functions of
+# u along the path. An order-k step to CLEAN (k ≥ 2) therefore extrapolates the k latest predictions to u = 0
+# with the polynomial through them in u (order 2: z_n = x̂_0(c) + (x̂_0(c) − x̂_0(p1)) / (e^{2 h_0} − 1)).
+# Only the hybrid plans ask for it; DPM-Solver++ plans keep diffusers' order 1 there.
 
 def _dpm_solver_update(z: torch.Tensor, x0: torch.Tensor, cur: float, nxt: float, schedule: NoiseSchedule,
                        state: SolverState, order: int) -> torch.Tensor:
@@ -175,17 +197,26 @@ def _dpm_solver_update(z: torch.Tensor, x0: torch.Tensor, cur: float, nxt: float
     sigma_c, sigma_n, alpha_n = schedule.sigma(cur), schedule.sigma(nxt), schedule.alpha(nxt)
     lam_c, lam_n = schedule.lam(cur), schedule.lam(nxt)
     h = lam_n - lam_c
-    # 2. the order this step can use: at most one more than the predictions remembered (warm-up), and 1 when
-    #    an end is CLEAN (h = ±∞: the higher-order coefficients have no finite limit there)
-    order = min(order, len(state.x0s) + 1)
-    if math.isinf(h):
+    # 2. the order this step can use: at most one more than the remembered predictions at finite λ (warm-up;
+    #    a prediction made at CLEAN, λ = ∞, has no finite distance in λ to this one), and 1 from CLEAN
+    usable = 0
+    while usable < len(state.lams) and math.isfinite(state.lams[-1 - usable]):
+        usable += 1
+    order = min(order, usable + 1)
+    if math.isinf(lam_c):
         order = 1
     if h == 0.0:  # a zero-length step is the identity (and would divide by h below)
         state.remember(x0, lam_c)
         return z
     phi_1 = math.expm1(-h)  # e^{−h} − 1
     # 3. the update: exact linear part + Taylor terms of the integral (see the block comment above)
-    if order == 1:  # DPM-Solver++1 = DDIM
+    if order > 1 and sigma_n == 0.0:  # to CLEAN: extrapolate x̂_0 to u = σ²/α² = 0 (block comment above)
+        if order > 3:
+            raise ValueError(f"samplers.py: DPM-Solver++ order {order} is not 1, 2 or 3")
+        us = [math.exp(-2.0 * lam) for lam in state.lams[-(order - 1):] + [lam_c]]
+        x0s = state.x0s[-(order - 1):] + [x0]
+        z_next = sum(_lagrange_weight_at_zero(us, j) * x0s[j] for j in range(order))
+    elif order == 1:  # DPM-Solver++1 = DDIM; to CLEAN it is z_n = x̂_0(c) (σ_n = 0, e^{−h} − 1 = −1, α_n = 1)
         z_next = (sigma_n / sigma_c) * z - alpha_n * phi_1 * x0
     elif order == 2:  # DPM-Solver++(2M), midpoint form
         h_0 = lam_c - state.lams[-1]
@@ -215,6 +246,15 @@ def _dpm_solver_update(z: torch.Tensor, x0: torch.Tensor, cur: float, nxt: float
     return z_next
 
 
+def _lagrange_weight_at_zero(us: list[float], j: int) -> float:
+    """The weight of point j in the value at u = 0 of the polynomial through the points us (Lagrange form)."""
+    w = 1.0
+    for m, u in enumerate(us):
+        if m != j:
+            w *= u / (u - us[j])  # (0 − u_m) / (u_j − u_m)
+    return w
+
+
 def dpm_solver_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: NoiseSchedule,
                     state: SolverState, order: int = 2) -> torch.Tensor:
     """DPM-Solver++ multistep from t to s < t, with x̂_0 = (z_t − σ_t ε)/α_t (data prediction).
@@ -222,7 +262,9 @@ def dpm_solver_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, sche
     order 1: z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) x̂_0(t), h = λ_s − λ_t — the same map as DDIM (η = 0).
     order 2: x̂_0(t) → D = (1 + 1/(2r)) x̂_0(t) − (1/(2r)) x̂_0(t_prev), r = h_prev/h.
     order 3: the 3M update with two previous predictions.
-    The order used is at most 1 + the number of predictions in `state` (warm-up), and 1 when s is CLEAN.
+    To CLEAN, order k ≥ 2 extrapolates the k latest predictions to σ = 0 in u = σ²/α² (see the block comment);
+    diffusers, and `dpm_solver_plan`, take that step at order 1.
+    The order used is at most 1 + the number of predictions in `state` (warm-up; the DDIM steps' count too).
     Appends (x̂_0(t), λ_t) to `state`.
     """
     x0 = x0_from_eps(z, eps, t, schedule)
@@ -254,7 +296,8 @@ class PlanStep:
     s: float  # less noisy end: where sampling lands, where inversion starts (FINAL/CLEAN after the last step)
     timestep: int  # what the model is told, in both directions: the noisier end, rounded
     order: int = 1  # DPM-Solver++ order when sampling (warm-up and lower_order_final applied); 1 for DDIM
-    inversion_order: int = 1  # DPM-Solver++ order when inverting (warm-up from the clean end)
+    inversion_order: int = 1  # DPM-Solver++ order when inverting: `order`, lowered to what the preceding
+    #                           inversion steps' predictions allow (see `_with_orders`)
 
 
 @dataclass(frozen=True)
@@ -283,39 +326,86 @@ def ddim_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "leading",
 def dpm_solver_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "logSNR", order: int = 2,
                     lower_order_final: bool = True) -> Plan:
     """DPMSolverMultistepScheduler's pass (algorithm_type="dpmsolver++", final_sigmas_type="zero"): the times of
-    `dpm_solver_times`, each step landing on the next, the last one on CLEAN."""
+    `dpm_solver_times`, each step landing on the next, the last one on CLEAN at order 1 (diffusers' rule)."""
     times = dpm_solver_times(schedule, num_steps, spacing)
     solvers = [DPM_SOLVER] * num_steps
-    return Plan(schedule, _with_orders(solvers, times, times[1:] + [CLEAN], order, lower_order_final))
+    return Plan(schedule, _with_orders(schedule, solvers, times, times[1:] + [CLEAN], order, lower_order_final,
+                                       final_order=1, history="run", clean_order=1))
 
 
-def _with_orders(solvers: list[str], ts: list[float], ss: list[float], order: int,
-                 lower_order_final: bool) -> tuple[PlanStep, ...]:
-    """Attach the DPM-Solver++ orders, diffusers' rule, counted within each run of DPM-Solver++ steps:
-    warm-up (the k-th step of a run uses order ≤ k), and with `lower_order_final` and fewer than 15 steps in the
-    pass, order 1 on the last step and ≤ 2 on the one before (stability at low noise). A step to or from CLEAN
-    is order 1 (see `_dpm_solver_update`). The inversion uses the same order at the same step (the paper's
-    symmetry), lowered where its own warm-up, counted from the clean end of the run, has fewer predictions."""
+def _with_orders(schedule: NoiseSchedule, solvers: list[str], ts: list[float], ss: list[float], order: int,
+                 lower_order_final: bool, final_order: int, history: str,
+                 clean_order: int) -> tuple[PlanStep, ...]:
+    """Attach the DPM-Solver++ orders to the steps (DDIM steps get order 1).
+
+    Sampling, step i: order ≤ 1 + the number of predictions already on the path (warm-up, diffusers' rule).
+    They are those of the steps just before, back to the first one that did not land where the next starts
+    (the fragmented hybrid jumps at a switch), counting DDIM steps with `history="pass"` and only DPM-Solver++
+    steps with `history="run"` (each run warms up afresh). With `lower_order_final` and fewer than 15 steps,
+    the last step's order is ≤ `final_order` and the one before ≤ 2 (diffusers: 1 and 2). A step to CLEAN is
+    ≤ `clean_order` (diffusers: 1; see `_dpm_solver_update` for what order 2 means there).
+
+    Inversion, step i run backwards: the same order at the same step (the paper's symmetry), lowered to
+    1 + the predictions of the preceding INVERSION steps (the later steps of the plan, at their less noisy
+    ends), counted by the same rule but only at finite λ: a prediction at CLEAN (λ = ∞; FINAL too when the
+    schedule sets ᾱ = 1 there) has no finite distance in λ to the next one. So the inversion of a step from
+    CLEAN, and of the step after it, are order 1.
+    """
+    if history not in ("pass", "run"):
+        raise ValueError(f"samplers.py: history={history!r} is not 'pass' (every earlier step's x̂_0) or 'run' "
+                         "(only those of the current run of DPM-Solver++ steps)")
+
+    def counts(k: int) -> bool:  # does step k's prediction belong to the history of the next step on the path?
+        return history == "pass" or solvers[k] == DPM_SOLVER
+
     n = len(solvers)
     steps = []
     for i, solver in enumerate(solvers):
         o = inv = 1
         if solver == DPM_SOLVER:
-            run_before = next((k for k in range(i) if solvers[i - 1 - k] != DPM_SOLVER), i)
-            run_after = next((k for k in range(n - 1 - i) if solvers[i + 1 + k] != DPM_SOLVER), n - 1 - i)
-            o = min(order, run_before + 1)
+            before, k = 0, i - 1  # sampling history: steps i−1, i−2, … on a continuous path
+            while k >= 0 and ss[k] == ts[k + 1] and counts(k):
+                before, k = before + 1, k - 1
+            o = min(order, before + 1)
             if lower_order_final and n < 15:
-                o = 1 if i == n - 1 else (min(o, 2) if i == n - 2 else o)
-            inv = min(o, run_after + 1)
+                o = min(o, final_order) if i == n - 1 else (min(o, 2) if i == n - 2 else o)
             if ss[i] == CLEAN:
-                o = inv = 1
+                o = min(o, clean_order)
+            after, k = 0, i + 1  # inversion history: steps i+1, i+2, … (run first), from finite λ
+            while k < n and ss[k - 1] == ts[k] and counts(k) and math.isfinite(schedule.lam(ss[k])):
+                after, k = after + 1, k + 1
+            inv = min(o, after + 1) if math.isfinite(schedule.lam(ss[i])) else 1
         steps.append(PlanStep(solver, ts[i], ss[i], model_timestep(ts[i]), o, inv))
     return tuple(steps)
 
 
 @dataclass(frozen=True)
 class HybridSchedule:
-    """EditedID's hybrid solver (paper Eq. 5-6): DPM-Solver++ on steps τ_s … τ_e, DDIM on the others."""
+    """EditedID's hybrid solver (paper Eq. 5-6): DPM-Solver++ on steps τ_s … τ_e, DDIM on the others.
+
+    Orders. The DDIM steps before the switch predict x̂_0 at known λ too, and the path is continuous under
+    global pre-setting, so with `history="pass"` a DPM-Solver++ step uses the predictions of every preceding
+    step of the pass: step τ_s is already of order min(dpm_order, τ_s). That is the point of running
+    DPM-Solver++ (2M) on the final steps (paper Eq. 5-6); with a warm-up per run (`history="run"`) the two
+    default steps would be orders 1 and 1, and DPM-Solver++ order 1 is DDIM.
+
+    `lower_order_final` is diffusers' rule for passes of fewer than 15 steps: the last step at order 1 and the
+    one before at ≤ 2. diffusers lowers them to stabilise few-step sampling near σ = 0, where the steps are
+    long in λ and the extrapolation of x̂_0 from the previous steps is least reliable; the last step to σ = 0
+    has h = ∞, where the λ-Taylor terms diverge, so diffusers takes it at order 1 for any number of steps
+    (final_sigmas_type="zero"), and k-diffusion's DPM-Solver++(2M) does the same. Here the last step
+    to CLEAN of order ≥ 2 extrapolates x̂_0 to σ = 0 in u = σ²/α², which stays finite (samplers.py, block comment
+    before `_dpm_solver_update`), so the cap on the last step is a field, `final_order`, default 2: the default
+    hybrid (N = 6, steps 5-6, 2M) runs orders [DDIM ×4, 2, 2]. Its inversion runs [DDIM ×4, 1, 1]: it starts at
+    CLEAN, whose prediction has λ = ∞ and cannot enter a λ-difference (see `_with_orders`).
+    `HybridSchedule(history="run", final_order=1)` reproduces the earlier plans: order-1 warm-up per run.
+
+    Round trips (inversion, then sampling, with ε independent of z): exact for a constant ε at any orders,
+    since x̂_0 is then constant along the path and every multistep difference vanishes. If ε varies with t,
+    only the order-1 plans (DDIM, and `history="run", final_order=1` here) are exact; a multistep step's
+    sampling history lies at noisier points and its inversion's at less noisy ones, so the two updates are
+    not inverse to each other (default plan: ~1e-2 for ε = (1 + ½ sin(t/100))·n, tests/test_samplers.py).
+    """
 
     num_steps: int = 6  # N, model calls per pass (the paper's 6)
     dpm_start: int = 5  # τ_s: first step run by DPM-Solver++, 1-based, counted from pure noise
@@ -328,7 +418,11 @@ class HybridSchedule:
     ddim_spacing: str = "leading"  # SD's DDIM spacing (with the schedule's steps_offset)
     dpm_spacing: str = "logSNR"  # λ-uniform (paper A.4); "linspace" is the option
     dpm_order: int = 2  # DPM-Solver++ order (2M is diffusers' default)
-    lower_order_final: bool = True  # diffusers' rule for passes of < 15 steps
+    # "pass": DPM-Solver++ steps use the x̂_0 of every preceding step on the path, DDIM steps' included;
+    # "run": only those of the current run of DPM-Solver++ steps (order-1 warm-up after each switch)
+    history: str = "pass"
+    lower_order_final: bool = True  # diffusers' rule for passes of < 15 steps: cap the last two steps' orders
+    final_order: int = 2  # the cap on the last step under lower_order_final (diffusers: 1); the one before: 2
 
     def solvers(self) -> list[str]:
         return [DPM_SOLVER if self.dpm_start <= i <= self.dpm_end else DDIM
@@ -370,7 +464,9 @@ def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule
     else:
         raise ValueError(f"samplers.py: HybridSchedule.timesteps={hybrid.timesteps!r} is not 'global' or "
                          "'fragmented'")
-    return Plan(schedule, _with_orders(solvers, ts, ss, hybrid.dpm_order, hybrid.lower_order_final))
+    return Plan(schedule, _with_orders(schedule, solvers, ts, ss, hybrid.dpm_order, hybrid.lower_order_final,
+                                       final_order=hybrid.final_order, history=hybrid.history,
+                                       clean_order=hybrid.dpm_order))
 
 
 # ---- dispatch and the two loops ------------------------------------------------------------------------
@@ -385,7 +481,13 @@ def hybrid_step(z: torch.Tensor, eps: torch.Tensor, step: PlanStep, schedule: No
 
 def hybrid_inversion_step(z: torch.Tensor, eps: torch.Tensor, step: PlanStep, schedule: NoiseSchedule,
                           state: SolverState) -> torch.Tensor:
-    """The inversion of `step`: the same solver, from step.s up to step.t."""
+    """The inversion of `step`: the same solver, from step.s up to step.t, at `step.inversion_order`.
+
+    The multistep history of an explicit inversion step is the x̂_0 of the preceding INVERSION steps (`state`
+    as `invert_loop` threads it), predicted at less noisy points than this one; a sampling step's history is
+    at noisier points. So a step and its inversion are exact inverses when x̂_0 is constant along the path
+    (ε constant: every difference D1, D2 vanishes and both reduce to DDIM), not in general at order ≥ 2.
+    """
     if step.solver == DDIM:
         return ddim_inversion_step(z, eps, step.t, step.s, schedule, state)
     return dpm_solver_inversion_step(z, eps, step.t, step.s, schedule, state, order=step.inversion_order)

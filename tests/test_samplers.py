@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from minid.samplers import (CLEAN, DDIM, DPM_SOLVER, FINAL, HybridSchedule, SolverState, cfg, ddim_inversion_step,
                             ddim_plan, ddim_step, dpm_solver_inversion_step, dpm_solver_plan, dpm_solver_step,
-                            eps_from_model_output, eps_from_v, eps_from_x0, hybrid_plan, invert_loop,
-                            sample_loop, v_from_eps, x0_from_eps, x0_from_v)
+                            eps_from_model_output, eps_from_v, eps_from_x0, hybrid_inversion_step, hybrid_plan,
+                            hybrid_step, invert_loop, sample_loop, v_from_eps, x0_from_eps, x0_from_v)
 from minid.schedule import NoiseSchedule, ddim_timesteps, dpm_solver_times
 
 diffusers = pytest.importorskip("diffusers")
@@ -159,10 +159,12 @@ def test_inversion_step_then_step_returns_the_start(t, s, seed, solver):
     assert err < 1e-9, f"{solver} t={t}, s={s}: round trip error {err:.2e}"  # |z_t| · σ_t/σ_s reaches ~100
 
 
-@pytest.mark.parametrize("plan_name", ["ddim", "dpm3", "hybrid"])
+@pytest.mark.parametrize("plan_name", ["ddim", "dpm3", "hybrid", "hybrid_default", "hybrid_middle"])
 def test_round_trip_exact_when_eps_ignores_z(z_start, plan_name):
     plan = {"ddim": ddim_plan(SCHEDULE, 10), "dpm3": dpm_solver_plan(SCHEDULE, 10, order=3),
-            "hybrid": hybrid_plan(SCHEDULE, HybridSchedule(num_steps=8, dpm_start=5, dpm_end=8, dpm_order=3))}[plan_name]
+            "hybrid": hybrid_plan(SCHEDULE, HybridSchedule(num_steps=8, dpm_start=5, dpm_end=8, dpm_order=3)),
+            "hybrid_default": hybrid_plan(SCHEDULE),
+            "hybrid_middle": hybrid_plan(SCHEDULE, HybridSchedule(num_steps=10, dpm_start=2, dpm_end=3))}[plan_name]
     fixed = torch.randn_like(z_start)
     model = lambda z, t: fixed  # noqa: E731  (a constant ε keeps x̂_0 constant along the path, at every order)
     err = (sample_loop(model, invert_loop(model, z_start, plan), plan) - z_start).abs().max().item()
@@ -312,11 +314,142 @@ def test_hybrid_inversion_mirrors_sampling():
     assert seen == [(i, plan.steps[i].timestep) for i in reversed(range(10))]
     for step in plan.steps:  # same solver, same order at the same step, except where warm-up has no history
         assert step.inversion_order <= step.order
+    # DPM-Solver++ steps between DDIM steps: the inversion has the history of the DDIM inversion steps before it,
+    # so the orders are the same in both directions (symmetry)
+    middle = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=10, dpm_start=2, dpm_end=3))
+    assert [(s.order, s.inversion_order) for s in middle.steps[:4]] == [(1, 1), (2, 2), (2, 2), (1, 1)]
+
+
+# ---- the hybrid solver's orders: multistep across the switch ----------------------------------------------
+
+def _orders(plan):
+    return [s.order if s.solver == DPM_SOLVER else "-" for s in plan.steps]
+
+
+def test_default_hybrid_orders():
+    # the DDIM steps' predictions count, so the first DPM-Solver++ step is already 2M; the last one, to CLEAN,
+    # keeps order 2 (final_order=2); the inversion starts at CLEAN (λ = ∞), so its first two steps are order 1
+    plan = hybrid_plan(SCHEDULE)
+    assert _orders(plan) == ["-"] * 4 + [2, 2], f"default hybrid orders {_orders(plan)}"
+    assert [s.inversion_order for s in plan.steps] == [1] * 6
+    previous = hybrid_plan(SCHEDULE, HybridSchedule(history="run", final_order=1))
+    assert _orders(previous) == ["-"] * 4 + [1, 1], f"order-1 variant {_orders(previous)}"
+    no_cap = hybrid_plan(SCHEDULE, HybridSchedule(dpm_order=3, lower_order_final=False))
+    assert _orders(no_cap) == ["-"] * 4 + [3, 3], f"3M without lower_order_final {_orders(no_cap)}"
+    capped = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=8, dpm_start=4, dpm_end=8, dpm_order=3))
+    assert _orders(capped) == ["-"] * 3 + [3, 3, 3, 2, 2], f"3M with lower_order_final {_orders(capped)}"
+    # the fragmented schedule jumps at the switch (lands on FINAL, restarts at 999): no history across it
+    fragmented = hybrid_plan(SCHEDULE, HybridSchedule(timesteps="fragmented"))
+    assert _orders(fragmented) == ["-"] * 4 + [1, 2], f"fragmented orders {_orders(fragmented)}"
+    with pytest.raises(ValueError, match="samplers.py"):
+        hybrid_plan(SCHEDULE, HybridSchedule(history="all"))
+
+
+def test_ddim_steps_feed_the_dpm_solver_history(z_start):
+    # the default hybrid pass, step by step: DDIM ×4 with no history, then 2M from the 4th step's prediction,
+    # then order 2 to CLEAN from the 5th's
+    plan = hybrid_plan(SCHEDULE)
+    z, ts = z_start.clone(), [s.t for s in plan.steps]
+    for t, s in zip(ts[:4], ts[1:5]):
+        z_prev, eps_prev, t_prev = z, toy_eps(z, round(t)), t
+        z = ddim_step(z, eps_prev, t, s, SCHEDULE)
+    state = SolverState()
+    state.remember(x0_from_eps(z_prev, eps_prev, t_prev, SCHEDULE), SCHEDULE.lam(t_prev))
+    z = dpm_solver_step(z, toy_eps(z, plan.timesteps[4]), ts[4], ts[5], SCHEDULE, state, order=2)
+    by_hand = dpm_solver_step(z, toy_eps(z, plan.timesteps[5]), ts[5], CLEAN, SCHEDULE, state, order=2)
+    ours = sample_loop(toy_eps, z_start.clone(), plan)
+    err = (ours - by_hand).abs().max().item()
+    assert err < 1e-12, f"hybrid pass vs steps by hand: {err:.2e}"
+    order_1 = sample_loop(toy_eps, z_start.clone(), hybrid_plan(SCHEDULE, HybridSchedule(history="run",
+                                                                                         final_order=1)))
+    assert (ours - order_1).abs().max() > 1e-3, "the multistep steps must change the result"
+    # a DDIM step given a state records its prediction, like a DPM-Solver++ step
+    state = SolverState()
+    eps = toy_eps(z_start, 500)
+    ddim_step(z_start, eps, 500.0, 400.0, SCHEDULE, state)
+    assert state.lams == [SCHEDULE.lam(500.0)] and torch.equal(state.x0s[0], x0_from_eps(z_start, eps, 500.0,
+                                                                                       SCHEDULE))
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_step_to_clean_extrapolates_x0_in_sigma_squared(order):
+    # x̂_0 along the path a polynomial of degree order−1 in u = σ²/α² = e^{−2λ}: the step to CLEAN returns its
+    # value at u = 0 exactly; one degree more and it does not
+    g = torch.Generator().manual_seed(9)
+    coef = [torch.randn(16, generator=g, dtype=torch.float64) for _ in range(order + 1)]
+    times = [60.0, 25.0, 4.0][3 - order:]
+
+    def x0_at(t, degree):
+        u = math.exp(-2 * SCHEDULE.lam(t))
+        return sum(c * u ** k for k, c in enumerate(coef[:degree + 1]))
+
+    for degree, exact in ((order - 1, True), (order, False)):
+        state = SolverState()
+        for t in times[:-1]:
+            state.remember(x0_at(t, degree), SCHEDULE.lam(t))
+        z = torch.randn(16, generator=g, dtype=torch.float64)
+        eps = eps_from_x0(z, x0_at(times[-1], degree), times[-1], SCHEDULE)
+        err = (dpm_solver_step(z, eps, times[-1], CLEAN, SCHEDULE, state, order=order) - coef[0]).abs().max().item()
+        assert (err < 1e-10) == exact, f"order {order}, x̂_0 of degree {degree} in u: error {err:.2e}"
+
+
+def _gaussian_pass_error(plan, z):
+    """The plan's sampling pass on the Gaussian model, told the exact solver times, vs the exact flow."""
+    state, z_end = SolverState(), z
+    for step in plan.steps:
+        z_end = hybrid_step(z_end, gaussian_eps(z_end, step.t), step, SCHEDULE, state)
+    return (z_end - gaussian_flow(z, plan.steps[0].t, plan.steps[-1].s)).abs().max().item()
+
+
+def _gaussian_inversion_error(plan, z):
+    """The plan's inversion on the Gaussian model from its last level back to its first time, vs the exact flow."""
+    state, z_end = SolverState(), z
+    for step in reversed(plan.steps):
+        z_end = hybrid_inversion_step(z_end, gaussian_eps(z_end, step.s), step, SCHEDULE, state)
+    return (z_end - gaussian_flow(z, plan.steps[-1].s, plan.steps[0].t)).abs().max().item()
+
+
+@pytest.mark.parametrize("n", [6, 10])
+def test_multistep_hybrid_beats_the_order_1_variant_on_gaussian_data(n):
+    z = torch.randn(32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    window = dict(num_steps=n, dpm_start=n - 1, dpm_end=n)
+    multistep = _gaussian_pass_error(hybrid_plan(SCHEDULE, HybridSchedule(**window)), z)
+    cross_switch = _gaussian_pass_error(hybrid_plan(SCHEDULE, HybridSchedule(**window, final_order=1)), z)
+    order_1 = _gaussian_pass_error(hybrid_plan(SCHEDULE, HybridSchedule(**window, history="run", final_order=1)), z)
+    assert multistep < cross_switch < order_1, \
+        f"N={n}: errors multistep {multistep:.4e}, final step order 1 {cross_switch:.4e}, order 1 {order_1:.4e}"
+
+
+@pytest.mark.parametrize("window", [(2, 3), (3, 4)])
+def test_multistep_hybrid_inversion_beats_the_order_1_variant_on_gaussian_data(window):
+    z = torch.randn(32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    hybrid = dict(num_steps=10, dpm_start=window[0], dpm_end=window[1])
+    multistep = _gaussian_inversion_error(hybrid_plan(SCHEDULE, HybridSchedule(**hybrid)), z)
+    order_1 = _gaussian_inversion_error(hybrid_plan(SCHEDULE, HybridSchedule(**hybrid, history="run",
+                                                                             final_order=1)), z)
+    assert multistep < order_1, f"window {window}: inversion errors multistep {multistep:.4e}, order 1 {order_1:.4e}"
+
+
+def test_round_trip_with_time_dependent_eps(z_start):
+    # ε independent of z but varying with t: the order-1 variant round-trips exactly (DDIM and DPM-Solver++1
+    # steps are exact inverses); the multistep one does not (sampling and inversion histories differ)
+    fixed = torch.randn_like(z_start)
+    model = lambda z, t: fixed * (1 + 0.5 * math.sin(t / 100.0))  # noqa: E731
+    errs = {}
+    for name, hybrid in (("order 1", HybridSchedule(history="run", final_order=1)), ("multistep", HybridSchedule())):
+        plan = hybrid_plan(SCHEDULE, hybrid)
+        errs[name] = (sample_loop(model, invert_loop(model, z_start, plan), plan) - z_start).abs().max().item()
+    assert errs["order 1"] < 1e-10 and errs["multistep"] > 1e-4, f"round trip errors {errs}"
 
 
 @pytest.mark.parametrize("make_plan", [lambda n: ddim_plan(SCHEDULE, n),
                                        lambda n: hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n,
-                                                                                      dpm_start=n - 1, dpm_end=n))])
+                                                                                      dpm_start=n - 1, dpm_end=n)),
+                                       # DPM-Solver++ mid-pass, multistep both ways (orders 2, 2 in each
+                                       # direction); spacings that interleave for every n
+                                       lambda n: hybrid_plan(SCHEDULE, HybridSchedule(
+                                           num_steps=n, dpm_start=n // 2, dpm_end=n // 2 + 1,
+                                           ddim_spacing="trailing", dpm_spacing="linspace"))])
 def test_round_trip_error_shrinks_with_steps(z_start, make_plan):
     errs = []
     for n in (6, 12, 24, 48):
