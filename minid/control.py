@@ -22,7 +22,7 @@ Controllers here:
 - `PromptToPrompt`: word replace / refine (token columns from the source prompt), reweight, and
   self-attention injection in a step window (Hertz et al. 2022).
 - `EditedIDGating`: mask-selective self-attention and token-selective cross-attention replacement for one
-  (O, E, T) batch (EditedID Eq. 7-9, see ALGORITHM.md "Stage 3").
+  (O, E, T) batch (EditedID Eq. 7-9, see ALGORITHM.md "Stage 3"); `GatingGroup`: K such triples in one batch.
 """
 
 from __future__ import annotations
@@ -326,6 +326,8 @@ class EditedIDGating:
     `id_tokens` come from O's map, those at `element_tokens` from E's; the rest stay T's.
     `id_tokens` / `element_tokens` are (T position, source position) pairs, found per prompt and aligned
     (`CLIPTokenizer.align_tokens`). Masks are (1, 1, h, w) at latent resolution, in [0, 1].
+    The triple's rows are the branches `branch_o`, `branch_e`, `branch_t` of the layout (0, 1, 2 for a batch
+    of one triple; a `GatingGroup` holds K triples in one batch).
     """
 
     layout: BatchLayout
@@ -349,9 +351,10 @@ class EditedIDGating:
     _weights: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.layout.branches != 3:
-            raise ValueError(f"control.py: EditedIDGating needs the three branches O, E, T; layout has "
-                             f"{self.layout.branches}")
+        branches = (self.branch_o, self.branch_e, self.branch_t)
+        if len(set(branches)) != 3 or not all(0 <= b < self.layout.branches for b in branches):
+            raise ValueError(f"control.py: EditedIDGating needs three distinct branches O, E, T within the layout's "
+                             f"{self.layout.branches}; found branch_o, branch_e, branch_t = {branches}")
         if abs(self.lambda_o + self.lambda_e - 1) > 1e-6:
             raise ValueError(f"control.py: λ_O + λ_E must be 1 (rows of the mixed map must stay normalised), "
                              f"got {self.lambda_o} + {self.lambda_e}")
@@ -382,29 +385,72 @@ class EditedIDGating:
         return None if w is None else w.to(device)
 
     def __call__(self, q, k, v, site: Site):
+        self.layout.check(q, site)
+        return self.edit(q, k, v, site, None)
+
+    def edit(self, q, k, v, site: Site, out: torch.Tensor | None) -> torch.Tensor | None:
+        """Write T's edited rows into `out`, the default attention of the whole batch (computed here when
+        None and T needs an edit); returns `out`, still None when nothing is edited at this site."""
         lay = self.layout
-        lay.check(q, site)
         if site.is_cross:
             if not (self.src_branch >= 0).any():
-                return None
+                return out
             o, e, t = lay.row(self.branch_o), lay.row(self.branch_e), lay.row(self.branch_t)
-            out = default_attention(q, k, v)
+            out = default_attention(q, k, v) if out is None else out
             out[t:t + 1] = token_replace(q[t:t + 1], k[t:t + 1], v[t:t + 1],
                                          sources=[(q[o:o + 1], k[o:o + 1]), (q[e:e + 1], k[e:e + 1])],
                                          src_branch=self.src_branch.to(q.device),
                                          src_token=self.src_token.to(q.device))
             return out
         if not self._self_active(site):
-            return None
+            return out
         w = self.weights(site, q.device)
         if w is None:
-            return None
+            return out
         halves = [True, False] if (self.self_uncond and lay.cfg) else [True]
-        out = default_attention(q, k, v)
+        out = default_attention(q, k, v) if out is None else out
         for cond in halves:
             o, e, t = (lay.row(b, cond) for b in (self.branch_o, self.branch_e, self.branch_t))
             rows = [o, e, t]
             # The last entry of vs is T's values, what the map reading multiplies the mixed map by.
             out[t:t + 1] = masked_multi_source([q[r:r + 1] for r in rows], [k[r:r + 1] for r in rows],
                                                [v[r:r + 1] for r in rows], w.to(q.dtype), mode=self.mode)
+        return out
+
+
+class GatingGroup:
+    """K (O, E, T) triples in one UNet batch (multi-person restoration), each gated by its own `EditedIDGating`.
+
+    The layout has 3K branches in the order O_1 … O_K, E_1 … E_K, T_1 … T_K (so the batch is
+    [uncond O_1 … T_K; cond O_1 … T_K]); gating k reads rows O_k, E_k and writes row T_k only, with its own
+    masks, words and λ. The default attention of the whole batch is computed once and each triple's T rows
+    are overwritten in place, so the triples never see each other.
+    """
+
+    def __init__(self, gatings: list[EditedIDGating]):
+        if not gatings:
+            raise ValueError("control.py: GatingGroup needs at least one EditedIDGating")
+        layouts = {g.layout for g in gatings}
+        if len(layouts) != 1:
+            raise ValueError(f"control.py: the gatings of a GatingGroup must share one layout, found {layouts}")
+        targets = [g.branch_t for g in gatings]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"control.py: two gatings of a GatingGroup write the same T branch: {targets}")
+        self.gatings = gatings
+        self.layout = gatings[0].layout
+
+    @property
+    def step(self) -> int:
+        return self.gatings[0].step
+
+    @step.setter
+    def step(self, value: int) -> None:  # the sampling loop sets the step of every triple at once
+        for g in self.gatings:
+            g.step = value
+
+    def __call__(self, q, k, v, site: Site):
+        self.layout.check(q, site)
+        out = None
+        for g in self.gatings:
+            out = g.edit(q, k, v, site, out)
         return out

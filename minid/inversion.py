@@ -6,7 +6,8 @@ Three procedures, in the order EditedID runs them (ALGORITHM.md, Stages 1 and 2)
   trajectory z_0 … z_N ("pivots").
 - `adaptive_mixing_inversion`: both images inverted in one batch; after each step the two latents are mixed
   with a learnable weight w (EditedID Eq. 1-3) that gradient descent drives from w_0 toward 0.5, and the
-  last step forces w = 0.5 so both trajectories end at one shared z_T.
+  last step forces w = 0.5 so both trajectories end at one shared z_T. Several pairs may share the batch
+  (multi-person restoration), each with its own w.
 - `null_text_optimization`: null-text inversion (Mokady et al. 2023). Going back from z_T with guidance s,
   at each step i a per-step unconditional embedding ∅_i is optimised so that the guided step lands on the
   pivot: ∅_i = argmin ||Step_i(z_i, ε̃(z_i, t_i; c, ∅_i)) − pivot_{i+1}||². With several images in the batch
@@ -158,69 +159,101 @@ def invert(unet, plan: SolverPlan, z0: torch.Tensor, cond: torch.Tensor, uncond:
 
 @dataclass
 class AlignmentResult:
-    pivots_o: list[torch.Tensor]  # z^O_0 … z^O_N after mixing, each (1, 4, h, w)
+    """Stage 1's result for K pairs (O_k, E_k), k = 0 … K−1, inverted in one batch."""
+
+    pivots_o: list[torch.Tensor]  # z^O_0 … z^O_N after mixing, each (K, 4, h, w)
     pivots_e: list[torch.Tensor]  # z^E_0 … z^E_N; pivots_o[-1] and pivots_e[-1] are the same tensor values
-    w_schedule: list[float]  # the w each of the N steps mixed with: w_0, …, 0.5
-    alignment_loss: list[float]  # L(w) = (1−2w)² mean((ẑ^O − ẑ^E)²) at each step, with the w used
+    w_schedules: list[list[float]]  # per pair, the w each of the N steps mixed with: w_0, …, 0.5
+    alignment_losses: list[list[float]]  # per pair, L(w) = (1−2w)² mean((ẑ^O − ẑ^E)²) at each step
 
     @property
     def z_T(self) -> torch.Tensor:
         return self.pivots_o[-1]
 
+    def _one(self, values: list[list[float]], name: str) -> list[float]:
+        if len(values) != 1:
+            raise ValueError(f"inversion.py: AlignmentResult.{name} is for one pair; this result has "
+                             f"{len(values)}, read {name}s[k]")
+        return values[0]
+
+    @property
+    def w_schedule(self) -> list[float]:
+        """The w schedule of a single pair (K = 1)."""
+        return self._one(self.w_schedules, "w_schedule")
+
+    @property
+    def alignment_loss(self) -> list[float]:
+        """The alignment losses of a single pair (K = 1)."""
+        return self._one(self.alignment_losses, "alignment_loss")
+
 
 def adaptive_mixing_inversion(unet, plan: SolverPlan, z0_o: torch.Tensor, z0_e: torch.Tensor,
                               cond_o: torch.Tensor, cond_e: torch.Tensor, config: InversionConfig,
                               mixing: bool = True, progress: Callable | None = None) -> AlignmentResult:
-    """Invert O and E together (one batched UNet call per step) and align them (EditedID Eq. 1-3).
+    """Invert K pairs (O_k, E_k) together (one batched UNet call per step) and align each (EditedID Eq. 1-3).
 
-    At step j each image takes its own inversion step (ẑ^O, ẑ^E), then
+    z0_o, z0_e: (K, 4, h, w); cond_o, cond_e: (K, 77, D). At step j each image takes its own inversion
+    step (ẑ^O, ẑ^E), then each pair is mixed with its own current w:
         z^O = (1−w) ẑ^O + w ẑ^E,   z^E = (1−w) ẑ^E + w ẑ^O
-    with the current w; then w takes `w_iterations` gradient steps on the alignment loss
+    then w takes `w_iterations` gradient steps on the pair's alignment loss
         L(w) = mean(((1−w) ẑ^O + w ẑ^E − ((1−w) ẑ^E + w ẑ^O))²) = (1−2w)² mean((ẑ^O − ẑ^E)²),
     whose minimum is w = 0.5. The last step uses w = 0.5 (constrained convergence, Eq. 3), so the two
-    trajectories end at the same z_T exactly. `mixing=False` inverts the two images separately (w = 0).
+    trajectories end at the same z_T exactly. `mixing=False` inverts the images separately (w = 0).
+    Pairs share nothing but the UNet batch: each has its own w and optimiser, so K pairs give what K
+    separate calls give (up to the UNet's batch-size-dependent rounding).
     """
-    z = torch.cat([z0_o, z0_e])  # (2, 4, h, w): batch row 0 is O, row 1 is E
+    k_pairs = z0_o.shape[0]
+    if z0_e.shape[0] != k_pairs or cond_o.shape[0] != k_pairs or cond_e.shape[0] != k_pairs:
+        raise ValueError(f"inversion.py: adaptive_mixing_inversion needs as many rows in z0_o, z0_e, cond_o, cond_e; "
+                         f"found {z0_o.shape[0]}, {z0_e.shape[0]}, {cond_o.shape[0]}, {cond_e.shape[0]}")
+    z = torch.cat([z0_o, z0_e])  # (2K, 4, h, w): rows 0..K−1 are O_k, rows K..2K−1 are E_k
     cond = torch.cat([cond_o, cond_e])
-    w = torch.tensor(float(config.w0), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.SGD([w], lr=config.w_lr)
+    w = [torch.tensor(float(config.w0), dtype=torch.float64, requires_grad=True) for _ in range(k_pairs)]
+    opts = [torch.optim.SGD([w_k], lr=config.w_lr) for w_k in w]
     state = plan.initial_state()
-    pivots_o, pivots_e, ws, losses = [z0_o], [z0_e], [], []
+    pivots_o, pivots_e = [z0_o], [z0_e]
+    ws: list[list[float]] = [[] for _ in range(k_pairs)]
+    losses: list[list[float]] = [[] for _ in range(k_pairs)]
     n = plan.num_steps
     for j in range(n):
         t = plan.invert_eval_time(j)
         with torch.no_grad():
             eps = unet(z, t, cond)
             z_hat, state = plan.invert_step(j, z, eps, state)
-        zo, ze = z_hat[0:1], z_hat[1:2]
-        if not mixing:
-            w_j = 0.0
-        elif j == n - 1:
-            w_j = 0.5  # Eq. 3: both trajectories meet at z_T
-        else:
-            w_j = float(w.detach())
-        if w_j == 0.5:
-            # Computed once and copied, so that z_T^O and z_T^E are equal bit for bit.
-            zo_m = 0.5 * zo + 0.5 * ze
-            ze_m = zo_m.clone()
-        else:
-            zo_m = (1 - w_j) * zo + w_j * ze
-            ze_m = (1 - w_j) * ze + w_j * zo
-        d = float(((zo - ze).double() ** 2).mean())
-        ws.append(w_j)
-        losses.append((1 - 2 * w_j) ** 2 * d)
+        mixed_o, mixed_e = [], []
+        for k in range(k_pairs):
+            zo, ze = z_hat[k:k + 1], z_hat[k_pairs + k:k_pairs + k + 1]
+            if not mixing:
+                w_j = 0.0
+            elif j == n - 1:
+                w_j = 0.5  # Eq. 3: both trajectories meet at z_T
+            else:
+                w_j = float(w[k].detach())
+            if w_j == 0.5:
+                # Computed once and copied, so that z_T^O and z_T^E are equal bit for bit.
+                zo_m = 0.5 * zo + 0.5 * ze
+                ze_m = zo_m.clone()
+            else:
+                zo_m = (1 - w_j) * zo + w_j * ze
+                ze_m = (1 - w_j) * ze + w_j * zo
+            d = float(((zo - ze).double() ** 2).mean())
+            ws[k].append(w_j)
+            losses[k].append((1 - 2 * w_j) ** 2 * d)
+            mixed_o.append(zo_m)
+            mixed_e.append(ze_m)
+            if mixing and j < n - 1:
+                zo_d, ze_d = zo.double(), ze.double()
+                for _ in range(config.w_iterations):
+                    opts[k].zero_grad()
+                    loss = (((1 - w[k]) * zo_d + w[k] * ze_d - ((1 - w[k]) * ze_d + w[k] * zo_d)) ** 2).mean()
+                    loss.backward()
+                    opts[k].step()
+                    with torch.no_grad():
+                        w[k].clamp_(0.0, config.w_max)
+        zo_m, ze_m = torch.cat(mixed_o), torch.cat(mixed_e)  # (K, 4, h, w) each
         pivots_o.append(zo_m)
         pivots_e.append(ze_m)
         z = torch.cat([zo_m, ze_m])
-        if mixing and j < n - 1:
-            zo_d, ze_d = zo.double(), ze.double()
-            for _ in range(config.w_iterations):
-                opt.zero_grad()
-                loss = (((1 - w) * zo_d + w * ze_d - ((1 - w) * ze_d + w * zo_d)) ** 2).mean()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    w.clamp_(0.0, config.w_max)
         if progress:
             progress()
     return AlignmentResult(pivots_o, pivots_e, ws, losses)
