@@ -96,9 +96,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _face_analyzer(args):
+    from minid.faces import FaceAnalyzer
+
+    return FaceAnalyzer.from_pack(args.face_pack, root=args.face_root, download=args.download_faces)
+
+
+def _pairs(text: str | None):
+    """"0:1,2:0" -> [(0, 1), (2, 0)]: (face index in the original, face index in the edited image)."""
+    if text is None:
+        return None
+    try:
+        return [tuple(int(i) for i in item.split(":")) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--pairs must look like 0:1,2:0 (original face : edited face), got {text!r}") from None
+
+
 def cmd_restore(args) -> int:
     from minid import images
-    from minid.editedid import EditedID, save_result
+    from minid.editedid import EditedID
 
     out = Path(args.out)
     inputs = [Path(args.original), Path(args.edited)]
@@ -108,17 +124,33 @@ def cmd_restore(args) -> int:
     for p in (args.face_mask, args.element_mask):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"mask file {p} not found")
+    pairs = _pairs(args.pairs)
+    # Landmark face masks (the default) need the face models: load them before the diffusion models, so a
+    # missing model pack is reported at once.
+    use_landmarks = args.multi_face or (args.face_mask is None and args.mask_source == "landmarks")
+    analyzer = _face_analyzer(args) if use_landmarks else None
     sd = _load(args)
     method = EditedID(sd, _method_config(args))
-    result = method.restore(args.original, args.edited, args.prompt_original, args.prompt_edited,
-                            id_words=args.id_words, element_words=args.element_words,
-                            face_mask=args.face_mask, element_mask=args.element_mask, seed=args.seed,
-                            progress=True, save_intermediates=args.save_intermediates)
-    written = images.save_restored(result, out, original=args.edited, inputs=inputs)
+    if args.multi_face:
+        result = method.restore_faces(args.original, args.edited, analyzer, args.prompt_original,
+                                      args.prompt_edited, args.id_words, args.element_words, pairs=pairs,
+                                      seed=args.seed, progress=True)
+        written = images.save_image(result.image, out, inputs)
+        for face in result.faces:
+            sims = "" if face.id_sim_before is None else (f", ID-Sim {face.id_sim_before:.3f} -> "
+                                                          f"{face.id_sim_after:.3f}")
+            print(f"face {face.pair[0]} (original) : {face.pair[1]} (edited): reconstruction PSNR "
+                  + ", ".join(f"{k} {v:.1f} dB" for k, v in face.psnr.items()) + sims)
+    else:
+        result = method.restore(args.original, args.edited, args.prompt_original, args.prompt_edited,
+                                id_words=args.id_words, element_words=args.element_words,
+                                face_mask=args.face_mask, element_mask=args.element_mask, seed=args.seed,
+                                progress=True, save_intermediates=args.save_intermediates, analyzer=analyzer)
+        written = images.save_restored(result, out, original=args.edited, inputs=inputs)
+        print("reconstruction PSNR: " + ", ".join(f"{k} {v:.1f} dB" for k, v in result.psnr.items()))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"minid restore: wrote {written}  (reconstruction PSNR: "
-          + ", ".join(f"{k} {v:.1f} dB" for k, v in result.psnr.items()) + ")")
+    print(f"minid restore: wrote {written}")
     return 0
 
 
@@ -135,13 +167,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from minid.faces import FaceAnalyzer
     from minid.metrics import evaluate_folder
 
-    analyzer = FaceAnalyzer.from_pack(args.pack, root=args.face_models, download=args.download_faces)
-    summary = evaluate_folder(args.folder, analyzer, out_dir=args.out, progress=True)
+    summary = evaluate_folder(args.folder, _face_analyzer(args), out_dir=args.out, progress=True)
     print(summary.get("summary", summary))
     return 0
+
+
+def _add_face_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--face-pack", default="buffalo_l", help="insightface model pack (detection, landmarks, ArcFace)")
+    p.add_argument("--face-root", help="folder of insightface model packs (default ~/.insightface or "
+                                       "$MINID_INSIGHTFACE_ROOT)")
+    p.add_argument("--download-faces", action="store_true", help="let insightface fetch the pack if missing")
 
 
 def cmd_checkpoint(argv: list[str]) -> int:
@@ -176,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output image (never written over an input)")
     p.add_argument("--save-intermediates", metavar="DIR",
                    help="write reconstructions, masks, the w schedule and attention maps here")
+    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
+                   help="face mask when --face-mask is not given: from the original's face landmarks (needs the "
+                        "face models) or from the cross-attention maps of the identity words")
+    p.add_argument("--multi-face", action="store_true",
+                   help="restore every face: detect and pair faces in both images, restore all in one batch")
+    p.add_argument("--pairs", help="with --multi-face: which faces, as original:edited indices, e.g. 0:1,2:0")
+    _add_face_args(p)
     _add_model_args(p)
     _add_method_args(p)
     p.set_defaults(func=cmd_restore)
@@ -193,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="ID similarity and PSNR over a folder of (original, edited, result) triples")
     p.add_argument("folder", help="with original/, edited/ and result/ sub-folders of equally named images")
     p.add_argument("--out", help="where metrics.csv and metrics.json go (default: the folder)")
-    p.add_argument("--pack", default="buffalo_l", help="insightface model pack")
-    p.add_argument("--face-models", help="folder of insightface model packs (default ~/.insightface)")
-    p.add_argument("--download-faces", action="store_true", help="let insightface fetch the pack if missing")
+    _add_face_args(p)
     p.set_defaults(func=cmd_eval)
 
     for name, text in (("download", "fetch and verify the SD1.4 weights"),

@@ -63,7 +63,7 @@ def test_restore_writes_the_result_at_the_edited_image_size(tiny_hub, tmp_path, 
                    "--prompt-original", "a photo of a man", "--prompt-edited", "a photo of a man wearing glasses",
                    "--id-words", "man", "--element-words", "glasses", "--out", str(out),
                    "--weights", str(tiny_hub), "--steps", "2", "--dpm-start", "2", "--dpm-end", "2",
-                   "--null-inner-steps", "1", "--image-size", str(IMAGE_SIZE),
+                   "--null-inner-steps", "1", "--image-size", str(IMAGE_SIZE), "--mask-source", "attention",
                    "--save-intermediates", str(tmp_path / "inter"), *COMMON])
     assert rc == 0, capsys.readouterr().err
     assert Image.open(out).size == (IMAGE_SIZE + 16, IMAGE_SIZE), f"size {Image.open(out).size}"
@@ -115,7 +115,7 @@ def test_eval_writes_the_table(tmp_path, monkeypatch):
     sentinel = object()
     monkeypatch.setattr(faces.FaceAnalyzer, "from_pack", classmethod(lambda cls, *a, **k: sentinel))
     monkeypatch.setattr(metrics, "evaluate_folder", fake_evaluate)
-    assert cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--face-root", str(tmp_path)]) == 0
     assert seen == {"folder": str(tmp_path), "analyzer": sentinel, "out_dir": str(tmp_path / "o")}, seen
 
 
@@ -130,3 +130,69 @@ def test_help_lists_every_command(capsys):
 def test_checkpoint_commands_are_forwarded(capsys):
     assert cli.main(["keymap"]) == 0
     assert "input_blocks" in capsys.readouterr().out
+
+
+FAST = ["--steps", "2", "--dpm-start", "2", "--dpm-end", "2", "--null-inner-steps", "1", "--image-size", str(IMAGE_SIZE)]
+
+
+def test_restore_uses_landmark_masks_by_default(tiny_hub, tmp_path, monkeypatch, capsys):
+    """No --face-mask: the face models are asked for, and the original's landmark mask is the face mask."""
+    from test_multiface import StubAnalyzer, make_face
+    from minid import faces
+
+    x_o, x_e = random_image(1), random_image(2)
+    c = IMAGE_SIZE / 2
+    stub = StubAnalyzer([(x_o, [make_face(c, c, side=IMAGE_SIZE / 2)]), (x_e, [make_face(c, c, side=IMAGE_SIZE / 2)])])
+    asked = {}
+
+    def from_pack(cls, pack=None, root=None, download=False, **_):
+        asked.update(pack=pack, root=root)
+        return stub
+
+    monkeypatch.setattr(faces.FaceAnalyzer, "from_pack", classmethod(from_pack))
+    original, edited = _png(x_o, tmp_path / "o.png"), _png(x_e, tmp_path / "e.png")
+    out = tmp_path / "r.png"
+    rc = cli.main(["restore", "--original", str(original), "--edited", str(edited), "--prompt-original", "a photo of a man",
+                   "--prompt-edited", "a photo of a man wearing glasses", "--id-words", "man", "--element-words",
+                   "glasses", "--out", str(out), "--weights", str(tiny_hub), "--face-pack", "my_pack", *FAST, *COMMON])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert asked == {"pack": "my_pack", "root": None}, asked
+    assert stub.calls >= 1 and "landmark" in err, f"analyzer calls {stub.calls}; notes: {err}"
+
+
+def test_missing_face_models_are_reported_before_the_diffusion_models_load(tmp_path, capsys):
+    original, edited = _png(random_image(1), tmp_path / "o.png"), _png(random_image(2), tmp_path / "e.png")
+    rc = cli.main(["restore", "--original", str(original), "--edited", str(edited), "--prompt-original", "a man",
+                   "--prompt-edited", "a man", "--id-words", "man", "--out", str(tmp_path / "r.png"),
+                   "--weights", str(tmp_path / "absent"), "--face-root", str(tmp_path / "no-packs"), *COMMON])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no-packs" in err, f"exit code {rc}, stderr: {err}"
+
+
+def test_pairs_are_parsed_and_checked():
+    assert cli._pairs("0:1,2:0") == [(0, 1), (2, 0)]
+    assert cli._pairs(None) is None
+    with pytest.raises(ValueError, match="0:1,2:0"):
+        cli._pairs("0-1")
+
+
+def test_restore_multi_face_restores_each_paired_face(tiny_hub, tmp_path, monkeypatch, capsys):
+    from test_multiface import CENTRES, StubAnalyzer, make_face, smooth_image
+    from minid import faces
+
+    x_o, x_e = smooth_image(1), smooth_image(2)
+    people = [make_face(cx, cy) for cx, cy in CENTRES[:2]]
+    stub = StubAnalyzer([(x_o, people), (x_e, people[::-1])])  # the edit lists its faces the other way round
+    monkeypatch.setattr(faces.FaceAnalyzer, "from_pack", classmethod(lambda cls, *a, **k: stub))
+    original, edited = _png(x_o, tmp_path / "o.png"), _png(x_e, tmp_path / "e.png")
+    out = tmp_path / "r.png"
+    rc = cli.main(["restore", "--multi-face", "--original", str(original), "--edited", str(edited),
+                   "--prompt-original", "a photo of a man", "--prompt-edited", "a photo of a man wearing glasses",
+                   "--id-words", "man", "--element-words", "glasses", "--out", str(out), "--weights", str(tiny_hub),
+                   *FAST, *COMMON])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "face 0 (original) : 1 (edited)" in captured.out and "face 1 (original) : 0 (edited)" in captured.out, \
+        captured.out
+    assert Image.open(out).size == (x_e.shape[-1], x_e.shape[-2])
