@@ -343,6 +343,9 @@ class EditedIDGating:
     self_steps: tuple[int, int] | None = None  # [start, end) in steps; None: every step
     self_gating: bool = True  # False: no self-attention replacement (the "no entanglement" ablation)
     self_uncond: bool = True
+    # Which implementation runs the fused edits: "auto" (Triton on CUDA, the PyTorch path otherwise), "triton"
+    # or "torch" — the same semantics, so the pipeline's result does not depend on it beyond rounding.
+    backend: str = "auto"
     num_tokens: int = 77
     step: int = 0  # set by the sampling loop before each UNet call
     branch_o: int = 0
@@ -400,7 +403,7 @@ class EditedIDGating:
             out[t:t + 1] = token_replace(q[t:t + 1], k[t:t + 1], v[t:t + 1],
                                          sources=[(q[o:o + 1], k[o:o + 1]), (q[e:e + 1], k[e:e + 1])],
                                          src_branch=self.src_branch.to(q.device),
-                                         src_token=self.src_token.to(q.device))
+                                         src_token=self.src_token.to(q.device), backend=self.backend)
             return out
         if not self._self_active(site):
             return out
@@ -414,7 +417,8 @@ class EditedIDGating:
             rows = [o, e, t]
             # The last entry of vs is T's values, what the map reading multiplies the mixed map by.
             out[t:t + 1] = masked_multi_source([q[r:r + 1] for r in rows], [k[r:r + 1] for r in rows],
-                                               [v[r:r + 1] for r in rows], w.to(q.dtype), mode=self.mode)
+                                               [v[r:r + 1] for r in rows], w.to(q.dtype), mode=self.mode,
+                                               backend=self.backend)
         return out
 
 

@@ -84,6 +84,9 @@ class EditedIDConfig:
     mask_pool: int = 3  # max-pool window
     mask_threshold: float = 0.3  # of the normalised map
     sample_posterior: bool = False  # encode with a posterior sample (seeded) instead of its mean
+    # The fused attention edits of Stage 3: "auto" = Triton kernels on CUDA, the PyTorch path elsewhere;
+    # "triton" or "torch" to force one (the same semantics; tests compare them).
+    attention_backend: Literal["auto", "triton", "torch"] = "auto"
     # Landmark face masks and multi-person restoration (paper A.16). Lengths are fractions of image_size, so a
     # setting means the same on the tests' 64² squares as on SD's 512².
     face_mask_feather: float = 1 / 128  # σ of the blur that softens a landmark face mask (4 px at 512)
@@ -416,7 +419,7 @@ class EditedID:
                                   lambda_e=lambdas[k][1], mode=cfg.gating_mode, self_blocks=cfg.self_blocks,
                                   self_sides=cfg.self_sides, self_steps=cfg.self_steps,
                                   self_gating=cfg.uses_self_gating, self_uncond=cfg.self_uncond,
-                                  branch_o=k, branch_e=k_pairs + k, branch_t=2 * k_pairs + k)
+                                  backend=cfg.attention_backend, branch_o=k, branch_e=k_pairs + k, branch_t=2 * k_pairs + k)
                    for k in range(k_pairs)]
         controller = gatings[0] if k_pairs == 1 else GatingGroup(gatings)
         blend = cfg.blend if blend is None else blend
