@@ -11,14 +11,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from minid.attention import Site, default_attention
+from reference_parity import assert_matches_layout, compare, minid_from, randomize_
 from minid.config import UNetConfig
 from minid.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")
 
-# fp32 parity bound on max|minid - diffusers| / max|diffusers|. The two compute the same operations in the
-# same order, so the measured error is 0 or float rounding (~1e-7); 1e-4 leaves room for BLAS differences.
-REL_TOL = 1e-4
+# Parity bound (reference_parity.REL_TOL) on max|minid - diffusers| / max|diffusers|: the two compute the same
+# operations in the same order, so the measured error is 0 or float rounding (~1e-7).
 
 
 def reference_unet(cfg: UNetConfig) -> "diffusers.UNet2DConditionModel":
@@ -35,39 +35,6 @@ def reference_unet(cfg: UNetConfig) -> "diffusers.UNet2DConditionModel":
     return ref.to_empty(device="cpu").eval()
 
 
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fill every parameter with random values (default init leaves norm biases at 0 and weights at 1).
-
-    Vectors (norm scales, biases) get N(0, 0.1²) added to 1 (norm weights) or 0; matrices and kernels get
-    N(0, 1/fan_in), which keeps activations of order one through the deep network.
-    """
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        p.normal_(generator=g)
-        if p.ndim == 1:
-            p.mul_(0.1).add_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-        else:
-            p.div_(p[0].numel() ** 0.5)
-    return model
-
-
-def minid_from(ref: torch.nn.Module, cfg: UNetConfig) -> UNet:
-    """A minid UNet holding the reference's weights, loaded strictly by name (tensors shared, not copied)."""
-    with torch.device("meta"):
-        model = UNet(cfg)
-    model.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    return model.eval()
-
-
-def compare(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(theirs.shape)}"
-    abs_err = (ours - theirs).abs().max().item()
-    rel_err = abs_err / theirs.abs().max().item()
-    print(f"{name}: max abs err {abs_err:.3e}, rel err {rel_err:.3e}")
-    assert rel_err <= REL_TOL, f"{name}: relative error {rel_err:.3e} > {REL_TOL} (max abs err {abs_err:.3e})"
-
-
 @settings(max_examples=6, deadline=None)
 @given(batch=st.integers(1, 2), height=st.sampled_from([8, 16, 24, 12, 9]), width=st.sampled_from([8, 16, 24, 20]),
        base=st.sampled_from([16, 32]), heads=st.sampled_from([1, 2, 4]), layers=st.integers(1, 2),
@@ -76,7 +43,7 @@ def test_tiny_matches_diffusers(batch, height, width, base, heads, layers, per_s
     cfg = UNetConfig(block_out_channels=(base, 2 * base, 2 * base, 2 * base), layers_per_block=layers,
                      num_heads=heads, cross_attention_dim=32, norm_num_groups=8, sample_size=16)
     ref = randomize_(reference_unet(cfg), seed)
-    model = minid_from(ref, cfg)
+    model = minid_from(ref, UNet, cfg)
     g = torch.Generator().manual_seed(seed)
     sample = torch.randn(batch, 4, height, width, generator=g)
     context = torch.randn(batch, 77, 32, generator=g)
@@ -88,7 +55,7 @@ def test_tiny_matches_diffusers(batch, height, width, base, heads, layers, per_s
 def test_timestep_forms_agree():
     """int, 0-d tensor, (1,) and (B,) timesteps mean the same thing; per-sample timesteps act per sample."""
     cfg = UNetConfig.tiny()
-    model = minid_from(randomize_(reference_unet(cfg)), cfg)
+    model = minid_from(randomize_(reference_unet(cfg)), UNet, cfg)
     sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     with torch.no_grad():
         outs = [model(sample, t, context) for t in (500, torch.tensor(500), torch.tensor([500]),
@@ -120,7 +87,7 @@ def sd14_layout_tiny():
     """A tiny UNet with SD1.4's layout (block types, 2 layers per block: 16 transformer blocks)."""
     cfg = dataclasses.replace(UNetConfig.tiny(), layers_per_block=2)
     ref = randomize_(reference_unet(cfg))
-    return minid_from(ref, cfg), ref
+    return minid_from(ref, UNet, cfg), ref
 
 
 def test_seam_sees_32_sites_in_forward_order(sd14_layout_tiny):
@@ -170,16 +137,10 @@ def test_seam_replacement(sd14_layout_tiny):
 def test_state_dict_matches_published_layout(sd14_reference):
     """Key names and shapes of the full-size model equal the tensors of unet/diffusion_pytorch_model.fp16.safetensors."""
     layout = json.loads((sd14_reference / "layouts.json").read_text())
-    published = {k: tuple(v[0]) for k, v in
-                 layout["hub_files"]["unet/diffusion_pytorch_model.fp16.safetensors"]["tensors"].items()}
     cfg = UNetConfig.from_dict(json.loads((sd14_reference / "hub" / "unet" / "config.json").read_text()))
     assert cfg == UNetConfig(), f"SD1.4's unet/config.json gives {cfg}, expected the defaults {UNetConfig()}"
     with torch.device("meta"):
-        ours = {k: tuple(v.shape) for k, v in UNet(cfg).state_dict().items()}
-    assert sorted(set(published) - set(ours)) == [], "keys in the published file that minid lacks"
-    assert sorted(set(ours) - set(published)) == [], "keys minid has that the published file lacks"
-    wrong = {k: (ours[k], published[k]) for k in ours if ours[k] != published[k]}
-    assert wrong == {}, f"shape mismatches (minid, published): {wrong}"
+        assert_matches_layout(UNet(cfg), layout, "unet/diffusion_pytorch_model.fp16.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +150,7 @@ def sd14_unets(sd14_reference):
     with torch.device("meta"):
         ref = diffusers.UNet2DConditionModel.from_config(config)
     ref = randomize_(ref.to_empty(device="cpu").eval())
-    return minid_from(ref, UNetConfig.from_dict(config)), ref
+    return minid_from(ref, UNet, UNetConfig.from_dict(config)), ref
 
 
 @pytest.mark.fullsize

@@ -9,13 +9,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from reference_parity import assert_matches_layout, compare, minid_from, randomize_
 from minid.config import VAEConfig
 from minid.vae import VAE, DiagonalGaussian
 
 diffusers = pytest.importorskip("diffusers")
 
-# fp32 parity bound on max|minid - diffusers| / max|diffusers| (measured ~1e-6: float rounding only).
-REL_TOL = 1e-4
+# Parity bound: reference_parity.REL_TOL on max|minid - diffusers| / max|diffusers| (measured ~1e-6: rounding only).
 
 
 def reference_vae(cfg: VAEConfig) -> "diffusers.AutoencoderKL":
@@ -31,35 +31,6 @@ def reference_vae(cfg: VAEConfig) -> "diffusers.AutoencoderKL":
 
 
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fill every parameter with random values: vectors 1 + N(0, 0.1²) (norm weights) or N(0, 0.1²),
-    matrices and kernels N(0, 1/fan_in), so every path (norm biases included) contributes."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        p.normal_(generator=g)
-        if p.ndim == 1:
-            p.mul_(0.1).add_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-        else:
-            p.div_(p[0].numel() ** 0.5)
-    return model
-
-
-def minid_from(ref: torch.nn.Module, cfg: VAEConfig) -> VAE:
-    """A minid VAE holding the reference's weights, loaded strictly by name (tensors shared, not copied)."""
-    with torch.device("meta"):
-        model = VAE(cfg)
-    model.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    return model.eval()
-
-
-def compare(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(theirs.shape)}"
-    abs_err = (ours - theirs).abs().max().item()
-    rel_err = abs_err / theirs.abs().max().item()
-    print(f"{name}: max abs err {abs_err:.3e}, rel err {rel_err:.3e}")
-    assert rel_err <= REL_TOL, f"{name}: relative error {rel_err:.3e} > {REL_TOL} (max abs err {abs_err:.3e})"
-
-
 def check_against(model: VAE, ref, x: torch.Tensor, label: str) -> None:
     """encode (mean, std, a seeded sample), decode, and the scaled-latent round trip, all against diffusers."""
     sf = model.cfg.scaling_factor
@@ -82,7 +53,7 @@ def test_tiny_matches_diffusers(batch, height, width, base, layers, seed):
     cfg = VAEConfig(block_out_channels=(base, base, 2 * base, 2 * base), layers_per_block=layers,
                     norm_num_groups=8, sample_size=64)
     ref = randomize_(reference_vae(cfg), seed)
-    model = minid_from(ref, cfg)
+    model = minid_from(ref, VAE, cfg)
     x = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     check_against(model, ref, x, f"tiny vae {tuple(x.shape)}")
 
@@ -113,16 +84,10 @@ def test_encode_rejects_sizes_not_divisible_by_8():
 def test_state_dict_matches_published_layout(sd14_reference):
     """Key names and shapes of the full-size model equal the tensors of vae/diffusion_pytorch_model.fp16.safetensors."""
     layout = json.loads((sd14_reference / "layouts.json").read_text())
-    published = {k: tuple(v[0]) for k, v in
-                 layout["hub_files"]["vae/diffusion_pytorch_model.fp16.safetensors"]["tensors"].items()}
     cfg = VAEConfig.from_dict(json.loads((sd14_reference / "hub" / "vae" / "config.json").read_text()))
     assert cfg == VAEConfig(), f"SD1.4's vae/config.json gives {cfg}, expected the defaults {VAEConfig()}"
     with torch.device("meta"):
-        ours = {k: tuple(v.shape) for k, v in VAE(cfg).state_dict().items()}
-    assert sorted(set(published) - set(ours)) == [], "keys in the published file that minid lacks"
-    assert sorted(set(ours) - set(published)) == [], "keys minid has that the published file lacks"
-    wrong = {k: (ours[k], published[k]) for k in ours if ours[k] != published[k]}
-    assert wrong == {}, f"shape mismatches (minid, published): {wrong}"
+        assert_matches_layout(VAE(cfg), layout, "vae/diffusion_pytorch_model.fp16.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +97,7 @@ def sd14_vaes(sd14_reference):
     with torch.device("meta"):
         ref = diffusers.AutoencoderKL.from_config(config)
     ref = randomize_(ref.to_empty(device="cpu").eval())
-    return minid_from(ref, VAEConfig.from_dict(config)), ref
+    return minid_from(ref, VAE, VAEConfig.from_dict(config)), ref
 
 
 @pytest.mark.fullsize
