@@ -49,3 +49,12 @@ def assert_matches_layout(model: torch.nn.Module, layout: dict, file: str) -> No
     assert sorted(set(ours) - set(published)) == [], f"keys minid has that {file} lacks"
     wrong = {k: (ours[k], published[k]) for k in ours if ours[k] != published[k]}
     assert wrong == {}, f"shape mismatches (minid, {file}): {wrong}"
+
+
+def fullsize_pair(reference_cls, model_cls: type[torch.nn.Module], config_cls, config: dict):
+    """A full-size reference built from a published config.json on `meta`, given random weights, and the minid
+    model sharing those tensors: (minid model, reference)."""
+    with torch.device("meta"):
+        ref = reference_cls.from_config(config)
+    ref = randomize_(ref.to_empty(device="cpu").eval())
+    return minid_from(ref, model_cls, config_cls.from_dict(config)), ref

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from minid.attention import Site, default_attention
-from reference_parity import assert_matches_layout, compare, minid_from, randomize_
+from reference_parity import assert_matches_layout, compare, fullsize_pair, minid_from, randomize_
 from minid.config import UNetConfig
 from minid.unet import UNet
 
@@ -147,10 +147,7 @@ def test_state_dict_matches_published_layout(sd14_reference):
 def sd14_unets(sd14_reference):
     """Full-size SD1.4 UNets (diffusers from the published config.json, minid sharing its random weights)."""
     config = json.loads((sd14_reference / "hub" / "unet" / "config.json").read_text())
-    with torch.device("meta"):
-        ref = diffusers.UNet2DConditionModel.from_config(config)
-    ref = randomize_(ref.to_empty(device="cpu").eval())
-    return minid_from(ref, UNet, UNetConfig.from_dict(config)), ref
+    return fullsize_pair(diffusers.UNet2DConditionModel, UNet, UNetConfig, config)
 
 
 @pytest.mark.fullsize

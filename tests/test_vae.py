@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from reference_parity import assert_matches_layout, compare, minid_from, randomize_
+from reference_parity import assert_matches_layout, compare, fullsize_pair, minid_from, randomize_
 from minid.config import VAEConfig
 from minid.vae import VAE, DiagonalGaussian
 
@@ -94,10 +94,7 @@ def test_state_dict_matches_published_layout(sd14_reference):
 def sd14_vaes(sd14_reference):
     """Full-size SD1.4 VAEs (diffusers from the published config.json, minid sharing its random weights)."""
     config = json.loads((sd14_reference / "hub" / "vae" / "config.json").read_text())
-    with torch.device("meta"):
-        ref = diffusers.AutoencoderKL.from_config(config)
-    ref = randomize_(ref.to_empty(device="cpu").eval())
-    return minid_from(ref, VAE, VAEConfig.from_dict(config)), ref
+    return fullsize_pair(diffusers.AutoencoderKL, VAE, VAEConfig, config)
 
 
 @pytest.mark.fullsize
