@@ -5,9 +5,9 @@ attention map, for Stable Diffusion 1.4's shapes.
     lse[b, h, i] = log Σ_j exp(q_i · k_j / sqrt(d))                          (B, h, Nq), fp32
     map[b, i, j] = (1/h) Σ_h exp(q_i · k_j / sqrt(d) − lse[b, h, i])           (B, Nq, Nk), fp32
 
-Provenance: the online softmax and the program layout follow the Triton fused-attention tutorial
-(`06-fused-attention.py`) and Tri Dao's `flash_attn_triton.py`; `attention_reference` below is the plain
-PyTorch statement the kernels are tested against.
+Provenance: the online softmax (kernels/online_softmax.py) and the program layout follow the Triton
+fused-attention tutorial (`06-fused-attention.py`) and Tri Dao's `flash_attn_triton.py`; `attention_reference`
+below is the plain PyTorch statement the kernels are tested against.
 
 Changes from the tutorial:
 - forward only and non-causal: the UNet's attention has no mask; gradients use the PyTorch paths.
@@ -37,9 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .online_softmax import online_softmax
 from .runtime import cdiv, dot_settings, lazy_jit, next_power_of_two
 
-tl = None  # triton.language, bound at the first launch by runtime.LazyKernel (Triton is imported lazily)
+tl = None  # kernels see triton.language in the namespace runtime.LazyKernel gives them at the first launch
 
 LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = 2^(x·log2 e), one instruction on GPUs
 
@@ -88,7 +89,6 @@ def _attn_fwd(
     off_b = off_bh // H
     off_h = off_bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM  # head dims 40/80/160 live in 64/128/256-wide tiles; the rest loads as 0
@@ -97,37 +97,13 @@ def _attn_fwd(
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634  # fold 1/sqrt(d) and log2(e) into one multiply
-
-    # Online softmax state per row: m_i the running max of the (log2-scaled) scores, l_i the running sum of
-    # 2^(s - m_i), acc the running Σ 2^(s - m_i) v. Rows beyond N_Q see q = 0: harmless, and never stored.
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N_K, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < N_K
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # (BLOCK_D, BLOCK_N): kᵀ
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        s = tl.where(mask_n[None, :], s, float("-inf"))  # keys beyond N_K (77 is no block multiple) get P = 0
-        # New max; rescale what was accumulated under the old max by 2^(m_old - m_new) (0 on the first step).
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        p_lo = p.to(V.dtype.element_ty)  # P in the input dtype for the tensor-core matmul, as flash attention
-        if UPCAST:
-            v = v.to(tl.float32)
-            p_lo = p_lo.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=PRECISION)
-        m_i = m_new
+    qk_scale = sm_scale * LOG2E  # fold 1/sqrt(d) and log2(e) into one multiply
+    # Rows beyond N_Q see q = 0: harmless, and never stored.
+    acc, l_i, m_i = online_softmax(
+        q, K + off_b * stride_kb + off_h * stride_kh, V + off_b * stride_vb + off_h * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd, N_K, HEAD_DIM, qk_scale,
+        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+    )
 
     # Normalise once at the end: out = Σ 2^(s-m) v / Σ 2^(s-m).
     acc = acc / l_i[:, None]
@@ -161,7 +137,7 @@ def _attn_map(
     mask_m = offs_m < N_Q
     mask_n = cols < N_K
     mask_d = offs_d < HEAD_DIM
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for off_h in range(0, H):
@@ -174,7 +150,7 @@ def _attn_map(
             kt = kt.to(tl.float32)
         lse = tl.load(Lse + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm, mask=mask_m, other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        total += tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+        total += tl.math.exp2(s - lse[:, None] * LOG2E)
     total = total / H
     tl.store(Map + off_b * stride_mb + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn, total,
              mask=mask_m[:, None] & mask_n[None, :])

@@ -2,7 +2,7 @@
 kernel and without writing any attention map.
 
 Sources s = 0..S-1 (in EditedID: O, E and the target T) each bring q_s, k_s, v_s of shape (B, h, N, d). For
-query row p, weights w_s(p) ≥ 0 with Σ_s w_s(p) = 1 come from the masks at that resolution (ALGORITHM.md,
+query row p, weights w_s(p) ≥ 0 with Σ_s w_s(p) = 1 come from the masks at that resolution (docs/editedid.md,
 "Mask-selective self-attention replacement"):
 
     mode "map":     out[p] = Σ_s w_s(p) softmax(q_s k_sᵀ / sqrt(d))[p] V_T      (paper Eq. 7-8: T's rows of P
@@ -12,7 +12,7 @@ query row p, weights w_s(p) ≥ 0 with Σ_s w_s(p) = 1 come from the masks at th
 
 Both are exact rewrites of "build the blended map, then multiply": the map's row p is Σ_s w_s(p) P_s[p] and
 (Σ_s w_s(p) P_s[p]) V = Σ_s w_s(p) (P_s[p] V), so each source runs the online softmax of flash attention
-(kernels/flash_attention.py) and only its normalised output row is weighted. A blended row stays a
+(kernels/online_softmax.py) and only its normalised output row is weighted. A blended row stays a
 probability distribution because the weights of the row sum to 1.
 
 Caution:
@@ -29,10 +29,11 @@ import math
 
 import torch
 
-from .flash_attention import BlockConfig, default_blocks
+from .flash_attention import LOG2E, BlockConfig, default_blocks
+from .online_softmax import online_softmax
 from .runtime import cdiv, dot_settings, lazy_jit, next_power_of_two
 
-tl = None  # triton.language, bound at the first launch by runtime.LazyKernel (Triton is imported lazily)
+tl = None  # kernels see triton.language in the namespace runtime.LazyKernel gives them at the first launch
 
 
 def multi_source_reference(qs, ks, vs, weights: torch.Tensor, mode: str = "output") -> torch.Tensor:
@@ -75,11 +76,10 @@ def _multi_source_fwd(
     off_b = off_bh // H
     off_h = off_bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for src in range(0, S):
@@ -89,33 +89,12 @@ def _multi_source_fwd(
                         + offs_d[None, :] * stride_qd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
-            k_base = K + src * stride_ks + off_b * stride_kb + off_h * stride_kh
-            v_base = V + src * stride_vs + off_b * stride_vb + off_h * stride_vh
-            # The online softmax of kernels/flash_attention.py, for source src.
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for start_n in range(0, N_K, BLOCK_N):
-                cols = start_n + offs_n
-                mask_n = cols < N_K
-                kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                             mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                p_lo = p.to(V.dtype.element_ty)
-                if UPCAST:
-                    v = v.to(tl.float32)
-                    p_lo = p_lo.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=PRECISION)
-                m_i = m_new
+            acc, l_i, _ = online_softmax(
+                q, K + src * stride_ks + off_b * stride_kb + off_h * stride_kh,
+                V + src * stride_vs + off_b * stride_vb + off_h * stride_vh,
+                stride_kn, stride_kd, stride_vn, stride_vd, N_K, HEAD_DIM, qk_scale,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+            )
             # Row p of source src's normalised output, weighted: (Σ_s w_s P_s) V = Σ_s w_s (P_s V).
             out += w[:, None] * (acc / l_i[:, None])
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od

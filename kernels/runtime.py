@@ -10,8 +10,23 @@ Triton decides between compiling a kernel for the GPU and running it in its NumP
 
 Triton itself is imported at that first launch too: triton.language builds its own jit functions (tl.zeros,
 tl.max, ...) at import, compiled or interpreted according to the variable at that moment, so the kernel files
-name `tl` only in kernel bodies (and in string annotations, `from __future__ import annotations`) and
-`LazyKernel` binds it.
+name `tl` only in kernel bodies (and in string annotations, `from __future__ import annotations`).
+
+How a kernel finds `tl` and its helpers. `@lazy_jit` marks both kernels and the `@triton.jit` helpers they call
+(as tutorial 06 calls `_attn_fwd_inner`); it returns a `LazyKernel` that holds the plain Python function. At
+the first launch, `LazyKernel.jitted` gives `triton.jit` a copy of the function whose globals are a namespace
+of its own: the module's globals, with
+
+- `tl` bound to triton.language,
+- every `LazyKernel` the function names replaced by that helper's jitted function (built first, the same way,
+  so a helper may call helpers; each is built once and shared by all its callers), since Triton inlines a call
+  only to a jitted function, and
+- every int or float of the module the function names (`LOG2E`) wrapped in `tl.constexpr`, since Triton lets
+  a kernel read no other kind of global. The namespace is a snapshot taken at the first launch, which is what
+  a constexpr means.
+
+The module itself is never written to: its `tl` stays None and its helper names stay `LazyKernel`s, so the
+result does not depend on which kernel launches first.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import types
 
 import torch
 
@@ -42,7 +58,10 @@ def triton_can_run(*tensors: torch.Tensor) -> bool:
 
 
 class LazyKernel:
-    """A Triton kernel function, handed to `triton.jit` at its first launch: `kernel[grid](*args)`."""
+    """A Triton kernel or helper function, handed to `triton.jit` at the first launch of a kernel that uses it.
+
+    Launch a kernel as `kernel[grid](*args)`; a helper is called by name from a kernel body.
+    """
 
     def __init__(self, fn):
         self.fn = fn
@@ -51,15 +70,41 @@ class LazyKernel:
         self._jitted = None
 
     def __getitem__(self, grid):
+        return self.jitted()[grid]
+
+    def jitted(self):
+        """The `triton.jit` function, built on the first call (see the module docstring)."""
         if self._jitted is None:
             import triton
             import triton.language as tl
 
             _check_interpreter_mode(tl)
-            # The kernel's module names triton.language `tl` but does not import it (see the module docstring).
-            self.fn.__globals__["tl"] = tl
-            self._jitted = triton.jit(self.fn)
-        return self._jitted[grid]
+            self._jitted = triton.jit(_with_globals(self.fn, _kernel_namespace(self.fn, tl)))
+        return self._jitted
+
+
+def _kernel_namespace(fn, tl) -> dict:
+    """fn's module globals as a Triton kernel must see them: `tl` bound, helpers jitted, numbers constexpr."""
+    namespace = dict(fn.__globals__)
+    namespace["tl"] = tl
+    # co_names lists every global the code reads (with attribute names, which no global lookup asks for).
+    for name in fn.__code__.co_names:
+        value = namespace.get(name)
+        if isinstance(value, LazyKernel):
+            namespace[name] = value.jitted()
+        elif isinstance(value, (int, float)):
+            namespace[name] = tl.constexpr(value)
+    return namespace
+
+
+def _with_globals(fn, namespace: dict):
+    """A copy of fn that reads its globals from `namespace`; Triton reads the source through fn.__code__."""
+    copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__
+    copy.__annotations__ = fn.__annotations__  # the `tl.constexpr` marks of the parameters
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__doc__ = fn.__doc__
+    return copy
 
 
 def _check_interpreter_mode(tl) -> None:
@@ -75,6 +120,7 @@ def _check_interpreter_mode(tl) -> None:
 
 
 def lazy_jit(fn) -> LazyKernel:
+    """`@triton.jit`, deferred to the first launch: for kernels and for the helpers they call alike."""
     return LazyKernel(fn)
 
 

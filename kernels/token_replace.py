@@ -26,10 +26,10 @@ import math
 
 import torch
 
-from .flash_attention import BlockConfig, attention_triton, default_blocks
+from .flash_attention import LOG2E, BlockConfig, attention_triton, default_blocks
 from .runtime import cdiv, dot_settings, lazy_jit, next_power_of_two
 
-tl = None  # triton.language, bound at the first launch by runtime.LazyKernel (Triton is imported lazily)
+tl = None  # kernels see triton.language in the namespace runtime.LazyKernel gives them at the first launch
 
 
 def token_replace_reference(q_t, k_t, v_t, sources, src_branch: torch.Tensor, src_token: torch.Tensor):
@@ -77,7 +77,7 @@ def _token_replace_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N_K, BLOCK_N):
@@ -101,7 +101,7 @@ def _token_replace_fwd(
                               mask=mask_m, other=0.0)
                 s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
                 # P_br[p, token_j] = exp(score − lse_br[p]), final values: the normaliser is already known.
-                p += tl.where(use[None, :], tl.math.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+                p += tl.where(use[None, :], tl.math.exp2(s - lse[:, None] * LOG2E), 0.0)
         v = tl.load(V + off_b * stride_vb + off_h * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         p_lo = p.to(V.dtype.element_ty)
