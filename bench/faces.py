@@ -43,7 +43,7 @@ def smooth_image(seed: int, size: int) -> torch.Tensor:
 
 
 def time_batch(pipe, k: int, size: int, repeats: int, sync) -> list[float]:
-    from minid.editedid import RestorePair
+    from minid.restore import RestorePair
 
     pairs = [RestorePair(smooth_image(2 * i, size), smooth_image(2 * i + 1, size), P_O, P_E, ["man"], ["glasses"])
              for i in range(k)]
@@ -70,7 +70,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from minid.editedid import EditedID, EditedIDConfig
+    from minid.editedid import EditedIDConfig
+    from minid.inversion import NullTextConfig
+    from minid.restore import EditedID, RestoreConfig
+    from minid.plans import HybridSchedule
 
     device = torch.device(args.device)
     sd, _ = minid_stack(args.full)
@@ -78,10 +81,10 @@ def main(argv=None) -> int:
     for name in ("text_encoder", "unet", "vae"):
         getattr(sd, name).to(device, dtype).requires_grad_(False)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cfg = EditedIDConfig(image_size=args.size, num_steps=args.steps, dpm_start=min(5, args.steps),
-                         dpm_end=args.steps, null_inner_steps=args.null_inner_steps,
-                         null_epsilon=0.0, null_epsilon_growth=0.0)  # no early stop: every K does the same work
-    pipe = EditedID(sd, cfg)
+    method = EditedIDConfig(
+        solver=HybridSchedule(num_steps=args.steps, dpm_start=min(5, args.steps), dpm_end=args.steps),
+        null_text=NullTextConfig(inner_steps=args.null_inner_steps, epsilon=0.0, epsilon_growth=0.0))  # no early
+    pipe = EditedID(sd, RestoreConfig(method, image_size=args.size))  # stop: every K does the same work
     rows = []
     for k in args.faces:
         times = time_batch(pipe, k, args.size, args.repeats, sync)

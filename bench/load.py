@@ -3,7 +3,7 @@
 Each case runs in a fresh subprocess; its peak RSS (`resource.getrusage(...).ru_maxrss`) minus the RSS after
 the imports is the memory the load itself needed, compared with the size of the loaded weights.
 
-    python bench/load.py [--layouts ../shared/reference/sd14/layouts.json] [--workdir /tmp/minid-bench-load]
+    python bench/load.py [--layouts tests/data/sd14/layouts.json] [--workdir /tmp/minid-bench-load]
 
 Writes bench/results/load_cpu.md.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LAYOUTS = ROOT.parent / "shared" / "reference" / "sd14" / "layouts.json"
+DEFAULT_LAYOUTS = ROOT / "tests" / "data" / "sd14" / "layouts.json"
 UNET16 = "unet/diffusion_pytorch_model.fp16.safetensors"
 UNET32 = "unet/diffusion_pytorch_model.safetensors"
 STACK = ("unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",

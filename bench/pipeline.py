@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import functools
 import math
 import os
 import platform
@@ -37,8 +38,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINID_SHARED", REPO.parent / "shared"))
-SD14_HUB = SHARED / "reference" / "sd14" / "hub"
+SD14_HUB = REPO / "tests" / "data" / "sd14" / "hub"  # SD1.4's published configs
 P_O = "a photo of a man"
 P_E = "a photo of a man wearing black glasses"
 
@@ -80,7 +80,7 @@ def minid_stack(full: bool):
     from minid.vae import VAE
 
     clip_cfg, unet_cfg, vae_cfg, size = configs(full)
-    return StableDiffusion(tokenizer=CLIPTokenizer.from_folder(SD14_HUB / "tokenizer"),
+    return StableDiffusion(tokenizer=CLIPTokenizer.default(),
                            text_encoder=randomize_(CLIPTextModel(clip_cfg), 1).eval(),
                            unet=randomize_(UNet(unet_cfg), 2).eval(), vae=randomize_(VAE(vae_cfg), 3).eval()), size
 
@@ -109,7 +109,13 @@ class _RefVAE(torch.nn.Module):
 
 def naive_attention(q, k, v, site, controller):
     """Attention with the map in memory, and every edit made on the map (the reference's way)."""
-    from minid.control import AttentionStore, EditedIDGating
+    from minid.control import AttentionStore, EditedIDGating, GatingGroup
+
+    step = 0
+    if isinstance(controller, functools.partial):  # `control.at_step`: the controller and the step it is at
+        controller, step = controller.func, controller.keywords["step"]
+    if isinstance(controller, GatingGroup) and len(controller.gatings) == 1:
+        controller = controller.gatings[0]
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     p = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(q.dtype)  # (B, h, Nq, Nk): in memory
@@ -136,15 +142,15 @@ def naive_attention(q, k, v, site, controller):
                     edited[..., j] = p[(o, e)[b]][..., int(controller.src_token[j])]
             out[t] = edited @ v[t]
             return out
-        if not controller._self_active(site):
+        if not controller._self_active(site, step):
             return out
         w = controller.weights(site, q.device)
         if w is None:
             return out
         w = w.to(p.dtype)[:, None, :, None]  # (3, 1, Nq, 1)
-        for cond in ([True, False] if controller.self_uncond and lay.cfg else [True]):
+        for cond in ([True, False] if controller.config.self_uncond and lay.cfg else [True]):
             rows = [lay.row(b, cond) for b in range(3)]
-            if controller.mode == "map":
+            if controller.config.mode == "map":
                 mixed = sum(w[s] * p[r] for s, r in enumerate(rows))  # (h, Nq, Nk): the edited map
                 out[rows[2]] = mixed @ v[rows[2]]
             else:
@@ -293,7 +299,9 @@ class StageMeter:
 
 
 def run_one(impl: str, device: str, full: bool, inner_steps: int, out_json: Path) -> None:
-    from minid.editedid import EditedID, EditedIDConfig
+    from minid.editedid import EditedIDConfig
+    from minid.inversion import NullTextConfig
+    from minid.restore import EditedID, RestoreConfig
 
     torch.manual_seed(0)
     sd, size = (minid_stack if impl == "minid" else reference_stack)(full)
@@ -307,11 +315,11 @@ def run_one(impl: str, device: str, full: bool, inner_steps: int, out_json: Path
     face[size // 8: 5 * size // 8, size // 4: 3 * size // 4] = 1
     glasses = torch.zeros(size, size)
     glasses[size // 4: 3 * size // 8, size // 4: 3 * size // 4] = 1
-    pipe = EditedID(sd, EditedIDConfig(image_size=size, num_steps=6, null_inner_steps=inner_steps,
-                                       null_epsilon=0.0, null_epsilon_growth=0.0))  # fixed work per step
+    fixed = NullTextConfig(inner_steps=inner_steps, epsilon=0.0, epsilon_growth=0.0)  # fixed work per step
+    pipe = EditedID(sd, RestoreConfig(EditedIDConfig(null_text=fixed), image_size=size))
     # Warm-up: one whole restore with one null-text update per step, so every batch shape has been seen
     # (Triton kernels compiled, oneDNN/cuDNN primitives created, allocator primed) before the timed run.
-    warm = EditedID(sd, EditedIDConfig(image_size=size, num_steps=6, null_inner_steps=1))
+    warm = EditedID(sd, RestoreConfig(EditedIDConfig(null_text=NullTextConfig(inner_steps=1)), image_size=size))
     warm.restore(images[0:1], images[1:2], P_O, P_E, ["man"], ["glasses"], face_mask=face, element_mask=glasses,
                  progress=False)
     meter = StageMeter(device)

@@ -27,7 +27,7 @@ from minid.config import UNetConfig
 from minid.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
-SD14_UNET_CONFIG = REPO.parent / "shared" / "reference" / "sd14" / "hub" / "unet" / "config.json"
+SD14_UNET_CONFIG = REPO / "tests" / "data" / "sd14" / "hub" / "unet" / "config.json"
 
 
 def cpu_model() -> str:

@@ -7,6 +7,7 @@ Each sub-command is a thin layer over a library function; the heavy imports happ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,13 +30,13 @@ def _device_and_dtype(device: str | None, dtype: str | None):
 
 def _load(args):
     """Load SD1.4 from --weights, or from weights/sd-v1-4, downloaded and verified first when needed."""
-    from minid import checkpoint
+    from minid import checkpoint, weights
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
     if args.weights is None:
         source = checkpoint.DEFAULT_WEIGHTS
         # Verifies what is there (no network needed when every file is present) and fetches what is not.
-        checkpoint.download(source, precision="fp32" if dtype == _torch().float32 else "fp16")
+        weights.download(source, precision="fp32" if dtype == _torch().float32 else "fp16")
     else:
         source = Path(args.weights)
     print(f"minid: loading {source} as {str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
@@ -56,35 +57,65 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _add_method_args(p: argparse.ArgumentParser) -> None:
-    from minid.editedid import EditedIDConfig
+# Every method option of the command line: flag -> (field of RestoreConfig, dotted through the nested configs,
+# type, help). The parser takes its defaults from the config, and `_method_config` builds the config from the
+# parsed flags through this one table.
+METHOD_FLAGS = {
+    "--steps": ("method.solver.num_steps", int, "inversion and reconstruction steps N"),
+    "--guidance": ("method.guidance", float, "classifier-free guidance scale s of reconstruction"),
+    "--w0": ("method.mixing.w0", float, "initial mixing weight w_0 of Stage 1 (Eq. 2)"),
+    "--w-lr": ("method.mixing.lr", float, "gradient step of w on the alignment loss"),
+    "--dpm-start": ("method.solver.dpm_start", int, "first DPM-Solver++ step τ_s (1-based, from noise)"),
+    "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e"),
+    "--null-inner-steps": ("method.null_text.inner_steps", int, "null-text Adam updates per step at most"),
+    "--gating-mode": ("method.gating.mode", ("output", "map"),
+                      "Stage 3 gating: blend attention outputs, or maps (Eq. 7-8)"),
+    "--lambda-o": ("method.gating.lambda_o", float, "weight of O where the face and element masks overlap"),
+    "--ablation": ("method.ablation", ("none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement"),
+                   "switch a component off (paper Table 7)"),
+    "--image-size": ("image_size", int, "side the models work at (SD1.4: 512)"),
+}
 
-    d = EditedIDConfig()
-    p.add_argument("--steps", type=int, default=d.num_steps, help="inversion/reconstruction steps N")
-    p.add_argument("--guidance", type=float, default=d.guidance)
-    p.add_argument("--w0", type=float, default=d.w0, help="initial mixing weight of Stage 1")
-    p.add_argument("--w-lr", type=float, default=d.w_lr)
-    p.add_argument("--dpm-start", type=int, default=d.dpm_start, help="first DPM-Solver++ step τ_s (1-based)")
-    p.add_argument("--dpm-end", type=int, default=d.dpm_end, help="last DPM-Solver++ step τ_e")
-    p.add_argument("--null-inner-steps", type=int, default=d.null_inner_steps)
-    p.add_argument("--gating-mode", choices=("output", "map"), default=d.gating_mode)
-    p.add_argument("--lambda-o", type=float, default=d.lambda_o, help="weight of O where the masks overlap")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="side the models work at (SD1.4: 512)")
-    p.add_argument("--ablation", default=d.ablation,
-                   choices=("none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement"))
+
+def _field(config, path: str):
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def _with(config, values: dict[str, object]):
+    """`config` with the fields at the dotted paths of `values` set, each nested frozen config rebuilt once
+    (so its checks see all of its new values together)."""
+    here, nested = {}, {}
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            here[head] = value
+    here.update({head: _with(getattr(config, head), inner) for head, inner in nested.items()})
+    return dataclasses.replace(config, **here)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    from minid.restore import RestoreConfig
+
+    defaults = RestoreConfig()
+    for flag, (path, kind, text) in METHOD_FLAGS.items():
+        choices = kind if isinstance(kind, tuple) else None
+        p.add_argument(flag, type=None if choices else kind, choices=choices, default=_field(defaults, path),
+                       help=f"{text} (default: %(default)s)")
 
 
 def _method_config(args):
-    from minid.editedid import EditedIDConfig
+    from minid.restore import RestoreConfig
 
-    return EditedIDConfig(num_steps=args.steps, guidance=args.guidance, w0=args.w0, w_lr=args.w_lr,
-                          dpm_start=args.dpm_start, dpm_end=args.dpm_end, null_inner_steps=args.null_inner_steps,
-                          gating_mode=args.gating_mode, lambda_o=args.lambda_o, lambda_e=1.0 - args.lambda_o,
-                          image_size=args.image_size, ablation=args.ablation)
+    return _with(RestoreConfig(), {path: getattr(args, flag.lstrip("-").replace("-", "_"))
+                                   for flag, (path, _, _) in METHOD_FLAGS.items()})
 
 
 def cmd_demo(args) -> int:
-    from minid.editedid import demo
+    from minid.generate import demo
 
     sd = _load(args)
     paths = demo(sd, args.out, prompt=args.prompt, subject_word=args.subject_word, element=args.element,
@@ -114,7 +145,8 @@ def _pairs(text: str | None):
 
 def cmd_restore(args) -> int:
     from minid import images
-    from minid.editedid import EditedID
+    from minid.multiface import restore_faces
+    from minid.restore import EditedID
 
     out = Path(args.out)
     inputs = [Path(args.original), Path(args.edited)]
@@ -132,9 +164,9 @@ def cmd_restore(args) -> int:
     sd = _load(args)
     method = EditedID(sd, _method_config(args))
     if args.multi_face:
-        result = method.restore_faces(args.original, args.edited, analyzer, args.prompt_original,
-                                      args.prompt_edited, args.id_words, args.element_words, pairs=pairs,
-                                      seed=args.seed, progress=True)
+        result = restore_faces(method, args.original, args.edited, analyzer, args.prompt_original,
+                               args.prompt_edited, args.id_words, args.element_words, pairs=pairs,
+                               seed=args.seed, progress=True)
         written = images.save_image(result.image, out, inputs)
         for face in result.faces:
             sims = "" if face.id_sim_before is None else (f", ID-Sim {face.id_sim_before:.3f} -> "
@@ -156,7 +188,7 @@ def cmd_restore(args) -> int:
 
 def cmd_generate(args) -> int:
     from minid import images
-    from minid.editedid import generate
+    from minid.generate import generate
 
     images.check_output_path(Path(args.out), [])
     sd = _load(args)
@@ -182,9 +214,9 @@ def _add_face_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_checkpoint(argv: list[str]) -> int:
-    from minid import checkpoint
+    from minid import weights
 
-    return checkpoint.main(argv)
+    return weights.main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
         print(f"minid {args.command}: error: {e}", file=sys.stderr)
         return 2
 

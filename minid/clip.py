@@ -9,7 +9,8 @@ CLIP's pooled vector at the <|endoftext|> position, and it has no projection hea
 Module names equal the keys of `text_encoder/model.safetensors` (`text_model.embeddings.token_embedding.weight`,
 `text_model.encoder.layers.0.self_attn.q_proj.weight`, …), so the published weights load with
 `load_state_dict` and no key map. The file's `text_model.embeddings.position_ids` is not a weight (it is
-`arange(77)`) and is not in this model's state dict: load with it removed.
+`arange(77)`, which `CLIPTextEmbeddings.forward` makes) and is not in this model's state dict: load with it
+removed.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ class CLIPTextEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)  # learned, absolute
-        # Positions are always 0..T-1; a buffer only so it follows the module's device. Not persistent: it is
-        # not a weight, and some published files lack it or store it as float.
-        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding(self.position_ids[:T])  # (B, T, C)
+        # Positions are always 0..T-1, so they are made here rather than kept: the published file's
+        # `position_ids` is not a weight, and a buffer would be left empty by a load onto the meta device.
+        positions = torch.arange(T, device=input_ids.device)  # (T,)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T, C)
 
 
 class CLIPAttention(nn.Module):

@@ -2,7 +2,8 @@
 
 Every field has the SD1.4 value as its default and a comment that says what it is. The published
 `config.json` files of a diffusers-layout folder map onto these dataclasses with `from_dict`, so other
-SD1.x-architecture checkpoints (and the tiny models the tests build) load through the same code.
+SD1.x-architecture checkpoints (and the tiny models the tests build) load through the same code. Keys minid
+has no field for are listed per config, with the reason it can drop them; a key not listed warns.
 `tiny()` gives a small model of the same structure for fast CPU tests.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,15 +19,34 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _from_dict(cls: type[T], d: dict[str, Any], renames: dict[str, str]) -> T:
-    """Build `cls` from a config.json dict: known keys are taken (renamed where the file's name differs),
-    unknown keys are ignored (the published files carry bookkeeping such as `_class_name`)."""
+def _from_dict(cls: type[T], d: dict[str, Any], renames: dict[str, str], ignored: frozenset[str],
+               fixed: dict[str, Any]) -> T:
+    """Build `cls` from a config.json dict.
+
+    Keys that are fields of `cls` are taken (renamed where the file's name differs). Keys in `ignored` are
+    dropped silently: bookkeeping, or settings that do not change what inference computes. Keys in `fixed`
+    are options of the diffusers/transformers class that minid does not make configurable: it builds the
+    SD1.x value in, so they are dropped silently when they hold that value. Anything else (a typo, another
+    architecture's field, a `fixed` key with another value) is dropped with a warning naming it, since the
+    model built may not be the one the file describes.
+    """
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs, unknown, other = {}, [], []
     for key, value in d.items():
         name = renames.get(key, key)
         if name in fields:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
+        elif key in fixed:
+            if value != fixed[key]:
+                other.append(f"{key}={value!r} (minid builds {key}={fixed[key]!r}, the SD1.x value)")
+        elif key not in ignored:
+            unknown.append(repr(key))
+    if unknown or other:
+        what = ([f"unknown keys {', '.join(unknown)}"] if unknown else []) + (
+            [f"settings minid does not implement: {'; '.join(other)}"] if other else [])
+        warnings.warn(f"minid/config.py: {cls.__name__}.from_dict: {' and '.join(what)}; they are ignored. Fix a "
+                      f"misspelt key; a config of another architecture does not describe the model minid builds.",
+                      stacklevel=3)
     return cls(**kwargs)
 
 
@@ -37,6 +58,17 @@ def load_json(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: config file not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# Keys of text_encoder/config.json that minid reads no field from, dropped silently. Bookkeeping of
+# transformers; dropout rates and initialisation scales (training only); the special-token ids (the tokenizer's
+# business: minid returns all 77 states and pools none at an <|endoftext|> id); and `projection_dim`, the
+# width of the projection head that CLIPTextModelWithProjection adds and CLIPTextModel, SD's, does not have.
+CLIP_IGNORED_KEYS = frozenset({
+    "_name_or_path", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
+    "dropout", "attention_dropout", "initializer_factor", "initializer_range",
+    "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim",
+})
 
 
 @dataclass(frozen=True)
@@ -54,12 +86,36 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
-        return _from_dict(cls, d, {})
+        return _from_dict(cls, d, {}, CLIP_IGNORED_KEYS, {})
 
     @classmethod
     def tiny(cls) -> "CLIPTextConfig":
         return cls(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4)
+
+
+# Keys of unet/config.json that minid reads no field from. Ignored whatever their value: diffusers'
+# bookkeeping, and the dropout rate (training only).
+UNET_IGNORED_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "dropout"})
+# Options of diffusers' UNet2DConditionModel that minid builds in with the SD1.x value (the value the SD1.4 file
+# or diffusers' default gives): the other values select other models (SD2's linear projections, SDXL's added
+# embeddings, class-conditioned or LCM UNets, ...), which these modules do not implement.
+UNET_FIXED_KEYS = {
+    "act_fn": "silu", "center_input_sample": False, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "mid_block_only_cross_attention": None,
+    "num_attention_heads": None,  # SD1.x gives heads as `attention_head_dim` (see UNetConfig.num_heads)
+    "transformer_layers_per_block": 1, "reverse_transformer_layers_per_block": None,
+    "use_linear_projection": False, "only_cross_attention": False, "dual_cross_attention": False,
+    "upcast_attention": False, "attention_type": "default", "cross_attention_norm": None,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None,
+    "class_embed_type": None, "num_class_embeds": None, "class_embeddings_concat": False,
+    "projection_class_embeddings_input_dim": None,
+    "addition_embed_type": None, "addition_embed_type_num_heads": 64, "addition_time_embed_dim": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+}
 
 
 @dataclass(frozen=True)
@@ -88,12 +144,25 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        return _from_dict(cls, d, {"attention_head_dim": "num_heads"})
+        return _from_dict(cls, d, {"attention_head_dim": "num_heads"}, UNET_IGNORED_KEYS, UNET_FIXED_KEYS)
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
         return cls(block_out_channels=(32, 64, 64, 64), layers_per_block=1, num_heads=2,
                    cross_attention_dim=32, norm_num_groups=8, sample_size=16)
+
+
+# Keys of vae/config.json that minid reads no field from. Ignored whatever their value: diffusers'
+# bookkeeping; the per-level block types (every level of AutoencoderKL is DownEncoderBlock2D/UpDecoderBlock2D,
+# the only blocks it has); and `force_upcast`, diffusers' advice to decode in fp32 (a run-time choice here).
+VAE_IGNORED_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "down_block_types",
+                              "up_block_types", "force_upcast"})
+# Options of diffusers' AutoencoderKL that minid builds in with the SD1.x value; the others belong to other
+# autoencoders (SD3's and FLUX's latent shift and per-channel statistics, variants without the 1×1 convs).
+VAE_FIXED_KEYS = {
+    "act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": True, "use_post_quant_conv": True,
+    "shift_factor": None, "latents_mean": None, "latents_std": None,
+}
 
 
 @dataclass(frozen=True)
@@ -114,7 +183,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
-        return _from_dict(cls, d, {})
+        return _from_dict(cls, d, {}, VAE_IGNORED_KEYS, VAE_FIXED_KEYS)
 
     @classmethod
     def tiny(cls) -> "VAEConfig":

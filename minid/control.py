@@ -22,18 +22,19 @@ Controllers here:
 - `PromptToPrompt`: word replace / refine (token columns from the source prompt), reweight, and
   self-attention injection in a step window (Hertz et al. 2022).
 - `EditedIDGating`: mask-selective self-attention and token-selective cross-attention replacement for one
-  (O, E, T) batch (EditedID Eq. 7-9, see ALGORITHM.md "Stage 3"); `GatingGroup`: K such triples in one batch.
+  (O, E, T) batch (EditedID Eq. 7-9, see docs/editedid.md "Stage 3"); `GatingGroup`: K such triples in one batch.
 """
 
 from __future__ import annotations
 
-import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from minid import masks
 from minid.attention import (Site, attention_with_map, default_attention, masked_multi_source,
                              token_replace)
 
@@ -68,6 +69,29 @@ def _site_key(site: Site) -> tuple:
     return (site.block, site.level, site.index, site.kind)
 
 
+def at_step(controller, i: int):
+    """The controller as one UNet call at step i sees it: `controller(q, k, v, site, step=i)` (a
+    `functools.partial`, so `.func` and `.keywords["step"]` say what it binds). The sampling loops pass the
+    step index to the model function, which binds it here; None stays None."""
+    return None if controller is None else functools.partial(controller, step=i)
+
+
+class Chain:
+    """One editing controller and observers at the same seam: `Chain(editor, *observers)`. The editor's output
+    (or None) is what the UNet uses; each observer then sees the same q, k, v and its output is ignored (e.g.
+    `Chain(prompt_to_prompt, store)` edits and records the unedited maps)."""
+
+    def __init__(self, editor, *observers):
+        self.editor = editor
+        self.observers = observers
+
+    def __call__(self, q, k, v, site: Site, step: int | None = None):
+        out = self.editor(q, k, v, site, step=step)
+        for observer in self.observers:
+            observer(q, k, v, site, step=step)
+        return out
+
+
 # --------------------------------------------------------------------------------------------------------
 # Observing
 
@@ -86,7 +110,8 @@ class AttentionStore:
         self.counts: dict[tuple, int] = {}
         self.sites: dict[tuple, Site] = {}
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site) -> torch.Tensor | None:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site,
+                 step: int | None = None) -> torch.Tensor | None:
         if not site.is_cross:
             return None
         out, amap, _ = attention_with_map(q, k, v, want_map=True, want_lse=False)  # amap (B, Nq, Nk)
@@ -150,67 +175,6 @@ def word_mask(store: AttentionStore, row: int, positions: list[int], latent_size
 
 
 # --------------------------------------------------------------------------------------------------------
-# Token alignment between prompts
-
-
-def word_spans(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """The prompt's words in order with their token positions (bos = 0), untruncated positions only."""
-    spans, pos = [], 1
-    for word in tokenizer.words(prompt):
-        n = len(tokenizer.token_positions(word, word))  # a word is the same tokens wherever it stands
-        spans.append((word, [p for p in range(pos, pos + n) if p <= tokenizer.max_content_tokens]))
-        pos += n
-    return spans
-
-
-def _spread(target: list[int], source: list[int]) -> list[tuple[int, int]]:
-    """Pair the tokens of a target word with those of a source word of maybe another length, in order."""
-    if not target or not source:
-        return []
-    return [(t, source[min(len(source) - 1, i * len(source) // len(target))]) for i, t in enumerate(target)]
-
-
-def prompt_alignment(tokenizer, prompt_source: str, prompt_target: str,
-                     mode: Literal["replace", "refine"] = "refine") -> torch.Tensor:
-    """For each of the 77 target positions, the source position whose cross-attention column it takes.
-
-    -1 means "keep the target's own column". `replace` (word swap): the prompts have the same number of
-    words and word i of the target takes the columns of word i of the source (spread when the token counts
-    differ). `refine` (words added or changed): words common to both prompts (a longest matching word
-    sequence) are paired, new words keep their own columns. Both pair bos with bos, and the eos and padding
-    positions after the last word with the source's, in order.
-    """
-    length = tokenizer.context_length
-    src, tgt = word_spans(tokenizer, prompt_source), word_spans(tokenizer, prompt_target)
-    mapping = torch.full((length,), -1, dtype=torch.long)
-    mapping[0] = 0
-    pairs: list[tuple[int, int]] = []
-    if mode == "replace":
-        if len(src) != len(tgt):
-            raise ValueError(f"control.py: word replace needs prompts with as many words; {prompt_source!r} has "
-                             f"{len(src)}, {prompt_target!r} has {len(tgt)}. Use mode='refine'")
-        for (_, ps), (_, pt) in zip(src, tgt):
-            pairs += _spread(pt, ps)
-    elif mode == "refine":
-        matcher = difflib.SequenceMatcher(a=[w for w, _ in src], b=[w for w, _ in tgt], autojunk=False)
-        for block in matcher.get_matching_blocks():
-            for i in range(block.size):
-                pairs += _spread(tgt[block.b + i][1], src[block.a + i][1])
-    else:
-        raise ValueError(f"control.py: alignment mode must be 'replace' or 'refine', got {mode!r}")
-    for t, s in pairs:
-        mapping[t] = s
-    # eos and padding: the target's first eos takes the source's first eos, and so on.
-    end_s = 1 + sum(len(p) for _, p in src)
-    end_t = 1 + sum(len(p) for _, p in tgt)
-    for j in range(end_t, length):
-        s = end_s + (j - end_t)
-        if s < length:
-            mapping[j] = s
-    return mapping
-
-
-# --------------------------------------------------------------------------------------------------------
 # Prompt-to-prompt
 
 
@@ -224,8 +188,7 @@ class PromptToPrompt:
     - self-attention, while the step is in `self_window` and the map side is at most `self_max_side`: the
       target's map is the source's (`P_src V_tgt`, the map reading of injection).
     The unconditional half runs unedited, as in the authors' code: guidance then amplifies the edit.
-    Windows are fractions of the number of steps, [start, end). Set `step` (and `num_steps`) before each
-    UNet call.
+    Windows are fractions of `num_steps`, [start, end); the step index comes with each call (`at_step`).
     """
 
     def __init__(self, layout: BatchLayout, alignment: list[torch.Tensor],
@@ -242,18 +205,17 @@ class PromptToPrompt:
         self.self_window = self_window
         self.self_max_side = self_max_side
         self.num_steps = num_steps
-        self.step = 0
 
-    def _in(self, window: tuple[float, float]) -> bool:
-        frac = self.step / max(self.num_steps, 1)
+    def _in(self, window: tuple[float, float], step: int) -> bool:
+        frac = step / max(self.num_steps, 1)
         return window[0] <= frac < window[1]
 
-    def __call__(self, q, k, v, site: Site):
+    def __call__(self, q, k, v, site: Site, step: int = 0):
         self.layout.check(q, site)
         lay = self.layout
         src = lay.row(0)
         if site.is_cross:
-            edit_cross = self._in(self.cross_window)
+            edit_cross = self._in(self.cross_window, step)
             if not edit_cross and not any(self.reweight):
                 return None
             out = default_attention(q, k, v)
@@ -273,7 +235,7 @@ class PromptToPrompt:
                 out[r:r + 1] = token_replace(q[r:r + 1], k[r:r + 1], v_t, sources=[(q[src:src + 1], k[src:src + 1])],
                                              src_branch=src_branch, src_token=src_token)
             return out
-        if not self._in(self.self_window) or site.height > self.self_max_side:
+        if not self._in(self.self_window, step) or site.height > self.self_max_side:
             return None
         out = default_attention(q, k, v)
         for b in range(1, lay.branches):
@@ -291,6 +253,29 @@ def local_blend(z_source: torch.Tensor, z_target: torch.Tensor, mask: torch.Tens
 # EditedID attentional gating
 
 
+@dataclass(frozen=True)
+class GatingConfig:
+    """Stage 3's attentional gating (EditedID Eq. 7-9; docs/editedid.md, Stage 3)."""
+
+    mode: Literal["output", "map"] = "output"  # blend attention outputs (released code) or maps (Eq. 7-8)
+    lambda_o: float = 0.5  # weight of O where M_O and M_E overlap ("co-existence" ≈ 0.5); λ_E = 1 − λ_O
+    self_blocks: tuple[str, ...] = ("down", "mid")  # blocks whose self-attention is gated (paper A.5)
+    self_sides: tuple[int, ...] | None = None  # query-grid sides gated (None: all of those blocks)
+    self_steps: tuple[int, int] | None = None  # [start, end) steps with self-attention gating; None: all
+    self_uncond: bool = True  # gate the unconditional row of T too
+
+    def __post_init__(self):
+        if self.mode not in ("output", "map"):
+            raise ValueError(f"GatingConfig.mode must be 'output' or 'map', got {self.mode!r}")
+        if not 0 <= self.lambda_o <= 1:
+            raise ValueError(f"GatingConfig.lambda_o (λ_O) must be in [0, 1], got {self.lambda_o}")
+
+    @property
+    def lambda_e(self) -> float:
+        """λ_E = 1 − λ_O: the rows of a mixed map stay normalised."""
+        return 1.0 - self.lambda_o
+
+
 def gating_weights(mask_o: torch.Tensor, mask_e: torch.Tensor, lambda_o: float, lambda_e: float,
                    side: tuple[int, int]) -> torch.Tensor:
     """Per-row weights (3, Nq) of the branches O, E, T for a query grid of `side` (Eq. 8).
@@ -299,13 +284,7 @@ def gating_weights(mask_o: torch.Tensor, mask_e: torch.Tensor, lambda_o: float, 
     (0, 1), e.g. after resizing) interpolate these four cases bilinearly, so each row's weights sum to 1
     whenever λ_O + λ_E = 1. Masks are resized by area averaging (a coarse cell is the fraction of it covered).
     """
-    def at(m):
-        m = m.float()
-        if m.shape[-2:] != side:
-            m = F.interpolate(m, size=side, mode="area")
-        return m.reshape(-1)  # (Nq,)
-
-    mo, me = at(mask_o), at(mask_e)
+    mo, me = (masks.to_resolution(m, side).reshape(-1) for m in (mask_o, mask_e))  # (Nq,) each
     w_o = mo * (1 - me) + lambda_o * mo * me
     w_e = me * (1 - mo) + lambda_e * mo * me
     w_t = (1 - mo) * (1 - me)
@@ -316,9 +295,9 @@ def gating_weights(mask_o: torch.Tensor, mask_e: torch.Tensor, lambda_o: float, 
 class EditedIDGating:
     """EditedID's attentional gating (Eq. 7-9) for one UNet batch of the branches (O, E, T).
 
-    Self-attention (mask-selective), at sites whose block is in `self_blocks` (and side in
-    `self_sides` when given) while `step` is in `self_steps`: T's output rows are a per-row mix of the
-    branches by `gating_weights`. `mode="output"` mixes each branch's attention output
+    Self-attention (mask-selective), at sites whose block is in `config.self_blocks` (and side in
+    `config.self_sides` when given) while the step is in `config.self_steps`: T's output rows are a per-row mix
+    of the branches by `gating_weights`. `mode="output"` mixes each branch's attention output
     `Σ_s w_s ⊙ (P_s V_s)` (the authors' released fragment); `mode="map"` mixes the maps and multiplies by
     T's values `(Σ_s w_s ⊙ P_s) V_T` (paper Eq. 7-8). With `self_uncond` the same mix is applied to T's
     unconditional row (its null-text prediction then carries the same structure as its conditional one).
@@ -335,19 +314,12 @@ class EditedIDGating:
     mask_e: torch.Tensor
     id_tokens: list[tuple[int, int]] = field(default_factory=list)
     element_tokens: list[tuple[int, int]] = field(default_factory=list)
-    lambda_o: float = 0.5  # weight of O where the masks overlap
-    lambda_e: float = 0.5  # weight of E there; λ_O + λ_E = 1 keeps rows normalised
-    mode: Literal["output", "map"] = "output"
-    self_blocks: tuple[str, ...] = ("down", "mid")
-    self_sides: tuple[int, ...] | None = None  # None: every resolution of the chosen blocks
-    self_steps: tuple[int, int] | None = None  # [start, end) in steps; None: every step
+    config: GatingConfig = GatingConfig()
     self_gating: bool = True  # False: no self-attention replacement (the "no entanglement" ablation)
-    self_uncond: bool = True
     # Which implementation runs the fused edits: "auto" (Triton on CUDA, the PyTorch path otherwise), "triton"
     # or "torch" — the same semantics, so the pipeline's result does not depend on it beyond rounding.
     backend: str = "auto"
     num_tokens: int = 77
-    step: int = 0  # set by the sampling loop before each UNet call
     branch_o: int = 0
     branch_e: int = 1
     branch_t: int = 2
@@ -358,9 +330,6 @@ class EditedIDGating:
         if len(set(branches)) != 3 or not all(0 <= b < self.layout.branches for b in branches):
             raise ValueError(f"control.py: EditedIDGating needs three distinct branches O, E, T within the layout's "
                              f"{self.layout.branches}; found branch_o, branch_e, branch_t = {branches}")
-        if abs(self.lambda_o + self.lambda_e - 1) > 1e-6:
-            raise ValueError(f"control.py: λ_O + λ_E must be 1 (rows of the mixed map must stay normalised), "
-                             f"got {self.lambda_o} + {self.lambda_e}")
         src_branch = torch.full((self.num_tokens,), -1, dtype=torch.long)
         src_token = torch.zeros(self.num_tokens, dtype=torch.long)
         for branch, pairs in ((0, self.id_tokens), (1, self.element_tokens)):
@@ -369,12 +338,13 @@ class EditedIDGating:
                 src_token[t_pos] = s_pos
         self.src_branch, self.src_token = src_branch, src_token
 
-    def _self_active(self, site: Site) -> bool:
-        if not self.self_gating or site.block not in self.self_blocks:
+    def _self_active(self, site: Site, step: int) -> bool:
+        c = self.config
+        if not self.self_gating or site.block not in c.self_blocks:
             return False
-        if self.self_sides is not None and site.height not in self.self_sides:
+        if c.self_sides is not None and site.height not in c.self_sides:
             return False
-        if self.self_steps is not None and not (self.self_steps[0] <= self.step < self.self_steps[1]):
+        if c.self_steps is not None and not (c.self_steps[0] <= step < c.self_steps[1]):
             return False
         return True
 
@@ -382,16 +352,16 @@ class EditedIDGating:
         """(3, Nq) row weights at this site's resolution, or None when T keeps every row."""
         side = (site.height, site.width)
         if side not in self._weights:
-            w = gating_weights(self.mask_o, self.mask_e, self.lambda_o, self.lambda_e, side)
+            w = gating_weights(self.mask_o, self.mask_e, self.config.lambda_o, self.config.lambda_e, side)
             self._weights[side] = None if bool((w[2] == 1).all()) else w
         w = self._weights[side]
         return None if w is None else w.to(device)
 
-    def __call__(self, q, k, v, site: Site):
+    def __call__(self, q, k, v, site: Site, step: int = 0):
         self.layout.check(q, site)
-        return self.edit(q, k, v, site, None)
+        return self.edit(q, k, v, site, step, None)
 
-    def edit(self, q, k, v, site: Site, out: torch.Tensor | None) -> torch.Tensor | None:
+    def edit(self, q, k, v, site: Site, step: int, out: torch.Tensor | None) -> torch.Tensor | None:
         """Write T's edited rows into `out`, the default attention of the whole batch (computed here when
         None and T needs an edit); returns `out`, still None when nothing is edited at this site."""
         lay = self.layout
@@ -405,19 +375,19 @@ class EditedIDGating:
                                          src_branch=self.src_branch.to(q.device),
                                          src_token=self.src_token.to(q.device), backend=self.backend)
             return out
-        if not self._self_active(site):
+        if not self._self_active(site, step):
             return out
         w = self.weights(site, q.device)
         if w is None:
             return out
-        halves = [True, False] if (self.self_uncond and lay.cfg) else [True]
+        halves = [True, False] if (self.config.self_uncond and lay.cfg) else [True]
         out = default_attention(q, k, v) if out is None else out
         for cond in halves:
             o, e, t = (lay.row(b, cond) for b in (self.branch_o, self.branch_e, self.branch_t))
             rows = [o, e, t]
             # The last entry of vs is T's values, what the map reading multiplies the mixed map by.
             out[t:t + 1] = masked_multi_source([q[r:r + 1] for r in rows], [k[r:r + 1] for r in rows],
-                                               [v[r:r + 1] for r in rows], w.to(q.dtype), mode=self.mode,
+                                               [v[r:r + 1] for r in rows], w.to(q.dtype), mode=self.config.mode,
                                                backend=self.backend)
         return out
 
@@ -443,18 +413,9 @@ class GatingGroup:
         self.gatings = gatings
         self.layout = gatings[0].layout
 
-    @property
-    def step(self) -> int:
-        return self.gatings[0].step
-
-    @step.setter
-    def step(self, value: int) -> None:  # the sampling loop sets the step of every triple at once
-        for g in self.gatings:
-            g.step = value
-
-    def __call__(self, q, k, v, site: Site):
+    def __call__(self, q, k, v, site: Site, step: int = 0):
         self.layout.check(q, site)
         out = None
         for g in self.gatings:
-            out = g.edit(q, k, v, site, out)
+            out = g.edit(q, k, v, site, step, out)
         return out

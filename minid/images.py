@@ -8,8 +8,8 @@ The aligned crop (what `load_image` does, and what `paste_back` undoes):
    works on squares, and centring keeps a portrait's subject, who is usually in the middle.
 4. The square is resized to `size` (512) with a Lanczos filter: SD1.4 was trained at 512², and 512 is a
    multiple of 8, the VAE's downsampling factor.
-`paste_back(restored, frame, original)` resizes the restored square back to the crop's size and pastes it
-into a copy of the original, so the parts outside the square come back untouched.
+`crops.paste_back(original, restored, frame.affine)` warps the restored square back onto the crop's square of a
+copy of the original, so the parts outside the square come back untouched (`save_restored` does it).
 
 Writes are atomic (a temporary file in the target folder, then `os.replace`), and `save_image` refuses to
 write over any file that was an input, so a restore can never destroy the photo it started from.
@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 ImageLike = str | Path | Image.Image
@@ -40,11 +38,22 @@ class CropFrame:
     size: int  # side of the square the models see
     source: Path | None = None  # the file it was read from, protected from overwriting
 
+    @property
+    def affine(self) -> np.ndarray:
+        """The 2×3 affine original → square (`crops.square_affine`), what `crops.paste_back` inverts."""
+        from minid.crops import square_affine
 
-def _open(image: ImageLike) -> tuple[Image.Image, Path | None]:
+        left, top, right, _ = self.box
+        return square_affine(left, top, right - left, self.size)
+
+
+def open_image(image: ImageLike) -> tuple[Image.Image, Path | None]:
+    """A PIL image as it is, or a file read whole; a clear error for a missing or unreadable file."""
     if isinstance(image, Image.Image):
         return image, None
     path = Path(image)
+    if path.is_dir():
+        raise IsADirectoryError(f"images.py: {path} is a folder; give the path of an image file (PNG or JPEG)")
     if not path.is_file():
         raise FileNotFoundError(f"images.py: image file {path} not found; give the path of a PNG or JPEG")
     try:
@@ -97,62 +106,19 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
 
 def load_image(image: ImageLike, size: int = 512) -> tuple[torch.Tensor, CropFrame]:
     """Read a picture of any size and mode; return the (1, 3, size, size) tensor in [-1, 1] and its frame."""
-    img, path = _open(image)
+    img, path = open_image(image)
     img = to_rgb(img)
     box = centre_square(*img.size)
     square = img.crop(box).resize((size, size), Image.Resampling.LANCZOS)
     return pil_to_tensor(square), CropFrame(original_size=img.size, box=box, size=size, source=path)
 
 
-def load_mask(mask: ImageLike | torch.Tensor, frame: CropFrame | None = None, size: int = 512) -> torch.Tensor:
-    """A mask picture (white = inside) through the same crop as its image -> (1, 1, size, size) in [0, 1].
-
-    A mask file of another size than its image is resized to the image first (with a warning).
-
-    A tensor is accepted as it is when it already has the working size, and resized (bilinear) otherwise.
-    """
-    if isinstance(mask, torch.Tensor):
-        m = mask.float()
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
-        if m.shape[:2] != (1, 1):
-            raise ValueError(f"images.py: a mask tensor must be (H, W), (1, H, W) or (1, 1, H, W), "
-                             f"found {tuple(mask.shape)}")
-        if m.shape[-2:] != (size, size):
-            m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
-        return m.clamp(0, 1)
-    img, _ = _open(mask)
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA"):
-        grey = img.getchannel("A") if img.convert("L").getextrema() == (255, 255) else img.convert("L")
-    else:
-        grey = img.convert("L")
-    if frame is not None:
-        if grey.size != frame.original_size:
-            # A mask drawn at another resolution of the same picture: stretch it onto the image first.
-            warnings.warn(f"images.py: mask {mask} is {grey.size[0]}×{grey.size[1]} but its image is "
-                          f"{frame.original_size[0]}×{frame.original_size[1]}; resized to the image")
-            grey = grey.resize(frame.original_size, Image.Resampling.BILINEAR)
-        grey = grey.crop(frame.box)
-    else:
-        grey = grey.crop(centre_square(*grey.size))
-    grey = grey.resize((size, size), Image.Resampling.BILINEAR)
-    a = np.asarray(grey, dtype=np.float32) / 255.0  # (size, size)
-    return torch.from_numpy(a)[None, None].contiguous()  # (1, 1, size, size)
-
-
-def paste_back(restored: torch.Tensor | Image.Image, frame: CropFrame, original: ImageLike) -> Image.Image:
-    """The inverse of the aligned crop: the restored square, resized to the crop box, inside the original."""
-    square = restored if isinstance(restored, Image.Image) else tensor_to_pil(restored)
-    base, _ = _open(original)
-    base = to_rgb(base)
-    if base.size != frame.original_size:
-        raise ValueError(f"images.py: paste_back got an original of size {base.size}, but the frame was "
-                         f"made from one of size {frame.original_size}")
-    left, top, right, bottom = frame.box
-    base = base.copy()
-    base.paste(square.resize((right - left, bottom - top), Image.Resampling.LANCZOS), (left, top))
-    return base
+def _refuse_inputs(path: Path, inputs) -> None:
+    """Raise when `path` is one of the files a run read: no output is ever written over an input."""
+    for src in inputs:
+        if src is not None and (_same_file(path, Path(src)) or path.resolve() == Path(src).resolve()):
+            raise FileExistsError(f"images.py: refusing to write {path}: it is the input image {src}; "
+                                  f"choose another output path")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -166,35 +132,25 @@ def save_image(image: torch.Tensor | Image.Image, path: str | Path,
                inputs: tuple[str | Path | None, ...] | list[str | Path | None] = ()) -> Path:
     """Write a PNG/JPEG atomically; refuse to write over any of `inputs` (the files the run read)."""
     path = Path(path)
-    for src in inputs:
-        if src is not None and (_same_file(path, Path(src)) or path.resolve() == Path(src).resolve()):
-            raise FileExistsError(f"images.py: refusing to write {path}: it is the input image {src}; "
-                                  f"choose another output path")
+    _refuse_inputs(path, inputs)
     img = image if isinstance(image, Image.Image) else tensor_to_pil(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), "PNG")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _write_atomic(path, lambda f: img.save(f, format=fmt))
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a text file (JSON, Markdown) the same atomic way as `save_image`."""
-    path = Path(path)
+    return _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def _write_atomic(path: Path, write) -> Path:
+    """`write(f)` into a temporary file beside `path`, then rename it over `path`: atomic on one filesystem,
+    so readers see the old file or the new one, and an interruption leaves no partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -225,10 +181,7 @@ def check_output_path(path: str | Path, inputs=()) -> Path:
     path = Path(path)
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise ValueError(f"images.py: output {path} must end in one of {', '.join(SUPPORTED_SUFFIXES)}")
-    for src in inputs:
-        if src is not None and (_same_file(path, Path(src)) or path.resolve() == Path(src).resolve()):
-            raise FileExistsError(f"images.py: refusing to write {path}: it is the input image {src}; "
-                                  f"choose another output path")
+    _refuse_inputs(path, inputs)
     if path.is_dir():
         raise IsADirectoryError(f"images.py: output {path} is a folder; give a file name such as {path / 'out.png'}")
     return path
@@ -236,13 +189,17 @@ def check_output_path(path: str | Path, inputs=()) -> Path:
 
 def save_restored(result, path: str | Path, original: ImageLike | None = None, inputs=()) -> Path:
     """Write a restore's image: pasted back into `original` (the edited photo, at its own size) through the
-    inverse of the aligned crop when given as a file or PIL image, else the square as it is."""
+    inverse of the aligned crop (`crops.paste_back` with the crop's affine) when given as a file or PIL image,
+    else the square as it is. Pixels outside the crop's square stay the original's."""
+    from minid.crops import paste_back
+
     path = check_output_path(path, inputs)
     image = result.image
     if original is not None and not isinstance(original, torch.Tensor):
-        base, _ = _open(original)
-        base = to_rgb(base)
-        box = centre_square(*base.size)
-        frame = CropFrame(original_size=base.size, box=box, size=image.shape[-1])
-        image = paste_back(image, frame, base)
+        base, _ = open_image(original)
+        base = pil_to_tensor(to_rgb(base))  # (1, 3, H, W)
+        size = image.shape[-1]
+        frame = CropFrame(original_size=(base.shape[-1], base.shape[-2]), box=centre_square(base.shape[-1],
+                                                                                            base.shape[-2]), size=size)
+        image = paste_back(base, image.float(), frame.affine, mask=torch.ones(size, size)).clamp(-1, 1)
     return save_image(image, path, inputs)

@@ -1,13 +1,13 @@
 """Masks: where an edit may act. Float tensors in [0, 1], 1 = inside.
 
 EditedID restores the face of the original inside a face mask M_O and keeps the edited elements inside
-M_E (ALGORITHM.md, "Masks"). The masks come from a PNG the user gives, from face landmarks, or from
+M_E (docs/editedid.md, "Masks"). The masks come from a PNG the user gives, from face landmarks, or from
 attention maps; they are then softened (feathering), grown (dilation), combined (union) and resized to
 the resolution of each latent or attention layer (64, 32, 16, 8 for a 512² image).
 
 Shapes: a mask is (H, W); the functions that filter or resize also take (..., H, W) and keep the
 leading axes. Points are (x, y) in pixel-index coordinates (pixel (i, j) is the point x = j, y = i), the
-convention of `minid.faces`.
+convention of `minid.crops`.
 """
 
 from __future__ import annotations
@@ -50,26 +50,43 @@ def require_nonempty(mask: torch.Tensor, what: str = "mask") -> torch.Tensor:
 
 
 def load_mask(
-    path: str | Path,
+    source: str | Path | torch.Tensor,
     size: int | Sequence[int] | None = None,
+    frame=None,
     required: bool = True,
 ) -> torch.Tensor:
-    """A mask from an image file: any mode and size → float (H, W) in [0, 1] at `size` (h, w).
+    """A mask from an image file or a tensor → float (H, W) in [0, 1].
 
-    The alpha channel is the mask when the image has a non-trivial one (a cut-out); otherwise the grey
-    level is (white = 1). A file of another size is resized bilinearly, with a warning naming both sizes.
+    File: any mode. The alpha channel is the mask when the image has a non-trivial one (a cut-out); otherwise
+    the grey level is (white = 1); 16-bit and float masks are scaled by their maximum. With `frame` (the
+    `images.CropFrame` of the image the mask belongs to) the mask goes through that image's crop: a mask of
+    another size than its image is stretched onto it first (with a warning naming both sizes), the frame's
+    square is cut out and resized to the frame's working size. Without a frame, a mask of another size than
+    `size` (h, w) is resized bilinearly, with a warning naming both sizes.
+    Tensor: (H, W), (1, H, W) or (1, 1, H, W) with values in [0, 1], resized like a file.
     `required`: raise when the mask is empty.
     """
-    from PIL import Image
+    name = "mask tensor" if isinstance(source, torch.Tensor) else str(source)
+    mask = _tensor_mask(source) if isinstance(source, torch.Tensor) else _file_mask(Path(source))
+    if frame is not None:
+        width, height = frame.original_size
+        mask = _resized(mask, (height, width), name, "its image")
+        left, top, right, bottom = frame.box
+        mask = _resized(mask[top:bottom, left:right], (frame.size, frame.size), name, None)
+    elif size is not None:
+        mask = _resized(mask, _hw(size), name, "the working size")
+    if required:
+        require_nonempty(mask, f"mask {name}")
+    return mask
 
-    path = Path(path)
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"masks.load_mask: {path} does not exist") from None
-    except OSError as e:
-        raise ValueError(f"masks.load_mask: {path} is not a readable image ({e})") from None
+
+def _file_mask(path: Path) -> torch.Tensor:
+    from PIL import ImageOps
+
+    from minid.images import open_image
+
+    image, _ = open_image(path)
+    image = ImageOps.exif_transpose(image)  # the pixels a viewer shows, as for the image itself
     alpha = None
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         alpha = np.asarray(image.convert("RGBA"))[:, :, 3]
@@ -82,17 +99,30 @@ def load_mask(
         values = values / max(float(values.max()), 1e-12)  # 16-bit or float masks: scale the maximum to 1
     else:
         values = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    mask = torch.from_numpy(np.ascontiguousarray(values)).clamp(0, 1)
-    if size is not None and tuple(mask.shape) != _hw(size):
-        target = _hw(size)
-        warnings.warn(
-            f"masks.load_mask: {path} is {mask.shape[1]}×{mask.shape[0]} (w×h); resized to {target[1]}×{target[0]}",
-            stacklevel=2,
-        )
-        mask = F.interpolate(mask[None, None], size=target, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
-    if required:
-        require_nonempty(mask, f"mask loaded from {path}")
-    return mask
+    return torch.from_numpy(np.ascontiguousarray(values)).clamp(0, 1)
+
+
+def _tensor_mask(mask: torch.Tensor) -> torch.Tensor:
+    m = mask.detach().float().cpu()
+    while m.dim() > 2 and m.shape[0] == 1:
+        m = m[0]
+    if m.dim() != 2:
+        raise ValueError(f"masks.load_mask: a mask tensor must be (H, W), (1, H, W) or (1, 1, H, W), found "
+                         f"{tuple(mask.shape)}")
+    if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
+        raise ValueError(f"masks.load_mask: a mask tensor must have finite values in [0, 1]; found "
+                         f"[{float(m.min()):.3g}, {float(m.max()):.3g}]")
+    return m
+
+
+def _resized(mask: torch.Tensor, target: tuple[int, int], name: str, what: str | None) -> torch.Tensor:
+    """Bilinear resize of an (H, W) mask; a warning names both sizes unless `what` is None."""
+    if tuple(mask.shape) == target:
+        return mask
+    if what is not None:
+        warnings.warn(f"mask {name} is {mask.shape[1]}×{mask.shape[0]} (w×h); resized to {target[1]}×{target[0]}, "
+                      f"the size of {what}", stacklevel=3)
+    return F.interpolate(mask[None, None], size=target, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,15 +298,24 @@ def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.reshape(*lead, *out.shape[-2:])
 
 
-def to_resolution(mask: torch.Tensor, side: int | Sequence[int]) -> torch.Tensor:
+def to_resolution(mask: torch.Tensor, side: int | Sequence[int],
+                  how: Literal["area", "max", "nearest"] = "area") -> torch.Tensor:
     """Resize a mask (..., H, W) to a latent or attention grid: `side` (square) or (h, w).
 
-    Shrinking averages each target cell's area (a 512² mask at 64² is the fraction of each 8×8 block
-    inside), so thin structures survive as partial values; enlarging is bilinear.
+    "area" (default): shrinking averages each target cell's area (a 512² mask at 64² is the fraction of each
+    8×8 block inside), so thin structures survive as partial values; enlarging is bilinear. "max": a target
+    cell takes the largest value it covers (a cell touched by the region is inside: what blending needs, so
+    that nothing of the region is left out). "nearest": nearest neighbour (a binary mask stays binary).
     """
     target = _hw(side)
     m, lead = _as_4d(mask)
-    if target[0] <= m.shape[-2] and target[1] <= m.shape[-1]:
+    if how == "max":
+        out = F.adaptive_max_pool2d(m, target)
+    elif how == "nearest":
+        out = F.interpolate(m, size=target, mode="nearest")
+    elif how != "area":
+        raise ValueError(f"masks.to_resolution: how must be 'area', 'max' or 'nearest', found {how!r}")
+    elif target[0] <= m.shape[-2] and target[1] <= m.shape[-1]:
         out = F.adaptive_avg_pool2d(m, target)
     else:
         out = F.interpolate(m, size=target, mode="bilinear", align_corners=False)

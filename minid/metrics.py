@@ -105,7 +105,7 @@ def evaluate_folder(
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from minid.faces import pair_faces
+    from minid.crops import pair_faces
 
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir is not None else folder

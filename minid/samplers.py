@@ -2,16 +2,16 @@
 
 Every step is a function of one family,
 
-    step(z, eps, t, s, schedule, state, ...) -> z
+    step(z, eps, t, s, schedule[, state, order]) -> z
 
 over plain tensors. A step is named by its pair of times (t, s), t the noisier end and s the less noisy end, in
 both directions: a sampling step takes z at t to z at s; its inversion takes z at s back to z at t. `eps` is the
 model's noise prediction at the current point (convert other prediction types with `eps_from_model_output`),
-`schedule` is a `NoiseSchedule`, `state` a `SolverState` (the multistep history: every step records its x̂_0
-there, DPM-Solver++ steps use it). Times are floats on the training axis (see schedule.py, with the two levels
-below 0: FINAL and CLEAN).
+`schedule` is a `NoiseSchedule`, `state` a `SolverState` (the multistep history, read by the DPM-Solver++
+steps; `hybrid_step` returns the new one with the step's x̂_0 recorded). Times are floats on the training axis
+(see schedule.py, with the two levels below 0: FINAL and CLEAN).
 
-Notation (schedule.py has the schedule's half; ALGORITHM.md "Notation" is the same table):
+Notation (schedule.py has the schedule's half; docs/editedid.md "Notation" is the same table):
 
     | symbol                       | code name   | meaning                                                   |
     |------------------------------|-------------|-----------------------------------------------------------|
@@ -27,24 +27,24 @@ Notation (schedule.py has the schedule's half; ALGORITHM.md "Notation" is the sa
 
 Papers: DDIM (Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models"), DPM-Solver (Lu et al. 2022a),
 DPM-Solver++ (Lu et al. 2022b, "Fast Solver for Guided Sampling of Diffusion Probabilistic Models"),
-EditedID (hybrid solver: its Eq. 5-6; see ALGORITHM.md).
+EditedID (hybrid solver: its Eq. 5-6; see docs/editedid.md).
 
-The loop stays visible: `sample_loop` / `invert_loop` below are a dozen lines each, meant to be read and copied
-(inversion.py and editedid.py write their own loops around the same step functions).
+The loop stays visible: `sample_loop` / `invert_loop` below are a dozen lines each, and every pass of minid runs
+through them (text to image, inversion, EditedID's three stages): what differs between those passes is the model
+function and the callback, never the loop.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from .schedule import CLEAN, FINAL, NoiseSchedule, ddim_timesteps, dpm_solver_times, model_timestep
+from minid.plans import DDIM, Plan, PlanStep
+from minid.schedule import NoiseSchedule
 
-DDIM = "ddim"
-DPM_SOLVER = "dpm_solver++"
 
 
 # ---- guidance and prediction types ---------------------------------------------------------------------
@@ -91,33 +91,32 @@ def eps_from_model_output(output: torch.Tensor, z: torch.Tensor, t: float, sched
 
 # ---- DDIM ----------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class SolverState:
     """What a multistep solver remembers between steps: the last x̂_0 predictions and the λ they were made at,
-    oldest first. Every step given a state appends its (x̂_0, λ) to it, its one side effect: the DPM-Solver++
-    steps to use it, and the DDIM steps too, so that a DPM-Solver++ step right after DDIM steps (the hybrid
-    solver) is already multistep. Which of the remembered predictions a step uses is its order's business
-    (the plans count only predictions on the current path; see `_with_orders`)."""
+    oldest first. Immutable: `remember` returns a new state, so a step can be tried many times from the same
+    state (null-text optimisation aims each step at a pivot) without copies. `hybrid_step` and
+    `hybrid_inversion_step` return the state after their step; every step records its x̂_0 there, the DDIM
+    steps too, so that a DPM-Solver++ step right after DDIM steps (the hybrid solver) is already multistep.
+    Which of the remembered predictions a step uses is its order's business (the plans count only
+    predictions on the current path; see `_with_orders`)."""
 
-    x0s: list = field(default_factory=list)  # x̂_0 of earlier steps, each like z
-    lams: list = field(default_factory=list)  # λ of the point each x̂_0 was predicted at
+    x0s: tuple = ()  # x̂_0 of earlier steps, each like z
+    lams: tuple = ()  # λ of the point each x̂_0 was predicted at
     keep: int = 2  # order 3 needs the two previous predictions
 
-    def remember(self, x0: torch.Tensor, lam: float) -> None:
-        self.x0s = (self.x0s + [x0])[-self.keep:]
-        self.lams = (self.lams + [lam])[-self.keep:]
+    def remember(self, x0: torch.Tensor, lam: float) -> "SolverState":
+        return SolverState((*self.x0s, x0)[-self.keep:], (*self.lams, lam)[-self.keep:], self.keep)
 
 
-def ddim_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: NoiseSchedule,
-              state: Optional[SolverState] = None, eta: float = 0.0,
+def ddim_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: NoiseSchedule, eta: float = 0.0,
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """DDIM from t to s < t (Song et al. 2021, Eq. 12):
 
         z_s = α_s x̂_0 + sqrt(1 − ᾱ_s − σ_η²) ε + σ_η n,   n ~ N(0, I) from `generator`
         σ_η = η · sqrt((1 − ᾱ_s)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_s)                          (Eq. 16)
 
-    η = 0 is the deterministic sampler (the first-order solver of the probability-flow ODE). With a `state`,
-    appends (x̂_0(t), λ_t) to it.
+    η = 0 is the deterministic sampler (the first-order solver of the probability-flow ODE).
     """
     # 1. noise levels of the two ends (s may be FINAL or CLEAN after the last step)
     a_t, a_s = schedule.alphas_cumprod_at(t), schedule.alphas_cumprod_at(s)
@@ -132,14 +131,11 @@ def ddim_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: 
     if sigma_eta > 0:
         noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
         z_s = z_s + sigma_eta * noise
-    # 6. remember the prediction for a multistep step that may follow (the hybrid solver)
-    if state is not None:
-        state.remember(x0, schedule.lam(t))
     return z_s
 
 
-def ddim_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: NoiseSchedule,
-                        state: Optional[SolverState] = None) -> torch.Tensor:
+def ddim_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float,
+                        schedule: NoiseSchedule) -> torch.Tensor:
     """DDIM inversion: the η = 0 formula run from s up to t > s, z given at s:
 
         x̂_0 = (z_s − σ_s ε)/α_s,   z_t = α_t x̂_0 + σ_t ε
@@ -147,16 +143,13 @@ def ddim_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, 
     ε is the model's prediction at the current, less noisy point z_s (the unknown z_t is replaced by z_s, the
     approximation every DDIM inversion makes; exact when ε does not depend on z). The loops tell the model the
     pair's noisier timestep t, as diffusers' DDIMInverseScheduler pipelines and null-text inversion do, so a
-    step and its inversion see the same label. With a `state`, appends (x̂_0(s), λ_s) to it.
+    step and its inversion see the same label.
     """
     # 1. noise levels: current s, target t
     a_s, a_t = schedule.alphas_cumprod_at(s), schedule.alphas_cumprod_at(t)
     # 2. predicted x_0 at the current point
     x0 = (z - math.sqrt(1 - a_s) * eps) / math.sqrt(a_s)
-    # 3. remember the prediction for a multistep inversion step that may follow (the hybrid solver)
-    if state is not None:
-        state.remember(x0, schedule.lam(s))
-    # 4. re-noise to t with the same ε
+    # 3. re-noise to t with the same ε
     return math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
 
 
@@ -192,7 +185,8 @@ def ddim_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, 
 
 def _dpm_solver_update(z: torch.Tensor, x0: torch.Tensor, cur: float, nxt: float, schedule: NoiseSchedule,
                        state: SolverState, order: int) -> torch.Tensor:
-    """One multistep DPM-Solver++ update from time `cur` to `nxt` (either direction), x0 predicted at `cur`."""
+    """One multistep DPM-Solver++ update from time `cur` to `nxt` (either direction), x0 predicted at `cur`;
+    `state` holds the earlier predictions (it is read, not changed)."""
     # 1. noise levels and the step length in λ
     sigma_c, sigma_n, alpha_n = schedule.sigma(cur), schedule.sigma(nxt), schedule.alpha(nxt)
     lam_c, lam_n = schedule.lam(cur), schedule.lam(nxt)
@@ -206,15 +200,14 @@ def _dpm_solver_update(z: torch.Tensor, x0: torch.Tensor, cur: float, nxt: float
     if math.isinf(lam_c):
         order = 1
     if h == 0.0:  # a zero-length step is the identity (and would divide by h below)
-        state.remember(x0, lam_c)
         return z
     phi_1 = math.expm1(-h)  # e^{−h} − 1
     # 3. the update: exact linear part + Taylor terms of the integral (see the block comment above)
     if order > 1 and sigma_n == 0.0:  # to CLEAN: extrapolate x̂_0 to u = σ²/α² = 0 (block comment above)
         if order > 3:
             raise ValueError(f"samplers.py: DPM-Solver++ order {order} is not 1, 2 or 3")
-        us = [math.exp(-2.0 * lam) for lam in state.lams[-(order - 1):] + [lam_c]]
-        x0s = state.x0s[-(order - 1):] + [x0]
+        us = [math.exp(-2.0 * lam) for lam in (*state.lams[-(order - 1):], lam_c)]
+        x0s = [*state.x0s[-(order - 1):], x0]
         z_next = sum(_lagrange_weight_at_zero(us, j) * x0s[j] for j in range(order))
     elif order == 1:  # DPM-Solver++1 = DDIM; to CLEAN it is z_n = x̂_0(c) (σ_n = 0, e^{−h} − 1 = −1, α_n = 1)
         z_next = (sigma_n / sigma_c) * z - alpha_n * phi_1 * x0
@@ -241,8 +234,6 @@ def _dpm_solver_update(z: torch.Tensor, x0: torch.Tensor, cur: float, nxt: float
                   - alpha_n * ((phi_1 + h) / h ** 2 - 0.5) * D2)
     else:
         raise ValueError(f"samplers.py: DPM-Solver++ order {order} is not 1, 2 or 3")
-    # 4. remember this prediction for the next steps
-    state.remember(x0, lam_c)
     return z_next
 
 
@@ -265,7 +256,6 @@ def dpm_solver_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, sche
     To CLEAN, order k ≥ 2 extrapolates the k latest predictions to σ = 0 in u = σ²/α² (see the block comment);
     diffusers, and `dpm_solver_plan`, take that step at order 1.
     The order used is at most 1 + the number of predictions in `state` (warm-up; the DDIM steps' count too).
-    Appends (x̂_0(t), λ_t) to `state`.
     """
     x0 = x0_from_eps(z, eps, t, schedule)
     return _dpm_solver_update(z, x0, t, s, schedule, state, order)
@@ -280,208 +270,27 @@ def dpm_solver_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: f
     """
     x0 = x0_from_eps(z, eps, s, schedule)
     if schedule.sigma(s) == 0.0:
-        state.remember(x0, schedule.lam(s))
         return schedule.alpha(t) * x0 + schedule.sigma(t) * eps
     return _dpm_solver_update(z, x0, s, t, schedule, state, order)
-
-
-# ---- plans: which solver runs each step, between which times ------------------------------------------
-
-@dataclass(frozen=True)
-class PlanStep:
-    """One step of a plan, named by its pair of times in both directions (see the module docstring)."""
-
-    solver: str  # DDIM or DPM_SOLVER
-    t: float  # noisier end: where sampling starts, where inversion lands
-    s: float  # less noisy end: where sampling lands, where inversion starts (FINAL/CLEAN after the last step)
-    timestep: int  # what the model is told, in both directions: the noisier end, rounded
-    order: int = 1  # DPM-Solver++ order when sampling (warm-up and lower_order_final applied); 1 for DDIM
-    inversion_order: int = 1  # DPM-Solver++ order when inverting: `order`, lowered to what the preceding
-    #                           inversion steps' predictions allow (see `_with_orders`)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A whole pass: the schedule and the steps from pure noise to data (inversion walks them backwards)."""
-
-    schedule: NoiseSchedule
-    steps: tuple[PlanStep, ...]
-    eta: float = 0.0  # DDIM η for the sampling direction (inversion is always deterministic)
-
-    @property
-    def timesteps(self) -> list[int]:
-        return [step.timestep for step in self.steps]
-
-
-def ddim_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", eta: float = 0.0) -> Plan:
-    """DDIMScheduler's pass: timesteps from `ddim_timesteps`, each step from t to t − T//N (diffusers'
-    convention for every spacing; below 0 is the FINAL level, ᾱ = final_alphas_cumprod)."""
-    T = schedule.num_train_timesteps
-    ts = ddim_timesteps(num_steps, spacing, schedule.steps_offset, T)
-    steps = tuple(PlanStep(DDIM, float(t), float(t - T // num_steps) if t - T // num_steps >= 0 else FINAL, t)
-                  for t in ts)
-    return Plan(schedule, steps, eta)
-
-
-def dpm_solver_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "logSNR", order: int = 2,
-                    lower_order_final: bool = True) -> Plan:
-    """DPMSolverMultistepScheduler's pass (algorithm_type="dpmsolver++", final_sigmas_type="zero"): the times of
-    `dpm_solver_times`, each step landing on the next, the last one on CLEAN at order 1 (diffusers' rule)."""
-    times = dpm_solver_times(schedule, num_steps, spacing)
-    solvers = [DPM_SOLVER] * num_steps
-    return Plan(schedule, _with_orders(schedule, solvers, times, times[1:] + [CLEAN], order, lower_order_final,
-                                       final_order=1, history="run", clean_order=1))
-
-
-def _with_orders(schedule: NoiseSchedule, solvers: list[str], ts: list[float], ss: list[float], order: int,
-                 lower_order_final: bool, final_order: int, history: str,
-                 clean_order: int) -> tuple[PlanStep, ...]:
-    """Attach the DPM-Solver++ orders to the steps (DDIM steps get order 1).
-
-    Sampling, step i: order ≤ 1 + the number of predictions already on the path (warm-up, diffusers' rule).
-    They are those of the steps just before, back to the first one that did not land where the next starts
-    (the fragmented hybrid jumps at a switch), counting DDIM steps with `history="pass"` and only DPM-Solver++
-    steps with `history="run"` (each run warms up afresh). With `lower_order_final` and fewer than 15 steps,
-    the last step's order is ≤ `final_order` and the one before ≤ 2 (diffusers: 1 and 2). A step to CLEAN is
-    ≤ `clean_order` (diffusers: 1; see `_dpm_solver_update` for what order 2 means there).
-
-    Inversion, step i run backwards: the same order at the same step (the paper's symmetry), lowered to
-    1 + the predictions of the preceding INVERSION steps (the later steps of the plan, at their less noisy
-    ends), counted by the same rule but only at finite λ: a prediction at CLEAN (λ = ∞; FINAL too when the
-    schedule sets ᾱ = 1 there) has no finite distance in λ to the next one. So the inversion of a step from
-    CLEAN, and of the step after it, are order 1.
-    """
-    if history not in ("pass", "run"):
-        raise ValueError(f"samplers.py: history={history!r} is not 'pass' (every earlier step's x̂_0) or 'run' "
-                         "(only those of the current run of DPM-Solver++ steps)")
-
-    def counts(k: int) -> bool:  # does step k's prediction belong to the history of the next step on the path?
-        return history == "pass" or solvers[k] == DPM_SOLVER
-
-    n = len(solvers)
-    steps = []
-    for i, solver in enumerate(solvers):
-        o = inv = 1
-        if solver == DPM_SOLVER:
-            before, k = 0, i - 1  # sampling history: steps i−1, i−2, … on a continuous path
-            while k >= 0 and ss[k] == ts[k + 1] and counts(k):
-                before, k = before + 1, k - 1
-            o = min(order, before + 1)
-            if lower_order_final and n < 15:
-                o = min(o, final_order) if i == n - 1 else (min(o, 2) if i == n - 2 else o)
-            if ss[i] == CLEAN:
-                o = min(o, clean_order)
-            after, k = 0, i + 1  # inversion history: steps i+1, i+2, … (run first), from finite λ
-            while k < n and ss[k - 1] == ts[k] and counts(k) and math.isfinite(schedule.lam(ss[k])):
-                after, k = after + 1, k + 1
-            inv = min(o, after + 1) if math.isfinite(schedule.lam(ss[i])) else 1
-        steps.append(PlanStep(solver, ts[i], ss[i], model_timestep(ts[i]), o, inv))
-    return tuple(steps)
-
-
-@dataclass(frozen=True)
-class HybridSchedule:
-    """EditedID's hybrid solver (paper Eq. 5-6): DPM-Solver++ on steps τ_s … τ_e, DDIM on the others.
-
-    Orders. The DDIM steps before the switch predict x̂_0 at known λ too, and the path is continuous under
-    global pre-setting, so with `history="pass"` a DPM-Solver++ step uses the predictions of every preceding
-    step of the pass: step τ_s is already of order min(dpm_order, τ_s). That is the point of running
-    DPM-Solver++ (2M) on the final steps (paper Eq. 5-6); with a warm-up per run (`history="run"`) the two
-    default steps would be orders 1 and 1, and DPM-Solver++ order 1 is DDIM.
-
-    `lower_order_final` is diffusers' rule for passes of fewer than 15 steps: the last step at order 1 and the
-    one before at ≤ 2. diffusers lowers them to stabilise few-step sampling near σ = 0, where the steps are
-    long in λ and the extrapolation of x̂_0 from the previous steps is least reliable; the last step to σ = 0
-    has h = ∞, where the λ-Taylor terms diverge, so diffusers takes it at order 1 for any number of steps
-    (final_sigmas_type="zero"), and k-diffusion's DPM-Solver++(2M) does the same. Here the last step
-    to CLEAN of order ≥ 2 extrapolates x̂_0 to σ = 0 in u = σ²/α², which stays finite (samplers.py, block comment
-    before `_dpm_solver_update`), so the cap on the last step is a field, `final_order`, default 2: the default
-    hybrid (N = 6, steps 5-6, 2M) runs orders [DDIM ×4, 2, 2]. Its inversion runs [DDIM ×4, 1, 1]: it starts at
-    CLEAN, whose prediction has λ = ∞ and cannot enter a λ-difference (see `_with_orders`).
-    `HybridSchedule(history="run", final_order=1)` reproduces the earlier plans: order-1 warm-up per run.
-
-    Round trips (inversion, then sampling, with ε independent of z): exact for a constant ε at any orders,
-    since x̂_0 is then constant along the path and every multistep difference vanishes. If ε varies with t,
-    only the order-1 plans (DDIM, and `history="run", final_order=1` here) are exact; a multistep step's
-    sampling history lies at noisier points and its inversion's at less noisy ones, so the two updates are
-    not inverse to each other (default plan: ~1e-2 for ε = (1 + ½ sin(t/100))·n, tests/test_samplers.py).
-    """
-
-    num_steps: int = 6  # N, model calls per pass (the paper's 6)
-    dpm_start: int = 5  # τ_s: first step run by DPM-Solver++, 1-based, counted from pure noise
-    dpm_end: int = 6  # τ_e: last step run by DPM-Solver++; τ_s > τ_e gives DDIM only
-    # "global": both full N-step sequences first, step i takes t_i from its solver's sequence and lands where
-    # step i+1 starts (paper Eq. 6, no jump at the switch). "fragmented": each run of one solver uses that
-    # solver's own sequence for its own number of steps, landing by its own rule (the paper's ablation,
-    # which jumps at the switch).
-    timesteps: str = "global"
-    ddim_spacing: str = "leading"  # SD's DDIM spacing (with the schedule's steps_offset)
-    dpm_spacing: str = "logSNR"  # λ-uniform (paper A.4); "linspace" is the option
-    dpm_order: int = 2  # DPM-Solver++ order (2M is diffusers' default)
-    # "pass": DPM-Solver++ steps use the x̂_0 of every preceding step on the path, DDIM steps' included;
-    # "run": only those of the current run of DPM-Solver++ steps (order-1 warm-up after each switch)
-    history: str = "pass"
-    lower_order_final: bool = True  # diffusers' rule for passes of < 15 steps: cap the last two steps' orders
-    final_order: int = 2  # the cap on the last step under lower_order_final (diffusers: 1); the one before: 2
-
-    def solvers(self) -> list[str]:
-        return [DPM_SOLVER if self.dpm_start <= i <= self.dpm_end else DDIM
-                for i in range(1, self.num_steps + 1)]
-
-
-def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule()) -> Plan:
-    """The per-step solver and times of the hybrid solver; the inversion walks the same steps backwards
-    (the paper's symmetry: the same solver at the same noise levels)."""
-    n, T = hybrid.num_steps, schedule.num_train_timesteps
-    solvers = hybrid.solvers()
-    final = {DDIM: FINAL, DPM_SOLVER: CLEAN}  # where each solver's own pass ends
-    if hybrid.timesteps == "global":
-        sequences = {DDIM: [float(t) for t in ddim_timesteps(n, hybrid.ddim_spacing, schedule.steps_offset, T)],
-                     DPM_SOLVER: dpm_solver_times(schedule, n, hybrid.dpm_spacing)}
-        ts = [sequences[solver][i] for i, solver in enumerate(solvers)]
-        ss = ts[1:] + [final[solvers[-1]]]  # continuity: each step lands where the next one starts
-        for i in range(n - 1):
-            if not ts[i] > ts[i + 1]:
-                raise ValueError(f"samplers.py: hybrid timesteps {ts} do not decrease at step {i + 2} "
-                                 f"({hybrid}); choose other spacings or switch steps")
-    elif hybrid.timesteps == "fragmented":
-        ts, ss = [], []
-        i = 0
-        while i < n:  # one run of consecutive steps with the same solver
-            j = i
-            while j < n and solvers[j] == solvers[i]:
-                j += 1
-            m = j - i
-            if solvers[i] == DDIM:
-                own = [float(t) for t in ddim_timesteps(m, hybrid.ddim_spacing, schedule.steps_offset, T)]
-                lands = [t - T // m if t - T // m >= 0 else FINAL for t in own]
-            else:
-                own = dpm_solver_times(schedule, m, hybrid.dpm_spacing)
-                lands = own[1:] + [CLEAN]
-            ts += own
-            ss += lands
-            i = j
-    else:
-        raise ValueError(f"samplers.py: HybridSchedule.timesteps={hybrid.timesteps!r} is not 'global' or "
-                         "'fragmented'")
-    return Plan(schedule, _with_orders(schedule, solvers, ts, ss, hybrid.dpm_order, hybrid.lower_order_final,
-                                       final_order=hybrid.final_order, history=hybrid.history,
-                                       clean_order=hybrid.dpm_order))
 
 
 # ---- dispatch and the two loops ------------------------------------------------------------------------
 
 def hybrid_step(z: torch.Tensor, eps: torch.Tensor, step: PlanStep, schedule: NoiseSchedule, state: SolverState,
-                eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The sampling step `step` names: DDIM or DPM-Solver++ from step.t to step.s."""
+                eta: float = 0.0, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, SolverState]:
+    """The sampling step `step` names: DDIM or DPM-Solver++ from step.t to step.s. Returns the new z and the
+    state with this step's prediction (x̂_0(t), λ_t) remembered."""
     if step.solver == DDIM:
-        return ddim_step(z, eps, step.t, step.s, schedule, state, eta=eta, generator=generator)
-    return dpm_solver_step(z, eps, step.t, step.s, schedule, state, order=step.order)
+        z_next = ddim_step(z, eps, step.t, step.s, schedule, eta=eta, generator=generator)
+    else:
+        z_next = dpm_solver_step(z, eps, step.t, step.s, schedule, state, order=step.order)
+    return z_next, state.remember(x0_from_eps(z, eps, step.t, schedule), schedule.lam(step.t))
 
 
 def hybrid_inversion_step(z: torch.Tensor, eps: torch.Tensor, step: PlanStep, schedule: NoiseSchedule,
-                          state: SolverState) -> torch.Tensor:
-    """The inversion of `step`: the same solver, from step.s up to step.t, at `step.inversion_order`.
+                          state: SolverState) -> tuple[torch.Tensor, SolverState]:
+    """The inversion of `step`: the same solver, from step.s up to step.t, at `step.inversion_order`. Returns
+    the new z and the state with this step's prediction (x̂_0(s), λ_s) remembered.
 
     The multistep history of an explicit inversion step is the x̂_0 of the preceding INVERSION steps (`state`
     as `invert_loop` threads it), predicted at less noisy points than this one; a sampling step's history is
@@ -489,12 +298,23 @@ def hybrid_inversion_step(z: torch.Tensor, eps: torch.Tensor, step: PlanStep, sc
     (ε constant: every difference D1, D2 vanishes and both reduce to DDIM), not in general at order ≥ 2.
     """
     if step.solver == DDIM:
-        return ddim_inversion_step(z, eps, step.t, step.s, schedule, state)
-    return dpm_solver_inversion_step(z, eps, step.t, step.s, schedule, state, order=step.inversion_order)
+        z_next = ddim_inversion_step(z, eps, step.t, step.s, schedule)
+    else:
+        z_next = dpm_solver_inversion_step(z, eps, step.t, step.s, schedule, state, order=step.inversion_order)
+    return z_next, state.remember(x0_from_eps(z, eps, step.s, schedule), schedule.lam(step.s))
 
 
-ModelFn = Callable[[torch.Tensor, int], torch.Tensor]  # (z, timestep) -> model output
-Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (i, timestep, z after the step, x̂_0)
+# The model function of both loops: model_fn(z, timestep, i, land) -> the model's output at z.
+#   timestep  what the network is told (the step's noisier end, rounded)
+#   i         the plan's step index, 0 = the noisiest step, in both directions: controllers that act in a
+#             window of steps (prompt-to-prompt, EditedID's gating) get it from here, explicitly
+#   land      land(eps) -> the latent this step would land on with that ε, the solver's history included
+#             (pure: the loop's state is immutable). A model function that aims at a target uses it
+#             (null-text optimisation, inversion.py); most ignore it.
+ModelFn = Callable[[torch.Tensor, int, int, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+# callback(i, timestep, z after the step, x̂_0 of the step) -> None, or a tensor that replaces z (blending,
+# EditedID's mixing)
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 
 def sample_loop(model_fn: ModelFn, z: torch.Tensor, plan: Plan, callback: Optional[Callback] = None,
@@ -502,13 +322,19 @@ def sample_loop(model_fn: ModelFn, z: torch.Tensor, plan: Plan, callback: Option
     """From z at the plan's first time to data: one model call and one step per plan step."""
     schedule, state = plan.schedule, SolverState()
     for i, step in enumerate(plan.steps):
+        def land(eps, z=z, state=state, step=step):
+            if plan.eta > 0:
+                raise ValueError("samplers.py: land() needs a deterministic plan (η = 0)")
+            return hybrid_step(z, eps, step, schedule, state)[0]
+
         # 1. the model at the current point
-        eps = eps_from_model_output(model_fn(z, step.timestep), z, step.t, schedule, prediction_type)
+        output = model_fn(z, step.timestep, i, land)
+        eps = eps_from_model_output(output, z, step.t, schedule, prediction_type)
         # 2. one step to step.s
-        x0 = x0_from_eps(z, eps, step.t, schedule)
-        z = hybrid_step(z, eps, step, schedule, state, eta=plan.eta, generator=generator)
+        z, state = hybrid_step(z, eps, step, schedule, state, eta=plan.eta, generator=generator)
+        # 3. the caller's look at the step, which may replace z
         if callback is not None:
-            callback(i, step.timestep, z, x0)
+            z = _replaced(callback(i, step.timestep, z, state.x0s[-1]), z)
     return z
 
 
@@ -519,11 +345,20 @@ def invert_loop(model_fn: ModelFn, z: torch.Tensor, plan: Plan, callback: Option
     schedule, state = plan.schedule, SolverState()
     for i in reversed(range(len(plan.steps))):
         step = plan.steps[i]
+
+        def land(eps, z=z, state=state, step=step):
+            return hybrid_inversion_step(z, eps, step, schedule, state)[0]
+
         # 1. the model at the current point, which lies at step.s
-        eps = eps_from_model_output(model_fn(z, step.timestep), z, step.s, schedule, prediction_type)
+        output = model_fn(z, step.timestep, i, land)
+        eps = eps_from_model_output(output, z, step.s, schedule, prediction_type)
         # 2. one step up to step.t
-        x0 = x0_from_eps(z, eps, step.s, schedule)
-        z = hybrid_inversion_step(z, eps, step, schedule, state)
+        z, state = hybrid_inversion_step(z, eps, step, schedule, state)
+        # 3. the caller's look at the step, which may replace z
         if callback is not None:
-            callback(i, step.timestep, z, x0)
+            z = _replaced(callback(i, step.timestep, z, state.x0s[-1]), z)
     return z
+
+
+def _replaced(returned: Optional[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    return z if returned is None else returned

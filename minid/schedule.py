@@ -1,6 +1,6 @@
 """The noise schedule of a discrete-time diffusion model, and the timestep sequences samplers walk along.
 
-Notation (the same names in samplers.py and ALGORITHM.md):
+Notation (the same names in samplers.py and docs/editedid.md):
 
     | symbol                          | code name            | meaning                                          |
     |---------------------------------|----------------------|--------------------------------------------------|
@@ -18,8 +18,10 @@ what diffusers' DPMSolverMultistepScheduler does to turn λ values into timestep
 equal its `use_lu_lambdas=True` timesteps. (DPM-Solver's `NoiseScheduleVP('discrete')` interpolates log α
 instead; both agree at integer times and differ by far less than a timestep in between.)
 
-Two times lie below 0, for the level a sampler lands on after its last step:
-    FINAL (any negative time, e.g. DDIM's t − T//N = −165): ᾱ = `final_alphas_cumprod`, which is 1 when the
+Two levels lie below the training axis, where a pass lands after its last step (`Level`: floats, so λ, ᾱ and
+the arithmetic work on them, but told apart by identity, never by comparing float values; any other time
+below 0 is an error):
+    FINAL (where DDIM's t − T//N < 0 lands): ᾱ = `final_alphas_cumprod`, which is 1 when the
         scheduler config says `set_alpha_to_one`, else ᾱ_0 (SD1.x: False, so DDIM's last step lands on the
         noise level of timestep 0 and keeps σ_0 ≈ 0.029 of noise in the latent, as diffusers does).
     CLEAN (−∞): ᾱ = 1, σ = 0, λ = +∞: clean data. DPM-Solver++ ends here (diffusers' `final_sigmas_type="zero"`).
@@ -27,14 +29,22 @@ Two times lie below 0, for the level a sampler lands on after its last step:
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-FINAL = -1.0  # the level after DDIM's last step: ᾱ = final_alphas_cumprod (any negative time maps here)
-CLEAN = -math.inf  # clean data: ᾱ = 1, σ = 0, λ = +∞
+
+class Level(float, enum.Enum):
+    """The two noise levels below the training axis (see the module docstring)."""
+
+    FINAL = -1.0  # the level after DDIM's last step: ᾱ = final_alphas_cumprod
+    CLEAN = -math.inf  # clean data: ᾱ = 1, σ = 0, λ = +∞
+
+
+FINAL, CLEAN = Level.FINAL, Level.CLEAN
 
 
 @dataclass(frozen=True)
@@ -110,12 +120,15 @@ class NoiseSchedule:
         return 0.5 * (torch.log(a) - torch.log1p(-a))
 
     def alphas_cumprod_at(self, t: float) -> float:
-        """ᾱ at a time: table value at integers, interpolated in λ between them, FINAL/CLEAN below 0."""
-        t = float(t)
-        if t == CLEAN:
+        """ᾱ at a time: table value at integers, interpolated in λ between them; the levels FINAL and CLEAN."""
+        if t is CLEAN:
             return 1.0
-        if t < 0:
+        if t is FINAL:
             return self.final_alphas_cumprod
+        t = float(t)
+        if t < 0:
+            raise ValueError(f"schedule.py: time {t} is below 0; a pass ends at the levels schedule.FINAL (DDIM) or "
+                             "schedule.CLEAN (DPM-Solver++), which are named, not negative numbers")
         if t > self.num_train_timesteps - 1:
             raise ValueError(f"schedule.py: time {t} is past the last training timestep "
                              f"{self.num_train_timesteps - 1}")
@@ -131,10 +144,12 @@ class NoiseSchedule:
 
     def lam(self, t: float) -> float:
         """λ_t = log α_t − log σ_t; +∞ at CLEAN (and at FINAL when set_alpha_to_one)."""
-        t = float(t)
-        if t < 0:
+        if isinstance(t, Level):
             a = self.alphas_cumprod_at(t)
             return math.inf if a == 1.0 else 0.5 * (math.log(a) - math.log1p(-a))
+        t = float(t)
+        if t < 0:
+            self.alphas_cumprod_at(t)  # raises: not a level
         lo = min(int(math.floor(t)), self.num_train_timesteps - 2)
         w = t - lo
         lams = self.lams

@@ -12,14 +12,19 @@ Text becomes ids in five stages, each a component of the `tokenizers` library:
     5. frame          <|startoftext|> + at most 75 content tokens + <|endoftext|>, padded to 77
 
 The files are OpenAI's CLIP vocabulary as SD1.4 publishes it (`tokenizer/vocab.json`, `tokenizer/merges.txt`).
-The prompt-editing code needs to know which of the 77 positions a word occupies: `token_positions` and
-`align_tokens` answer that.
+Every SD1.x checkpoint uses it unchanged, so minid ships a copy (`minid/assets/clip/`, MIT licence, see its
+README): `CLIPTokenizer.default()` needs no download.
+The prompt-editing code needs to know which of the 77 positions a word occupies and which positions of two
+prompts correspond: `token_positions`, `align_tokens`, and the functions `word_spans` and `prompt_alignment`
+answer that.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
@@ -36,11 +41,15 @@ EOS_TOKEN = "<|endoftext|>"  # id 49407
 # single digits (so numbers are spelled digit by digit), and runs of other non-space characters.
 SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
+# vocab.json and merges.txt of SD1.4's `tokenizer/` folder (CompVis/stable-diffusion-v1-4), byte for byte.
+DEFAULT_FOLDER = Path(__file__).resolve().parent / "assets" / "clip"
+
 
 class CLIPTokenizer:
     """CLIP BPE tokenizer with SD's framing: 77 ids, bos 49406, eos = pad 49407, 75 content tokens at most.
 
-    >>> tok = CLIPTokenizer.from_folder("tokenizer")          # vocab.json + merges.txt
+    >>> tok = CLIPTokenizer.default()                         # the copy shipped in minid/assets/clip
+    >>> tok = CLIPTokenizer.from_folder("tokenizer")          # or any folder with vocab.json + merges.txt
     >>> tok.encode("a photo of a man")[:7]
     [49406, 320, 1125, 539, 320, 786, 49407]
     >>> tok.token_positions("a man wearing eyeglasses", "eyeglasses")   # bos is position 0; eye + glasses</w>
@@ -101,6 +110,11 @@ class CLIPTokenizer:
             raise FileNotFoundError(f"{path}: tokenizer folder not found (expected a folder with vocab.json "
                                     "and merges.txt)")
         return cls(path / "vocab.json", path / "merges.txt", context_length)
+
+    @classmethod
+    def default(cls, context_length: int = CONTEXT_LENGTH) -> "CLIPTokenizer":
+        """SD1.4's tokenizer from the files that ship with minid (`DEFAULT_FOLDER`)."""
+        return cls.from_folder(DEFAULT_FOLDER, context_length)
 
     # ----------------------------------------------------------------------------------------------------
     # ids
@@ -208,3 +222,58 @@ class CLIPTokenizer:
             positions_a += pa[:k]
             positions_b += pb[:k]
         return positions_a, positions_b
+
+
+def word_spans(tokenizer: CLIPTokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """The prompt's words in order with their token positions (bos = 0); positions cut off by the
+    75-token limit are dropped."""
+    texts, _, indices = tokenizer._words(prompt)
+    limit = tokenizer.max_content_tokens
+    return [(text, [i + 1 for i in idx if i + 1 <= limit]) for text, idx in zip(texts, indices)]
+
+
+def prompt_alignment(tokenizer: CLIPTokenizer, prompt_source: str, prompt_target: str,
+                     mode: Literal["replace", "refine"] = "refine") -> torch.Tensor:
+    """For each of the 77 target positions, the source position whose cross-attention column it takes
+    (prompt-to-prompt's word swap and refinement).
+
+    -1 means "keep the target's own column". `replace` (word swap): the prompts have the same number of
+    words and word i of the target takes the columns of word i of the source (spread when the token counts
+    differ). `refine` (words added or changed): words common to both prompts (a longest matching word
+    sequence) are paired, new words keep their own columns. Both pair bos with bos, and the eos and padding
+    positions after the last word with the source's, in order.
+    """
+    src, tgt = word_spans(tokenizer, prompt_source), word_spans(tokenizer, prompt_target)
+    mapping = torch.full((tokenizer.context_length,), -1, dtype=torch.long)
+    mapping[0] = 0
+    pairs: list[tuple[int, int]] = []
+    if mode == "replace":
+        if len(src) != len(tgt):
+            raise ValueError(f"word replace needs prompts with as many words; {prompt_source!r} has "
+                             f"{len(src)}, {prompt_target!r} has {len(tgt)}. Use mode='refine'")
+        for (_, ps), (_, pt) in zip(src, tgt):
+            pairs += _spread(pt, ps)
+    elif mode == "refine":
+        matcher = difflib.SequenceMatcher(a=[w for w, _ in src], b=[w for w, _ in tgt], autojunk=False)
+        for block in matcher.get_matching_blocks():
+            for i in range(block.size):
+                pairs += _spread(tgt[block.b + i][1], src[block.a + i][1])
+    else:
+        raise ValueError(f"alignment mode must be 'replace' or 'refine', got {mode!r}")
+    for t, s in pairs:
+        mapping[t] = s
+    # eos and padding: the target's first eos takes the source's first eos, and so on.
+    end_s = 1 + sum(len(p) for _, p in src)
+    end_t = 1 + sum(len(p) for _, p in tgt)
+    for j in range(end_t, tokenizer.context_length):
+        s = end_s + (j - end_t)
+        if s < tokenizer.context_length:
+            mapping[j] = s
+    return mapping
+
+
+def _spread(target: list[int], source: list[int]) -> list[tuple[int, int]]:
+    """Pair the tokens of a target word with those of a source word of maybe another length, in order."""
+    if not target or not source:
+        return []
+    return [(t, source[min(len(source) - 1, i * len(source) // len(target))]) for i, t in enumerate(target)]

@@ -112,8 +112,9 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
-        # Index 1 is the dropout slot of the published layout (`to_out.0` is the Linear); SD uses dropout 0.
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
+        # A list of one so that the key is `to_out.0.weight`, as published: diffusers' `to_out` is
+        # [Linear, Dropout], and the dropout (p = 0 in SD) has no weights, so only index 0 reaches the file.
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, height: int, width: int,
                 controller: AttentionController | None) -> torch.Tensor:
@@ -141,13 +142,17 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """GEGLU to 4× width, then a Linear back: the transformer block's MLP."""
+
     def __init__(self, dim: int):
         super().__init__()
-        # net.0 = GEGLU, net.1 = the dropout slot of the published layout (dropout 0), net.2 = output Linear.
-        self.net = nn.Sequential(GEGLU(dim, FF_MULT * dim), nn.Identity(), nn.Linear(FF_MULT * dim, dim))
+        # The published keys are `net.0.proj.*` (GEGLU) and `net.2.*` (output Linear): diffusers' `net` is the
+        # list [GEGLU, Dropout, Linear], and the dropout (p = 0 in SD) has no weights, so index 1 never
+        # appears. A dict keyed "0" and "2" gives those names without a placeholder module for index 1.
+        self.net = nn.ModuleDict({"0": GEGLU(dim, FF_MULT * dim), "2": nn.Linear(FF_MULT * dim, dim)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net["2"](self.net["0"](x))  # (B, N, dim) -> (B, N, 4·dim) -> (B, N, dim)
 
 
 class BasicTransformerBlock(nn.Module):

@@ -15,6 +15,10 @@ variance; `encode_latent` / `decode_latent` apply and undo that scale.
 Module names equal the key names of the published diffusers `vae/diffusion_pytorch_model.fp16.safetensors`
 (the fp32 file's older `query/key/value/proj_attn` attention names are renamed by the checkpoint loader).
 No time embedding here, and the attention is not a seam: nothing edits the autoencoder's attention.
+
+The building blocks carry a `VAE` prefix (or say which half they build) because minid.unet has blocks of the
+same roles that behave differently: its ResNet blocks add a time embedding, its downsampling pads
+symmetrically, its upsampling meets the size of a skip connection, and its mid block cross-attends to text.
 """
 
 from __future__ import annotations
@@ -39,8 +43,19 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mean + std · ε, ε ~ N(0, I) drawn from `generator` (on the generator's device, then moved)."""
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """z = mean + std · ε, ε ~ N(0, I) drawn from `generator` (on the generator's device, then moved).
+
+        A list gives one generator per batch row, the rows drawn in order: a row's sample then depends on its
+        own seed only, not on the batch it is in (a generator listed twice serves two rows in turn).
+        """
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != self.mean.shape[0]:
+                raise ValueError(f"minid/vae.py: {len(generator)} generators for a batch of {self.mean.shape[0]}; "
+                                 "give one per row")
+            eps = torch.cat([torch.randn((1, *self.mean.shape[1:]), generator=g, device=g.device,
+                                         dtype=self.mean.dtype).to(self.mean.device) for g in generator])
+            return self.mean + self.std * eps
         device = generator.device if generator is not None else self.mean.device
         eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
         return self.mean + self.std * eps.to(self.mean.device)
@@ -49,8 +64,10 @@ class DiagonalGaussian:
         return self.mean
 
 
-class ResnetBlock(nn.Module):
-    """GroupNorm → SiLU → conv → GroupNorm → SiLU → conv, plus the skip (a 1×1 conv when channels change)."""
+class VAEResnetBlock(nn.Module):
+    """GroupNorm → SiLU → conv → GroupNorm → SiLU → conv, plus the skip (a 1×1 conv when channels change).
+
+    The UNet's block of the same shape also adds a projected time embedding; the autoencoder has no time."""
 
     def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
@@ -79,8 +96,9 @@ class SelfAttention(nn.Module):
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
-        # Index 1 is the dropout slot of the published layout; there is no dropout at inference.
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Identity()])
+        # A list of one so that the key is `to_out.0.weight`, as published: diffusers' `to_out` is
+        # [Linear, Dropout], and the dropout has no weights, so only index 0 reaches the file.
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -93,7 +111,7 @@ class SelfAttention(nn.Module):
         return x + h
 
 
-class Downsample(nn.Module):
+class VAEDownsample(nn.Module):
     """Stride-2 3×3 conv after padding ONE row at the bottom and ONE column at the right only.
 
     Why asymmetric: the original (taming-transformers / LDM) code pads (left 0, right 1, top 0, bottom 1)
@@ -110,8 +128,9 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2) for even H, W
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour 2× upsampling, then a 3×3 conv."""
+class VAEUpsample(nn.Module):
+    """Nearest-neighbour 2× upsampling, then a 3×3 conv. Always exactly 2×: the decoder has no skip
+    connections whose size it must meet."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -121,11 +140,15 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class DownLevel(nn.Module):
+class EncoderLevel(nn.Module):
+    """One resolution level of the encoder (diffusers' DownEncoderBlock2D): ResNet blocks, then a downsample
+    (except on the last level)."""
+
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, with_downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers))
-        self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if with_downsample else None
+        self.resnets = nn.ModuleList(VAEResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups)
+                                     for i in range(layers))
+        self.downsamplers = nn.ModuleList([VAEDownsample(out_ch)]) if with_downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -133,11 +156,15 @@ class DownLevel(nn.Module):
         return x if self.downsamplers is None else self.downsamplers[0](x)
 
 
-class UpLevel(nn.Module):
+class DecoderLevel(nn.Module):
+    """One resolution level of the decoder (diffusers' UpDecoderBlock2D): ResNet blocks, then an upsample
+    (except on the last level)."""
+
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, with_upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers))
-        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if with_upsample else None
+        self.resnets = nn.ModuleList(VAEResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups)
+                                     for i in range(layers))
+        self.upsamplers = nn.ModuleList([VAEUpsample(out_ch)]) if with_upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -145,13 +172,13 @@ class UpLevel(nn.Module):
         return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
-class MidBlock(nn.Module):
-    """resnet → attention → resnet at the lowest resolution."""
+class VAEMidBlock(nn.Module):
+    """resnet → single-head self-attention → resnet at the lowest resolution (no text: nothing to cross-attend)."""
 
     def __init__(self, ch: int, groups: int):
         super().__init__()
         self.attentions = nn.ModuleList([SelfAttention(ch, groups)])
-        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, groups), ResnetBlock(ch, ch, groups)])
+        self.resnets = nn.ModuleList([VAEResnetBlock(ch, ch, groups), VAEResnetBlock(ch, ch, groups)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
@@ -163,9 +190,9 @@ class Encoder(nn.Module):
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, with_downsample=i < len(ch) - 1)
+            EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, with_downsample=i < len(ch) - 1)
             for i in range(len(ch)))
-        self.mid_block = MidBlock(ch[-1], g)
+        self.mid_block = VAEMidBlock(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=GROUP_NORM_EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
 
@@ -182,9 +209,9 @@ class Decoder(nn.Module):
         super().__init__()
         rev, g = list(reversed(cfg.block_out_channels)), cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
-        self.mid_block = MidBlock(rev[0], g)
+        self.mid_block = VAEMidBlock(rev[0], g)
         self.up_blocks = nn.ModuleList(
-            UpLevel(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, g, with_upsample=i < len(rev) - 1)
+            DecoderLevel(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, g, with_upsample=i < len(rev) - 1)
             for i in range(len(rev)))
         self.conv_norm_out = nn.GroupNorm(g, rev[-1], eps=GROUP_NORM_EPS)
         self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
@@ -221,8 +248,9 @@ class VAE(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     def encode_latent(self, x: torch.Tensor, sample: bool = False,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Image -> the UNet's latent: scaling_factor · (posterior mean, or a sample when `sample`)."""
+                      generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """Image -> the UNet's latent: scaling_factor · (posterior mean, or a sample when `sample`; `generator`
+        as `DiagonalGaussian.sample` takes it, one per row when a list)."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample else posterior.mean
         return self.cfg.scaling_factor * z

@@ -1,30 +1,78 @@
-"""Shared fixtures: where the reference data lives, and seeds."""
+"""Shared fixtures: SD1.4's published small files, the tiny SD stack, the tiny face pack, threads and seeds.
+
+Everything the tests read ships with the repository: the SD1.4 configs and layouts in tests/data/sd14, the
+tokenizer files in the package (minid/assets/clip). The helpers behind the fixtures are tests/tiny_models.py
+(the tiny SD stack) and tests/tiny_faces.py (the tiny ONNX face models).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from minid.tokenizer import DEFAULT_FOLDER as TOKENIZER_FILES
 
 # Without a GPU, the Triton kernels run in Triton's interpreter. Triton reads this when it is first imported
 # (which may happen inside a reference library), so it is set here, before any test module is collected.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-# The steering repository's shared/ folder sits beside the checkout; MINID_SHARED overrides it.
-SHARED = Path(os.environ.get("MINID_SHARED", REPO.parent / "shared"))
-SD14_REFERENCE = SHARED / "reference" / "sd14"
+SD14_DATA = Path(__file__).resolve().parent / "data" / "sd14"
 
 
 @pytest.fixture(scope="session")
-def sd14_reference() -> Path:
-    """The folder with the real SD1.4 configs, tokenizer files and layouts.json; skips when absent."""
-    if not (SD14_REFERENCE / "layouts.json").is_file():
-        pytest.skip(f"SD1.4 reference files not found at {SD14_REFERENCE} (set MINID_SHARED to the shared/ folder)")
-    return SD14_REFERENCE
+def sd14_reference(tmp_path_factory) -> Path:
+    """SD1.4's published small files: `hub/` (model_index.json, the configs, `tokenizer/`) and layouts.json.
+
+    The repository keeps the tokenizer's vocab.json and merges.txt once, in the package; this folder joins them
+    with tests/data/sd14, so `hub/` is laid out as the published repository's small files.
+    """
+    root = tmp_path_factory.mktemp("sd14")
+    shutil.copytree(SD14_DATA, root, dirs_exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(TOKENIZER_FILES / name, root / "hub" / "tokenizer" / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    """The tiny random SD stack of tiny_models.py (real CLIP tokenizer), built once per test session."""
+    from tiny_models import build_tiny_sd
+
+    return build_tiny_sd()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; with two cores shared by other jobs, more threads thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def onnx_models() -> dict:
+    """The tiny ONNX detector, ArcFace and landmark models of tiny_faces.py (skips without onnx/onnxruntime)."""
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install 'minid[faces]')")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'minid[faces]')")
+    from tiny_faces import build_face_models
+
+    return build_face_models()
+
+
+@pytest.fixture(scope="session")
+def tiny_face_pack(onnx_models, tmp_path_factory) -> Path:
+    """A model root holding the tiny models as the pack `tiny_faces.PACK` (`<root>/models/tiny_pack/*.onnx`)."""
+    from tiny_faces import write_face_pack
+
+    root = tmp_path_factory.mktemp("face_root")
+    write_face_pack(onnx_models, root)
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
-"""minid.checkpoint: every published layout loads, names and shapes are checked, and the loaded models compute
-what diffusers/transformers compute with the same weights.
+"""minid.checkpoint, minid.keymap and minid.weights: every published layout loads, names and shapes are checked,
+and the loaded models compute what diffusers/transformers compute with the same weights.
 
 Files are written with the published names, shapes and dtypes (layouts.json) and random values. Full-size
 files are written once per session; variants that differ from a written one only in dtype are proven
@@ -18,7 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minid import checkpoint as C
+from minid import keymap as K
+from minid import weights as W
 from minid.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minid.tokenizer import CLIPTokenizer
 
 CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
 HUB = "hub_files"
@@ -70,18 +73,18 @@ def test_key_map_covers_the_single_file_layout(layouts, component):
     attention's 1×1 convs read as Linear); the EMA names are exactly the full-EMA file's extra tensors."""
     expected = meta_state(component)
     single = layouts["single_file"]["tensors"]
-    names = C.ldm_key_map(component, expected, CONFIGS[component]())
-    prefix = C.LDM_PREFIX[component]
+    names = K.ldm_key_map(component, expected, CONFIGS[component]())
+    prefix = K.LDM_PREFIX[component]
     in_file = {k for k in single if k.startswith(prefix)} - {prefix + C.POSITION_IDS}
     assert set(names.values()) == in_file, f"unmapped: {sorted(in_file ^ set(names.values()))[:10]}"
     for key, ldm in names.items():
         found = tuple(single[ldm][0])
         conv1x1 = component == "vae" and found == (*expected[key], 1, 1) and ".attn_1." in ldm
         assert found == expected[key] or conv1x1, f"{ldm}: shape {found}, model {key} expects {expected[key]}"
-    rest = {k for k in single if not k.startswith(tuple(C.LDM_PREFIX.values()))}
+    rest = {k for k in single if not k.startswith(tuple(K.LDM_PREFIX.values()))}
     assert rest == set(C.LDM_SCHEDULE_BUFFERS), f"top-level tensors besides the schedule: {rest}"
     if component == "unet":
-        ema = C.ldm_key_map("unet", expected, UNetConfig(), ema=True)
+        ema = K.ldm_key_map("unet", expected, UNetConfig(), ema=True)
         extra = set(layouts["single_file_full_ema_extra"]["tensors"])
         assert set(ema.values()) == extra - C.LDM_EMA_SCALARS
         assert C.LDM_EMA_SCALARS <= extra
@@ -111,19 +114,19 @@ def test_hub_layouts_match_the_models_and_variants_differ_only_in_dtype(layouts)
 
 
 def test_manifest_lists_every_file_the_loader_fetches(layouts, sd14_reference):
-    manifest = C.load_manifest()
-    assert manifest["revision"] == C.REVISION
+    manifest = W.load_manifest()
+    assert manifest["revision"] == W.REVISION
     files = manifest["files"]
     for precision in ("fp16", "fp32"):
-        assert set(C.hub_files(precision)) <= set(files)
+        assert set(W.hub_files(precision)) <= set(files)
     for name, entry in layouts[HUB].items():
         assert files[name] == {"bytes": entry["bytes"], "sha256": entry["sha256"]}, name
-    for name in C.HUB_SMALL_FILES:
-        assert files[name]["sha256"] == C.sha256_file(sd14_reference / "hub" / name), name
+    for name in W.HUB_SMALL_FILES:
+        assert files[name]["sha256"] == W.sha256_file(sd14_reference / "hub" / name), name
 
 
 def test_keymap_text_lists_the_reversed_decoder():
-    text = C.format_key_map()
+    text = K.format_key_map()
     assert "decoder.up_blocks.0.upsamplers.0.conv" in text and "decoder.up.3.upsample.conv" in text
     assert "input_blocks.3.0.op" in text
 
@@ -157,8 +160,7 @@ def test_full_hub_folder_loads_every_tensor(full_hub):
                              torch.float16)
     assert_state_equals_file(sd.text_encoder, full_hub / "text_encoder/model.fp16.safetensors",
                              {k: k for k in sd.text_encoder.state_dict()}, torch.float16)
-    positions = [b for n, b in sd.text_encoder.named_buffers() if n.endswith("position_ids")]
-    assert all(torch.equal(b.flatten(), torch.arange(77)) for b in positions), "position_ids = arange(77)"
+    assert not list(sd.text_encoder.buffers()), "no buffers: CLIP's positions are made in forward"
     assert not any(t.is_meta for t in list(sd.text_encoder.buffers()) + list(sd.unet.parameters()))
 
 
@@ -169,7 +171,7 @@ def test_full_single_file_loads_every_component(layouts, sd14_reference, tmp_pat
     random_file(path, layouts["single_file"]["tensors"], dtype=torch.float16)
     sd = C.load_stable_diffusion(path, dtype=torch.float16, config_folder=sd14_reference / "hub")
     for component, model in (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder)):
-        names = C.ldm_key_map(component, model.state_dict(), CONFIGS[component]())
+        names = K.ldm_key_map(component, model.state_dict(), CONFIGS[component]())
         assert_state_equals_file(model, path, names, torch.float16)
     path.unlink()
 
@@ -295,11 +297,11 @@ def _ldm_state(tiny_hub_models, with_ema: bool) -> dict[str, torch.Tensor]:
     for component, model in tiny_hub_models.items():
         cfg = CONFIGS[component].tiny()
         for k, t in model.state_dict().items():
-            name = C.ldm_name(component, k, cfg)
+            name = K.ldm_name(component, k, cfg)
             state[name] = t[:, :, None, None] if ".attn_1." in name and t.ndim == 2 else t.contiguous()
             if with_ema and component == "unet":
-                state[C.ldm_ema_name(name)] = t.contiguous() + 1.0  # the EMA copy: different values
-    state[C.LDM_PREFIX["text_encoder"] + C.POSITION_IDS] = torch.arange(77)[None]
+                state[K.ldm_ema_name(name)] = t.contiguous() + 1.0  # the EMA copy: different values
+    state[K.LDM_PREFIX["text_encoder"] + C.POSITION_IDS] = torch.arange(77)[None]
     for name in C.LDM_SCHEDULE_BUFFERS:
         state[name] = torch.rand(1000)
     if with_ema:
@@ -393,13 +395,22 @@ def test_folder_with_a_file_missing(tiny_hub, tmp_path):
     assert "python -m minid.checkpoint download" in str(e.value) and "config.json" in str(e.value)
     shutil.rmtree(root / "tokenizer")
     with pytest.raises(C.CheckpointError, match="vocab.json"):
-        C.load_stable_diffusion(root)
+        C.load_stable_diffusion(root, tokenizer_folder=root / "tokenizer")
 
 
-def test_single_file_without_tokenizer(tiny_single, tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "DEFAULT_WEIGHTS", tmp_path / "nothing")
-    with pytest.raises(C.CheckpointError, match="tokenizer_folder"):
-        C.load_stable_diffusion(tiny_single / "sd.safetensors")
+def test_weights_without_a_tokenizer_get_the_copy_that_ships_with_minid(tiny_single, tiny_hub, tmp_path):
+    """A single file carries no tokenizer and a hub folder may lack one: both get SD1.4's, shipped in minid."""
+    published = CLIPTokenizer.from_folder(tiny_hub / "tokenizer")
+    prompt = "a photo of a man wearing eyeglasses"
+    (tmp_path / "hub").mkdir()
+    for source in (tiny_single / "sd.safetensors", tmp_path / "hub"):
+        tokenizer = C.load_tokenizer(source)
+        assert tokenizer.encode(prompt) == published.encode(prompt), f"{source}: {tokenizer.tokens(prompt)[:9]}"
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_hub / "tokenizer" / "vocab.json", partial)
+    with pytest.raises(C.CheckpointError, match="merges.txt"):
+        C.load_tokenizer(tiny_single / "sd.safetensors", tokenizer_folder=partial)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -411,7 +422,7 @@ def test_convert_pickle_to_safetensors(tmp_path):
     weights["tied"] = weights["a"]  # shares storage: written as its own copy
     src = tmp_path / "model.ckpt"
     torch.save({"state_dict": weights, "global_step": 7}, src)
-    summary = C.convert(src, log=lambda s: None)
+    summary = W.convert(src, log=lambda s: None)
     dst = tmp_path / "model.safetensors"
     assert summary.dst == dst and summary.tensors == 4
     assert summary.dtypes == {"float32": 2, "int64": 1, "float16": 1}
@@ -421,9 +432,9 @@ def test_convert_pickle_to_safetensors(tmp_path):
         for k, v in weights.items():
             assert torch.equal(f.get_tensor(k), v), k
     with pytest.raises(C.CheckpointError, match="already exists"):
-        C.convert(src, dst, log=lambda s: None)
+        W.convert(src, dst, log=lambda s: None)
     torch.save({"c": torch.ones(1)}, src)
-    assert C.convert(src, dst, overwrite=True, log=lambda s: None).tensors == 1
+    assert W.convert(src, dst, overwrite=True, log=lambda s: None).tensors == 1
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file is left behind"
 
 
@@ -436,11 +447,11 @@ def remote(tmp_path):
     """A stand-in for the hub repository: every file download() asks for, with small random contents, and
     the manifest of those contents."""
     root = tmp_path / "remote"
-    for name in C.hub_files("fp16"):
+    for name in W.hub_files("fp16"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(torch.randint(0, 256, (1000 + len(name),), dtype=torch.uint8).numpy().tobytes())
-    manifest = {"files": {n: {"bytes": (root / n).stat().st_size, "sha256": C.sha256_file(root / n)}
-                          for n in C.hub_files("fp16")}}
+    manifest = {"files": {n: {"bytes": (root / n).stat().st_size, "sha256": W.sha256_file(root / n)}
+                          for n in W.hub_files("fp16")}}
     return root, manifest
 
 
@@ -457,13 +468,13 @@ def fake_fetch(root: Path, calls: list):
 def test_download_verifies_and_skips_verified_files(remote, tmp_path, monkeypatch):
     root, manifest = remote
     calls = []
-    dest = C.download(tmp_path / "w", manifest=manifest, fetch=fake_fetch(root, calls), log=lambda s: None)
-    assert sorted(calls) == sorted(C.hub_files("fp16"))
+    dest = W.download(tmp_path / "w", manifest=manifest, fetch=fake_fetch(root, calls), log=lambda s: None)
+    assert sorted(calls) == sorted(W.hub_files("fp16"))
     assert (dest / "unet/diffusion_pytorch_model.fp16.safetensors.verified").is_file()
     # Offline, with every file present and verified: nothing is fetched, nothing is hashed again.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(C, "sha256_file", lambda p: pytest.fail("hashed a verified file again"))
-    C.download(dest, manifest=manifest, fetch=lambda **kw: pytest.fail("fetched offline"), log=lambda s: None)
+    monkeypatch.setattr(W, "sha256_file", lambda p: pytest.fail("hashed a verified file again"))
+    W.download(dest, manifest=manifest, fetch=lambda **kw: pytest.fail("fetched offline"), log=lambda s: None)
 
 
 def test_download_through_hf_hub_download(remote, tmp_path, monkeypatch):
@@ -472,8 +483,8 @@ def test_download_through_hf_hub_download(remote, tmp_path, monkeypatch):
     root, manifest = remote
     calls = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_fetch(root, calls))
-    C.download(tmp_path / "w", manifest=manifest, log=lambda s: None)
-    assert len(calls) == len(C.hub_files("fp16"))
+    W.download(tmp_path / "w", manifest=manifest, log=lambda s: None)
+    assert len(calls) == len(W.hub_files("fp16"))
 
 
 def test_download_sha_mismatch_truncation_and_offline_missing(remote, tmp_path, monkeypatch):
@@ -481,24 +492,24 @@ def test_download_sha_mismatch_truncation_and_offline_missing(remote, tmp_path, 
     name = "unet/diffusion_pytorch_model.fp16.safetensors"
     dest = tmp_path / "w"
     calls = []
-    C.download(dest, manifest=manifest, fetch=fake_fetch(root, calls), log=lambda s: None)
+    W.download(dest, manifest=manifest, fetch=fake_fetch(root, calls), log=lambda s: None)
     # A truncated local file is fetched again.
     data = (dest / name).read_bytes()
     (dest / name).write_bytes(data[:100])
     calls.clear()
-    C.download(dest, manifest=manifest, fetch=fake_fetch(root, calls), log=lambda s: None)
+    W.download(dest, manifest=manifest, fetch=fake_fetch(root, calls), log=lambda s: None)
     assert calls == [name] and (dest / name).read_bytes() == data
     # The remote serves different bytes of the right size: sha256 mismatch, named in the error.
     (root / name).write_bytes(bytes(len(data)))
     (dest / name).unlink()
     with pytest.raises(C.CheckpointError, match="sha256") as e:
-        C.download(dest, manifest=manifest, fetch=fake_fetch(root, []), log=lambda s: None)
+        W.download(dest, manifest=manifest, fetch=fake_fetch(root, []), log=lambda s: None)
     assert name in str(e.value) and "python -m minid.checkpoint download" in str(e.value)
     # Offline with the file missing: the error names the file and the command to run.
     (dest / name).unlink()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(C.CheckpointError, match="HF_HUB_OFFLINE") as e:
-        C.download(dest, manifest=manifest, fetch=fake_fetch(root, []), log=lambda s: None)
+        W.download(dest, manifest=manifest, fetch=fake_fetch(root, []), log=lambda s: None)
     assert name in str(e.value) and "--dest" in str(e.value)
 
 
@@ -509,5 +520,5 @@ def test_download_network_error_is_explained(remote, tmp_path):
         raise ConnectionError("Name or service not known")
 
     with pytest.raises(C.CheckpointError, match="download from CompVis/stable-diffusion-v1-4 failed") as e:
-        C.download(tmp_path / "w", manifest=manifest, fetch=no_network, log=lambda s: None)
+        W.download(tmp_path / "w", manifest=manifest, fetch=no_network, log=lambda s: None)
     assert "model_index.json" in str(e.value) and "Check the network" in str(e.value)

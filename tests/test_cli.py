@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 from minid import cli
-from tiny_models import IMAGE_SIZE, random_image, tiny_sd  # noqa: F401  (fixture)
+from minid.faces import FaceAnalyzer
 from minid.images import tensor_to_pil
+from minid.metrics import id_similarity
+from tiny_faces import PACK, red_squares
+from tiny_models import IMAGE_SIZE, random_image
 
 
 def _write_component(folder: Path, model: torch.nn.Module, config: dict, weights_name: str) -> None:
@@ -103,20 +109,60 @@ def test_missing_weights_folder_is_a_clear_error(tmp_path, capsys):
     assert rc == 2 and "absent" in err and "download" in err, f"exit code {rc}, stderr: {err}"
 
 
-def test_eval_writes_the_table(tmp_path, monkeypatch):
-    from minid import faces, metrics
+def test_eval_writes_the_table(tiny_face_pack, tmp_path, capsys):
+    """`minid eval` with the tiny face pack (tiny_faces.py, at the default det_size 640), whose detector sees a
+    face in each red square. Triples: "same" (three identical images), "restored" (the edit changed the face's
+    green channel; the result is the original again), "noface" (black images), and an original alone."""
+    side, x, y, k = 640, 320, 320, 8  # image side; the face is the k×k red square at (x, y), one stride-8 cell
+    original = red_squares(side, side, [(x, y, k)])
+    edited = original.copy()
+    edited[y : y + k, x : x + k, 1] = 128
+    blank = np.zeros_like(original)
+    folder, out = tmp_path / "eval", tmp_path / "table"
+    triples = {"same": (original, original, original), "restored": (original, edited, original),
+               "noface": (blank, blank, blank)}
+    for role in ("original", "edited", "result"):
+        (folder / role).mkdir(parents=True)
+    for name, images in triples.items():
+        for role, image in zip(("original", "edited", "result"), images):
+            Image.fromarray(image).save(folder / role / f"{name}.png")
+    Image.fromarray(original).save(folder / "original" / "lonely.png")
 
-    seen = {}
+    rc = cli.main(["eval", str(folder), "--out", str(out), "--face-pack", PACK, "--face-root", str(tiny_face_pack)])
+    assert rc == 0, capsys.readouterr().err
 
-    def fake_evaluate(folder, analyzer, out_dir=None, progress=True, **_):
-        seen.update(folder=folder, analyzer=analyzer, out_dir=out_dir)
-        return {"summary": {"images": 0}}
+    with open(out / "metrics.csv", newline="") as f:
+        csv_rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert sorted(csv_rows) == ["noface", "restored", "same"], f"csv rows {sorted(csv_rows)}"
+    table = json.loads((out / "metrics.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    # identical images: ID-Sim 1 and PSNR inf (written "inf" in the csv, null in the json)
+    same = rows["same"]
+    assert same["faces_original"] == 1 and same["note"] == "", same
+    assert abs(same["id_sim_edited"] - 1) < 1e-9 and abs(same["id_sim_result"] - 1) < 1e-9, same
+    assert csv_rows["same"]["psnr_result_edited"] == "inf" and same["psnr_result_edited"] is None, same
+    # the edit: ID-Sim of the two faces as the analyzer sees them; the result is the original: ID-Sim 1, and its
+    # PSNR to the edited image counts the k² face pixels whose green channel differs by 128
+    analyzer = FaceAnalyzer.from_pack(PACK, root=tiny_face_pack)
+    drift = id_similarity(analyzer.largest_face(original).embedding, analyzer.largest_face(edited).embedding)
+    mse = k * k * 128**2 / (side * side * 3)
+    restored = rows["restored"]
+    assert drift < 0.999 and abs(restored["id_sim_edited"] - drift) < 1e-9, f"{restored}, expected ID-Sim {drift}"
+    assert abs(restored["id_sim_result"] - 1) < 1e-9, restored
+    assert abs(restored["psnr_result_edited"] - 10 * math.log10(255**2 / mse)) < 1e-9, restored
+    assert float(csv_rows["restored"]["psnr_result_edited"]) == restored["psnr_result_edited"], csv_rows["restored"]
+    # no face: counted, with a note and no ID-Sim
+    noface = rows["noface"]
+    assert noface["faces_original"] == 0 and noface["note"] == "no face in original", noface
+    assert noface["id_sim_edited"] is None and noface["id_sim_result"] is None, noface
+    assert csv_rows["noface"]["id_sim_result"] == "", csv_rows["noface"]
 
-    sentinel = object()
-    monkeypatch.setattr(faces.FaceAnalyzer, "from_pack", classmethod(lambda cls, *a, **k: sentinel))
-    monkeypatch.setattr(metrics, "evaluate_folder", fake_evaluate)
-    assert cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--face-root", str(tmp_path)]) == 0
-    assert seen == {"folder": str(tmp_path), "analyzer": sentinel, "out_dir": str(tmp_path / "o")}, seen
+    summary = table["summary"]
+    assert summary["images"] == 3 and summary["images_with_faces"] == 2, summary
+    assert summary["missing"] == ["lonely: no edited or result image"], summary
+    assert abs(summary["mean_id_sim_result"] - 1) < 1e-9 and summary["same_person_rate_result"] == 1.0, summary
+    # inf (the identical images) is left out of the mean PSNR
+    assert summary["mean_psnr_result_edited"] == restored["psnr_result_edited"], summary
 
 
 def test_help_lists_every_command(capsys):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from minid.attention import Site, default_attention
-from minid.control import (AttentionStore, BatchLayout, EditedIDGating, PromptToPrompt, gating_weights,
-                           prompt_alignment, word_mask)
-from minid.tokenizer import CLIPTokenizer
+from minid.control import (AttentionStore, BatchLayout, Chain, EditedIDGating, GatingConfig, PromptToPrompt,
+                           at_step, gating_weights, word_mask)
+from minid.tokenizer import CLIPTokenizer, prompt_alignment
 
 SIDE = 4  # a 4×4 query grid
 N = SIDE * SIDE
@@ -58,7 +58,8 @@ def test_gating_weights_follow_eq_8():
     assert torch.equal(w[2][~mo & ~me], torch.ones(int((~mo & ~me).sum()))), "rows outside both masks stay T's"
     assert torch.allclose(w.sum(0), torch.ones(SIDE, SIDE)), "each row's weights must sum to 1"
     with pytest.raises(ValueError, match="λ_O"):
-        EditedIDGating(BatchLayout(3), mask_o, mask_e, lambda_o=0.5, lambda_e=0.6)
+        GatingConfig(lambda_o=1.5)
+    assert GatingConfig(lambda_o=0.3).lambda_e == 0.7, "λ_E = 1 − λ_O keeps every row's weights summing to 1"
 
 
 @pytest.mark.parametrize("mode", ["output", "map"])
@@ -66,7 +67,7 @@ def test_gating_self_attention_mixes_rows_as_eq_7(mode):
     mask_o, mask_e = half_masks()
     lay = BatchLayout(3, cfg=True)
     q, k, v = qkv(lay.size, N)
-    ctrl = EditedIDGating(lay, mask_o, mask_e, lambda_o=0.4, lambda_e=0.6, mode=mode)
+    ctrl = EditedIDGating(lay, mask_o, mask_e, config=GatingConfig(lambda_o=0.4, mode=mode))
     out = ctrl(q, k, v, DOWN_SELF)
     w = gating_weights(mask_o, mask_e, 0.4, 0.6, (SIDE, SIDE)).double()  # (3, Nq)
     for cond in (False, True):
@@ -78,8 +79,9 @@ def test_gating_self_attention_mixes_rows_as_eq_7(mode):
     for r in (0, 1, 3, 4):  # O and E are never edited
         assert torch.allclose(out[r], default_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1])[0], atol=1e-6)
     assert ctrl(q, k, v, UP_SELF) is None, "up blocks are not gated by default"
-    ctrl.step, ctrl.self_steps = 3, (0, 2)
-    assert ctrl(q, k, v, DOWN_SELF) is None, "outside the step window nothing is gated"
+    windowed = EditedIDGating(lay, mask_o, mask_e, config=GatingConfig(lambda_o=0.4, mode=mode, self_steps=(0, 2)))
+    assert windowed(q, k, v, DOWN_SELF, step=3) is None, "outside the step window nothing is gated"
+    assert torch.equal(at_step(windowed, 1)(q, k, v, DOWN_SELF), out), "inside the window: the same gating"
 
 
 def test_gating_cross_attention_takes_token_columns_from_o_and_e():
@@ -144,10 +146,9 @@ def test_prompt_to_prompt_self_injection_and_reweight():
     src, tgt = lay.row(0), lay.row(1)
     err = (out[tgt].double() - probs(q[src], k[src]) @ v[tgt].double()).abs().max().item()
     assert err < 1e-5, f"self-attention injection is not P_src V_tgt (error {err})"
-    p2p.step = 6
-    assert p2p(q, k, v, DOWN_SELF) is None, "self injection must stop after its window"
+    assert p2p(q, k, v, DOWN_SELF, step=6) is None, "self injection must stop after its window"
     qc, kc, vc = qkv(lay.size, 77, seed=4)
-    out = p2p(qc, kc, vc, DOWN_CROSS)  # step 6 of 10: inside the cross window (0, 0.8)
+    out = p2p(qc, kc, vc, DOWN_CROSS, step=6)  # step 6 of 10: inside the cross window (0, 0.8)
     p = probs(qc[src], kc[src]).clone()  # identity alignment: every column from the source
     p[..., 3] *= 2.0
     err = (out[tgt].double() - p @ vc[tgt].double()).abs().max().item()
@@ -165,3 +166,16 @@ def test_prompt_alignment(sd14_reference):
     assert r[:6].tolist() == [0, 1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="as many words"):
         prompt_alignment(tok, src, tgt, "replace")
+
+
+def test_a_chain_uses_its_editors_output_and_lets_observers_see_the_same_call():
+    lay = BatchLayout(2, cfg=True)
+    q, k, v = qkv(lay.size, 77, seed=5)
+    p2p = PromptToPrompt(lay, [torch.arange(77)], num_steps=10)
+    store = AttentionStore()
+    out = Chain(p2p, store)(q, k, v, DOWN_CROSS, step=2)
+    assert torch.equal(out, p2p(q, k, v, DOWN_CROSS, step=2)), "the chain's output must be the editor's"
+    key = (DOWN_CROSS.block, DOWN_CROSS.level, DOWN_CROSS.index, DOWN_CROSS.kind)
+    assert store.counts[key] == 1 and torch.allclose(store.maps[key], probs(q, k).mean(1).float(), atol=1e-6), \
+        "the observer must store the unedited maps of the same call"
+    assert Chain(p2p, store)(q, k, v, DOWN_CROSS, step=9) is None, "outside the editor's window: no edit"

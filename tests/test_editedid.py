@@ -7,17 +7,35 @@ import json
 import pytest
 import torch
 
-from minid.editedid import Disentanglement, EditedID, EditedIDConfig, generate
-from minid.control import AttentionStore
+from dataclasses import replace
+
+from minid import editedid
+from minid.control import AttentionStore, GatingConfig
+from minid.editedid import Disentanglement, EditedIDConfig, Tokens
+from minid.generate import generate
 from minid.images import load_image, save_image
-from tiny_models import IMAGE_SIZE, one_thread, random_image, tiny_sd  # noqa: F401  (fixtures)
+from minid.inversion import NullTextConfig, invert
+from minid.restore import EditedID, RestoreConfig
+from minid.plans import DDIM, HybridSchedule, ddim_plan
+from minid.schedule import NoiseSchedule
+from tiny_models import IMAGE_SIZE, random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 P_O = "a photo of a man"
 P_E = "a photo of a man wearing black glasses"
-FAST = dict(image_size=IMAGE_SIZE, null_inner_steps=2)  # tiny images, few null-text updates
+METHOD = EditedIDConfig(null_text=NullTextConfig(inner_steps=2))  # few null-text updates
 LATENT = IMAGE_SIZE // 8
+PLAN = METHOD.plan(NoiseSchedule.scaled_linear())
+
+
+def fast(method: EditedIDConfig = METHOD, **image_side) -> RestoreConfig:
+    """The restore config of these tests: tiny images, few null-text updates."""
+    return RestoreConfig(method, image_size=IMAGE_SIZE, **image_side)
+
+
+def _entangle(sd, d, c_o, c_e, mask_o, mask_e, tokens, method=METHOD, plan=PLAN, backend="auto"):
+    return editedid.entangle(sd.unet, plan, method, d, c_o, c_e, mask_o, mask_e, [tokens], backend=backend)
 
 
 def _stage3_inputs(sd, seed=0):
@@ -38,12 +56,16 @@ def _id_pairs(sd, prompt_t):
     return list(zip(pos_t, pos_o))
 
 
+def _glasses_pairs(sd):
+    return list(zip(*sd.tokenizer.align_tokens(P_E, P_E, "glasses")))
+
+
 @pytest.mark.parametrize("mode", ["output", "map"])
 def test_full_face_mask_with_identity_words_and_o_as_target_reproduces_o(tiny_sd, mode):
-    pipe = EditedID(tiny_sd, EditedIDConfig(target="original", gating_mode=mode, **FAST))
+    method = replace(METHOD, target="original", gating=GatingConfig(mode=mode))
     d, c_o, c_e = _stage3_inputs(tiny_sd)
     full, empty = torch.ones(1, 1, LATENT, LATENT), torch.zeros(1, 1, LATENT, LATENT)
-    z = pipe.entangle(d, c_o, c_e, full, empty, _id_pairs(tiny_sd, P_O), [])
+    z = _entangle(tiny_sd, d, c_o, c_e, full, empty, Tokens(_id_pairs(tiny_sd, P_O)), method)
     err = (z[2] - z[0]).abs().max().item()
     scale = z[0].abs().max().item()
     assert err <= 1e-4 * max(scale, 1.0), f"branch T differs from branch O by {err} (|z| up to {scale})"
@@ -51,25 +73,22 @@ def test_full_face_mask_with_identity_words_and_o_as_target_reproduces_o(tiny_sd
 
 
 def test_empty_masks_and_no_tokens_reproduce_e_exactly(tiny_sd):
-    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
     d, c_o, c_e = _stage3_inputs(tiny_sd, seed=1)
     empty = torch.zeros(1, 1, LATENT, LATENT)
-    z = pipe.entangle(d, c_o, c_e, empty, empty, [], [], blend=False)
+    z = _entangle(tiny_sd, d, c_o, c_e, empty, empty, Tokens(), replace(METHOD, blend=False))
     assert torch.equal(z[2], z[1]), f"T differs from E by {(z[2] - z[1]).abs().max().item()}"
 
 
 def test_blending_keeps_e_outside_the_dilated_mask_union_exactly(tiny_sd):
-    cfg = EditedIDConfig(blend_dilation=1, **FAST)
-    pipe = EditedID(tiny_sd, cfg)
     d, c_o, c_e = _stage3_inputs(tiny_sd, seed=2)
     d.z_T_e = d.z_T_o + 0.5  # different starts: without blending T would differ from E everywhere
     mask_o = torch.zeros(1, 1, LATENT, LATENT)
     mask_o[..., 1:3, 1:3] = 1
     mask_e = torch.zeros(1, 1, LATENT, LATENT)
     mask_e[..., 5:6, 5:7] = 1
-    z = pipe.entangle(d, c_o, c_e, mask_o, mask_e, _id_pairs(tiny_sd, P_E),
-                      list(zip(*tiny_sd.tokenizer.align_tokens(P_E, P_E, "glasses"))))
-    m = pipe.blend_mask(mask_o, mask_e)[0, 0].bool()  # (h, w)
+    z = _entangle(tiny_sd, d, c_o, c_e, mask_o, mask_e, Tokens(_id_pairs(tiny_sd, P_E), _glasses_pairs(tiny_sd)),
+                  replace(METHOD, blend_dilation=1))
+    m = editedid.blend_mask(mask_o, mask_e, LATENT, 1)[0, 0].bool()  # (h, w)
     assert 0 < int(m.sum()) < m.numel()
     assert bool(m[0:4, 0:4].all()) and not bool(m[7, 0]), "the union is dilated by one latent pixel"
     outside = ~m
@@ -89,7 +108,7 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_result(tiny_sd, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("restored")
-    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    pipe = EditedID(tiny_sd, fast())
     result = pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=0,
                           progress=False, save_intermediates=out)
     return result, out
@@ -116,11 +135,11 @@ def test_restore_returns_everything_and_saves_intermediates(full_result):
 
 
 def test_same_seed_same_output_and_the_seed_matters_when_sampling(tiny_sd, inputs, full_result):
-    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    pipe = EditedID(tiny_sd, fast())
     again = pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=0,
                          progress=False)
     assert torch.equal(again.image, full_result[0].image), "the same inputs and seed gave another image"
-    sampled = EditedID(tiny_sd, EditedIDConfig(sample_posterior=True, **FAST))
+    sampled = EditedID(tiny_sd, fast(sample_posterior=True))
     a = sampled.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=1, progress=False)
     b = sampled.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=1, progress=False)
     c = sampled.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], seed=2, progress=False)
@@ -138,7 +157,7 @@ def _masks():
 
 def _restore_with_masks(sd, inputs, ablation):
     face, glasses = _masks()
-    pipe = EditedID(sd, EditedIDConfig(ablation=ablation, **FAST))
+    pipe = EditedID(sd, fast(replace(METHOD, ablation=ablation)))
     return pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], face_mask=face,
                         element_mask=glasses, progress=False)
 
@@ -159,8 +178,53 @@ def test_each_ablation_changes_the_result(tiny_sd, inputs, full_method_with_mask
         assert ablated.w_schedule[-1] == 0.5
 
 
+def test_without_alignment_each_start_latent_is_its_own_inversion(tiny_sd):
+    method = replace(METHOD, ablation="no_alignment")
+    with torch.no_grad():
+        z0 = tiny_sd.vae.encode_latent(torch.cat([random_image(1), random_image(2)]))
+        ctx = tiny_sd.text_encoder(tiny_sd.tokenizer([P_O, P_E]))
+    res = editedid.align(tiny_sd.unet, PLAN, method, z0[0:1], z0[1:2], ctx[0:1], ctx[1:2])
+    assert res.w_schedules == [[0.0] * 6], "without alignment nothing is mixed"
+    for k, pivots in enumerate((res.pivots_o, res.pivots_e)):
+        alone = invert(tiny_sd.unet, PLAN, z0[k:k + 1], ctx[k:k + 1])
+        err = max((a - b).abs().max().item() for a, b in zip(pivots, alone))
+        assert err < 1e-5, f"image {k}: the ablated pivots differ from its own inversion by {err}"
+
+
+def test_without_disentanglement_every_step_is_ddim():
+    schedule = NoiseSchedule.scaled_linear()
+    for ablation in ("no_disentanglement", "baseline"):
+        plan = replace(METHOD, ablation=ablation).plan(schedule)
+        assert plan == ddim_plan(schedule, 6), f"{ablation}: the plan must be DDIM's alone"
+        assert {s.solver for s in plan.steps} == {DDIM}
+    assert [s.solver for s in PLAN.steps][-2:] == ["dpm_solver++"] * 2, "the full method keeps the hybrid"
+
+
+def test_without_entanglement_no_self_attention_row_is_replaced(tiny_sd):
+    d, c_o, c_e = _stage3_inputs(tiny_sd, seed=5)
+    full = torch.ones(1, 1, LATENT, LATENT)
+    ablated = _entangle(tiny_sd, d, c_o, c_e, full, full, Tokens(), replace(METHOD, ablation="no_entanglement"))
+    assert torch.equal(ablated[2], ablated[1]), "without gating and without tokens, T must equal E exactly"
+    gated = _entangle(tiny_sd, d, c_o, c_e, full, full, Tokens())
+    assert not torch.equal(gated[2], gated[1]), "the full method's gating must change T under the same masks"
+
+
+def test_the_baseline_runs_t_from_the_originals_z_T_with_e_s_prompt_and_null_text(tiny_sd):
+    from minid.inversion import reconstruct
+
+    method = replace(METHOD, ablation="baseline", blend=False)
+    plan = method.plan(NoiseSchedule.scaled_linear())
+    d, c_o, c_e = _stage3_inputs(tiny_sd, seed=6)
+    d.z_T_e = d.z_T_o + 0.5  # two separate inversions end apart
+    full = torch.ones(1, 1, LATENT, LATENT)
+    z = _entangle(tiny_sd, d, c_o, c_e, full, full, Tokens(), method, plan)
+    alone = reconstruct(tiny_sd.unet, plan, d.z_T_o, c_e, d.null_e, method.guidance)[-1]
+    err = (z[2:3] - alone).abs().max().item()
+    assert err < 1e-4, f"baseline T differs from E's prompt and null-texts run from z_T^O by {err}"
+
+
 def test_bad_inputs_fail_early_with_clear_errors(tiny_sd, inputs):
-    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    pipe = EditedID(tiny_sd, fast())
     calls = []
     original_forward = tiny_sd.unet.forward
     tiny_sd.unet.forward = lambda *a, **k: calls.append(1) or original_forward(*a, **k)
@@ -188,7 +252,7 @@ def test_bad_inputs_fail_early_with_clear_errors(tiny_sd, inputs):
 
 
 def test_wrong_mask_size_is_resized_with_a_note(tiny_sd, inputs):
-    pipe = EditedID(tiny_sd, EditedIDConfig(**dict(FAST, null_inner_steps=0)))
+    pipe = EditedID(tiny_sd, fast(EditedIDConfig(null_text=NullTextConfig(inner_steps=0))))
     small = torch.zeros(16, 16)
     small[4:12, 4:12] = 1
     with pytest.warns(UserWarning, match="resized"):
@@ -213,10 +277,9 @@ def test_generate_is_deterministic_per_seed(tiny_sd):
 
 
 def test_demo_writes_original_edited_restored_and_the_diagnostics(tiny_sd, tmp_path):
-    from minid.editedid import demo
+    from minid.generate import demo
 
-    paths = demo(tiny_sd, tmp_path / "demo", size=IMAGE_SIZE, generate_steps=4,
-                 config=EditedIDConfig(**FAST), progress=False)
+    paths = demo(tiny_sd, tmp_path / "demo", size=IMAGE_SIZE, generate_steps=4, config=fast(), progress=False)
     for name in ("original", "edited", "restored", "comparison", "mask_face", "mask_element", "w_schedule_plot",
                  "summary", "attention_grid"):
         assert paths[name].is_file(), f"demo did not write {name}"
@@ -229,7 +292,7 @@ def test_demo_writes_original_edited_restored_and_the_diagnostics(tiny_sd, tmp_p
 def test_load_image_any_mode_and_size_and_paste_back(tmp_path, mode):
     from PIL import Image
 
-    from minid.images import paste_back
+    from minid.crops import paste_back
 
     g = torch.Generator().manual_seed(0)
     rgb = (torch.rand(60, 100, 3, generator=g) * 255).to(torch.uint8).numpy()  # a 100×60 landscape picture
@@ -244,15 +307,15 @@ def test_load_image_any_mode_and_size_and_paste_back(tmp_path, mode):
     assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
     assert float(x.min()) >= -1 and float(x.max()) <= 1
     assert frame.original_size == (100, 60) and frame.box == (20, 0, 80, 60), "the crop is the centred square"
-    back = paste_back(x, frame, path)
-    assert back.size == (100, 60)
-    import numpy as np
+    from minid.images import pil_to_tensor, to_rgb
 
-    from minid.images import to_rgb
-
-    before, after = np.asarray(to_rgb(Image.open(path))), np.asarray(back)
-    assert (before[:, :20] == after[:, :20]).all() and (before[:, 80:] == after[:, 80:]).all(), \
+    before = pil_to_tensor(to_rgb(Image.open(path)))
+    back = paste_back(before, -x, frame.affine, mask=torch.ones(32, 32))  # the negative: every pixel changes
+    assert back.shape == (1, 3, 60, 100)
+    assert torch.equal(back[..., :20], before[..., :20]) and torch.equal(back[..., 80:], before[..., 80:]), \
         "paste_back changed pixels outside the crop"
+    inside = (back[..., 20:80] - before[..., 20:80]).abs().amax(dim=(1, 2)).min()
+    assert float(inside) > 0, "paste_back left a column of the crop unchanged"
 
 
 def test_a_mask_file_of_another_size_is_resized_with_a_note(tiny_sd, inputs, tmp_path):
@@ -261,7 +324,7 @@ def test_a_mask_file_of_another_size_is_resized_with_a_note(tiny_sd, inputs, tmp
     mask = Image.new("L", (2 * IMAGE_SIZE, 2 * IMAGE_SIZE), 0)
     mask.paste(255, (16, 16, 80, 80))
     mask.save(tmp_path / "face.png")
-    pipe = EditedID(tiny_sd, EditedIDConfig(**dict(FAST, null_inner_steps=0)))
+    pipe = EditedID(tiny_sd, fast(EditedIDConfig(null_text=NullTextConfig(inner_steps=0))))
     with pytest.warns(UserWarning, match="resized"):
         result = pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"],
                               face_mask=tmp_path / "face.png", progress=False)
@@ -304,13 +367,13 @@ def test_triton_kernels_and_the_pytorch_path_give_the_same_stage3_result(tiny_sd
     mask_e = torch.zeros(1, 1, LATENT, LATENT)
     mask_e[..., 3:7, 1:4] = 1  # overlaps M_O: the λ-weighted rows are exercised too
     results = {}
+    method = replace(METHOD, solver=HybridSchedule(num_steps=3, dpm_start=3, dpm_end=3))
     for backend in ("torch", "triton"):
-        pipe = EditedID(tiny_sd, EditedIDConfig(num_steps=3, dpm_start=3, dpm_end=3, attention_backend=backend,
-                                                **FAST))
         d, c_o, c_e = _stage3_inputs(tiny_sd, seed=4)
         d.null_o, d.null_e = d.null_o[:3], d.null_e[:3]
-        results[backend] = pipe.entangle(d, c_o, c_e, mask_o, mask_e, _id_pairs(tiny_sd, P_E),
-                                         list(zip(*tiny_sd.tokenizer.align_tokens(P_E, P_E, "glasses"))))
+        results[backend] = _entangle(tiny_sd, d, c_o, c_e, mask_o, mask_e,
+                                     Tokens(_id_pairs(tiny_sd, P_E), _glasses_pairs(tiny_sd)), method,
+                                     method.plan(NoiseSchedule.scaled_linear()), backend)
     err = (results["triton"] - results["torch"]).abs().max().item()
     scale = results["torch"].abs().max().item()
     assert err <= 1e-4 * max(scale, 1.0), f"Triton vs PyTorch path: max diff {err} (|z| up to {scale})"

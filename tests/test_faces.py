@@ -1,9 +1,9 @@
-"""Face geometry, pairing and the ONNX plumbing of minid.faces.
+"""Face geometry and pairing (minid.crops) and the ONNX plumbing of minid.faces.
 
-The ONNX tests build tiny graphs with the input/output names and shapes of insightface's buffalo_l models:
-a "detector" that fires where the image is red, so decoding and NMS must recover a box and keypoints we
-can compute by hand; an "ArcFace" that is a fixed linear map of 16×16-pooled pixels; a "landmark" net with
-a constant output.
+The ONNX tests run the tiny graphs of tests/tiny_faces.py (the `onnx_models` fixture), which have the
+input/output names and shapes of insightface's buffalo_l models: a "detector" that fires where the image is red,
+so decoding and NMS must recover a box and keypoints we can compute by hand; an "ArcFace" that is a fixed linear
+map of 16×16-pooled pixels; a "landmark" net with a constant output.
 """
 
 from __future__ import annotations
@@ -18,25 +18,28 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minid import faces
-from minid.faces import (
+from minid import crops, faces
+from minid.crops import (
     ARCFACE_TEMPLATE,
+    apply_affine,
+    arcface_affine,
+    crop_square,
+    estimate_similarity,
+    invert_affine,
+    pair_faces,
+    paste_back,
+    square_around,
+)
+from minid.faces import (
     ArcFace,
     FaceAnalyzer,
     FaceAnalyzerConfig,
     Landmark106,
     SCRFD,
-    apply_affine,
-    arcface_affine,
     choose_providers,
-    crop_square,
-    estimate_similarity,
-    invert_affine,
     nms,
-    pair_faces,
-    paste_back,
-    square_around,
 )
+from tiny_faces import BOX_DIST, DET_SIZE, KPS_OFFSETS, LANDMARK_RAW, PACK, red_squares, write_face_pack
 
 
 def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
@@ -87,7 +90,7 @@ def test_alignment_maps_keypoints_to_the_template_and_back(scale, angle, tx, ty)
 def test_align_face_of_a_template_placed_face_is_a_translation_crop():
     image = torch.rand(3, 150, 160)
     kps = ARCFACE_TEMPLATE + [17, 9]  # the face sits at an integer offset, unscaled
-    patch, _ = faces.align_face(image, kps, 112)
+    patch, _ = crops.align_face(image, kps, 112)
     assert torch.equal(patch, image[:, 9 : 9 + 112, 17 : 17 + 112]), "aligned crop differs from the image region"
 
 
@@ -140,7 +143,7 @@ def test_paste_back_of_a_scaled_crop_fills_its_square_and_nothing_else(cx, cy, h
 
 
 def test_default_paste_mask_is_feathered_and_one_inside():
-    ramp = faces.border_ramp(64, 8)
+    ramp = crops.border_ramp(64, 8)
     assert float(ramp.min()) >= 0 and float(ramp.max()) <= 1
     assert torch.all(ramp[10:54, 10:54] == 1), "ramp not 1 inside the feather band"
     assert float(ramp[0, 32]) < 0.05 and 0 < float(ramp[3, 32]) < 1, f"edge values {ramp[0, 32]}, {ramp[3, 32]}"
@@ -223,105 +226,16 @@ def test_model_root_follows_the_environment(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- tiny ONNX models
 
-DET_SIZE = 64
-BOX_DIST = np.array([1.5, 2.0, 1.5, 2.5])  # left, top, right, bottom distances in strides
-KPS_OFFSETS = np.array([-0.5, -0.5, 0.5, -0.5, 0.0, 0.25, -0.4, 1.0, 0.4, 1.0])  # 5 points, in strides
-LANDMARK_RAW = np.linspace(-0.9, 0.9, 212).reshape(106, 2)  # constant landmark output, crop units [−1, 1]
-
-
-@pytest.fixture(scope="module")
-def onnx_models():
-    onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'minid[faces]')")
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'minid[faces]')")
-    from onnx import TensorProto, helper, numpy_helper
-
-    def model(nodes, inputs, outputs, inits):
-        graph = helper.make_graph(nodes, "tiny", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        m.ir_version = 8
-        onnx.checker.check_model(m)
-        return m
-
-    def const(name, array):
-        return helper.make_node("Constant", [], [name], name=f"const_{name}", value=numpy_helper.from_array(array.astype(np.float32)))
-
-    # Detector: score of a stride-8 cell = relu(mean of the input's channel 0 over the cell), both anchors alike.
-    cells = {s: (DET_SIZE // s) ** 2 * 2 for s in (8, 16, 32)}
-    nodes = [
-        helper.make_node("Slice", ["input.1", "c0", "c1", "ax1"], ["red"], name="slice_red"),
-        helper.make_node("AveragePool", ["red"], ["pooled"], name="pool", kernel_shape=[8, 8], strides=[8, 8]),
-        helper.make_node("Relu", ["pooled"], ["relu"], name="relu"),
-        helper.make_node("Reshape", ["relu", "col"], ["per_cell"], name="reshape_cells"),
-        helper.make_node("Concat", ["per_cell", "per_cell"], ["per_anchor"], name="two_anchors", axis=1),
-        helper.make_node("Reshape", ["per_anchor", "col"], ["score_8"], name="reshape_scores"),
-        const("score_16", np.zeros((cells[16], 1))),
-        const("score_32", np.zeros((cells[32], 1))),
-    ]
-    for s in (8, 16, 32):
-        nodes.append(const(f"bbox_{s}", np.tile(BOX_DIST, (cells[s], 1))))
-    for s in (8, 16, 32):
-        nodes.append(const(f"kps_{s}", np.tile(KPS_OFFSETS, (cells[s], 1))))
-    names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
-    widths = {"score": 1, "bbox": 4, "kps": 10}
-    detector = model(
-        nodes,
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, DET_SIZE, DET_SIZE])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [cells[int(n.split("_")[1])], widths[n.split("_")[0]]]) for n in names],
-        {"c0": np.array([0]), "c1": np.array([1]), "ax1": np.array([1]), "col": np.array([-1, 1])},
-    )
-
-    # ArcFace: 16×16 average pool → flatten (3·7·7 = 147) → fixed linear map to 512.
-    weight = np.random.default_rng(0).standard_normal((147, 512)).astype(np.float32)
-    arcface = model(
-        [
-            helper.make_node("AveragePool", ["input.1"], ["p"], name="pool", kernel_shape=[16, 16], strides=[16, 16]),
-            helper.make_node("Flatten", ["p"], ["f"], name="flatten", axis=1),
-            helper.make_node("MatMul", ["f", "w"], ["683"], name="fc"),
-        ],
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("683", TensorProto.FLOAT, ["N", 512])],
-        {"w": weight},
-    )
-
-    # Landmark: a constant prediction (through a zero weight, so the batch axis is the input's).
-    landmark = model(
-        [
-            helper.make_node("Sub", ["data", "zero_mean"], ["centred"], name="Sub_0"),  # MXNet-style in-graph
-            helper.make_node("Mul", ["centred", "one"], ["scaled"], name="Mul_1"),  # normalisation: mean 0, std 1
-            helper.make_node("GlobalAveragePool", ["scaled"], ["g"], name="gap"),
-            helper.make_node("Flatten", ["g"], ["gf"], name="flatten", axis=1),
-            helper.make_node("MatMul", ["gf", "wz"], ["m"], name="fc"),
-            helper.make_node("Add", ["m", "bias"], ["fc1"], name="bias"),
-        ],
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 192, 192])],
-        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", 212])],
-        {
-            "zero_mean": np.zeros(1, np.float32),
-            "one": np.ones(1, np.float32),
-            "wz": np.zeros((3, 212), np.float32),
-            "bias": LANDMARK_RAW.reshape(-1).astype(np.float32),
-        },
-    )
-    return {"detector": detector, "arcface": arcface, "landmark": landmark, "arcface_weight": weight}
-
-
 def _session(model):
     import onnxruntime
 
     return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _red_squares(height, width, squares):
-    image = np.zeros((height, width, 3), np.uint8)
-    for x, y, side in squares:
-        image[y : y + side, x : x + side, 0] = 255
-    return image
-
-
 def test_detector_decoding_recovers_box_and_keypoints(onnx_models):
     detector = SCRFD(_session(onnx_models["detector"]), det_size=DET_SIZE)
     # 128×96 image → letterboxed at scale 0.5 into 64×64; each 16² red square covers one stride-8 cell.
-    image = _red_squares(96, 128, [(80, 32, 16), (16, 64, 16)])
+    image = red_squares(96, 128, [(80, 32, 16), (16, 64, 16)])
     boxes, scores, kps = detector.detect(faces.as_pixels(image))
     assert len(boxes) == 2, f"found {len(boxes)} faces, expected 2 (NMS must merge the two anchors of a cell)"
     expected_score = (255 - 127.5) / 128
@@ -336,7 +250,7 @@ def test_detector_decoding_recovers_box_and_keypoints(onnx_models):
 
 def test_detector_reads_rgb_not_bgr(onnx_models):
     detector = SCRFD(_session(onnx_models["detector"]), det_size=DET_SIZE)
-    image = _red_squares(64, 64, [(8, 8, 8)])[:, :, ::-1]  # the square is now blue
+    image = red_squares(64, 64, [(8, 8, 8)])[:, :, ::-1]  # the square is now blue
     boxes, _, _ = detector.detect(faces.as_pixels(image))
     assert len(boxes) == 0, "a blue square was detected: channel order is wrong"
 
@@ -371,20 +285,14 @@ def test_landmarks_map_back_from_the_crop(onnx_models):
 
 
 def test_face_analyzer_from_a_pack_folder(onnx_models, tmp_path):
-    import onnx
-
-    pack = tmp_path / "models" / "tiny_pack"
-    pack.mkdir(parents=True)
-    onnx.save(onnx_models["detector"], str(pack / "det.onnx"))
-    onnx.save(onnx_models["arcface"], str(pack / "rec.onnx"))
-    onnx.save(onnx_models["landmark"], str(pack / "lmk.onnx"))
+    pack = write_face_pack(onnx_models, tmp_path)
     assert faces.input_normalisation(pack / "lmk.onnx", (127.5, 128.0)) == (0.0, 1.0)
     assert faces.input_normalisation(pack / "rec.onnx", (127.5, 127.5)) == (127.5, 127.5)
 
-    config = FaceAnalyzerConfig(pack="tiny_pack", root=str(tmp_path), det_size=DET_SIZE)
+    config = FaceAnalyzerConfig(pack=PACK, root=str(tmp_path), det_size=DET_SIZE)
     analyzer = FaceAnalyzer.from_pack(config=config, providers=["CPUExecutionProvider"])
     assert analyzer.landmark is not None and (analyzer.landmark.mean, analyzer.landmark.std) == (0.0, 1.0)
-    image = _red_squares(96, 128, [(80, 32, 16), (16, 64, 16)])
+    image = red_squares(96, 128, [(80, 32, 16), (16, 64, 16)])
     found = analyzer.analyze(image)
     assert len(found) == 2
     pixels = faces.as_pixels(image)
@@ -432,7 +340,7 @@ def test_detection_and_embedding_match_insightface(onnx_models, tmp_path):
     onnx.save(onnx_models["detector"], str(tmp_path / "det.onnx"))
     onnx.save(onnx_models["arcface"], str(tmp_path / "rec.onnx"))
     rng = np.random.default_rng(0)
-    image = _red_squares(150, 100, [(20, 30, 24), (50, 90, 30)])
+    image = red_squares(150, 100, [(20, 30, 24), (50, 90, 30)])
     image = np.clip(image.astype(int) + rng.integers(0, 40, image.shape), 0, 255).astype(np.uint8)
     reference = InsightSCRFD(model_file=str(tmp_path / "det.onnx"))
     reference.prepare(-1, input_size=(DET_SIZE, DET_SIZE))

@@ -7,14 +7,19 @@ import copy
 import pytest
 import torch
 
-from minid.inversion import (InversionConfig, adaptive_mixing_inversion, invert, make_plan,
-                             null_text_optimization, reconstruct)
+from minid.inversion import (MixingConfig, NullTextConfig, adaptive_mixing_inversion, invert, null_text_optimization,
+                             reconstruct)
+from minid.plans import HybridSchedule, ddim_plan, hybrid_plan
+from minid.samplers import invert_loop, sample_loop
 from minid.schedule import NoiseSchedule
-from tiny_models import one_thread, random_image, tiny_sd  # noqa: F401  (fixtures)
+from tiny_models import random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEDULE = NoiseSchedule.scaled_linear()
+PLAN = hybrid_plan(SCHEDULE)  # EditedID's default: N = 6, DPM-Solver++ (2M) on the last two steps
+N = len(PLAN.steps)
+GUIDANCE = 7.5
 
 
 def _context(sd, prompts):
@@ -29,18 +34,18 @@ def _reachable_pivots(sd, plan, cond, uncond, seed, perturbation=0.05):
     z_T = torch.randn(cond.shape[0], 4, 8, 8, generator=g)
     nulls = [uncond.expand(cond.shape[0], -1, -1) + perturbation * torch.randn(cond.shape[0], *uncond.shape[1:],
                                                                               generator=g)
-             for _ in range(plan.num_steps)]
+             for _ in range(len(plan.steps))]
     return reconstruct(sd.unet, plan, z_T, cond, nulls, 7.5)[::-1]  # z_0 first, as `invert` returns
 
 
 def test_null_text_lowers_the_loss_at_every_step_and_reaches_the_threshold(tiny_sd):
     ctx = _context(tiny_sd, ["", "a photo of a man"])
     uncond, cond = ctx[0:1], ctx[1:2]
-    config = InversionConfig(inner_steps=50)
-    plan = config.plan(SCHEDULE)
+    config = NullTextConfig(inner_steps=50)
+    plan = PLAN
     pivots = _reachable_pivots(tiny_sd, plan, cond, uncond, seed=1)
-    result = null_text_optimization(tiny_sd.unet, plan, pivots, cond, uncond, config)
-    assert len(result.null_embeddings) == plan.num_steps and len(result.latents) == plan.num_steps + 1
+    result = null_text_optimization(tiny_sd.unet, plan, pivots, cond, uncond, GUIDANCE, config)
+    assert len(result.null_embeddings) == N and len(result.latents) == N + 1
     for i, step in enumerate(result.steps):
         (initial,), (final,) = step.initial_loss, step.final_loss
         assert final <= initial, f"step {i}: loss rose from {initial} to {final}"
@@ -51,22 +56,22 @@ def test_null_text_lowers_the_loss_at_every_step_and_reaches_the_threshold(tiny_
         assert step.iterations[0] <= config.inner_steps
     # the threshold grows with the step: epsilon + i·epsilon_growth
     assert [s.threshold for s in result.steps] == pytest.approx(
-        [config.epsilon + i * config.epsilon_growth for i in range(plan.num_steps)])
+        [config.epsilon + i * config.epsilon_growth for i in range(N)])
 
 
 def test_null_text_keeps_the_conditional_embedding_fixed_and_warm_starts(tiny_sd):
     ctx = _context(tiny_sd, ["", "a photo of a man"])
     uncond, cond = ctx[0:1], ctx[1:2]
     cond_before = cond.clone()
-    config = InversionConfig(inner_steps=0)  # no updates: every ∅_i is the warm start, i.e. ""'s embedding
-    plan = config.plan(SCHEDULE)
+    config = NullTextConfig(inner_steps=0)  # no updates: every ∅_i is the warm start, i.e. ""'s embedding
+    plan = PLAN
     pivots = _reachable_pivots(tiny_sd, plan, cond, uncond, seed=2)
-    result = null_text_optimization(tiny_sd.unet, plan, pivots, cond, uncond, config)
+    result = null_text_optimization(tiny_sd.unet, plan, pivots, cond, uncond, GUIDANCE, config)
     assert torch.equal(cond, cond_before), "the conditional embedding was modified"
     for i, null in enumerate(result.null_embeddings):
         assert torch.equal(null, uncond), f"step {i}: with 0 inner steps ∅ must stay the warm start"
     # and then reconstruction with them is the plain guided reconstruction
-    plain = reconstruct(tiny_sd.unet, plan, pivots[-1], cond, uncond, config.guidance)
+    plain = reconstruct(tiny_sd.unet, plan, pivots[-1], cond, uncond, GUIDANCE)
     # (batched [uncond; cond] and separate calls round differently: a relative tolerance)
     assert torch.allclose(result.z0, plain[-1], rtol=1e-4, atol=1e-4), \
         "0-iteration null-text differs from plain sampling"
@@ -79,14 +84,15 @@ def test_joint_null_text_equals_two_single_runs(tiny_sd):
     unet = copy.deepcopy(tiny_sd.unet).double()
     ctx = _context(tiny_sd, ["", "a photo of a man", "a photo of a woman wearing glasses"]).double()
     uncond, cond = ctx[0:1], ctx[1:3]
-    config = InversionConfig(inner_steps=4)
-    plan = config.plan(SCHEDULE)
+    config = NullTextConfig(inner_steps=4)
+    plan = PLAN
     pivots = [p.double() for p in _reachable_pivots(tiny_sd, plan, cond.float(), uncond.float(), seed=3,
                                                     perturbation=0.2)]
-    joint = null_text_optimization(unet, plan, pivots, cond, uncond, config)
+    joint = null_text_optimization(unet, plan, pivots, cond, uncond, GUIDANCE, config)
     for k in range(2):
-        single = null_text_optimization(unet, plan, [p[k:k + 1] for p in pivots], cond[k:k + 1], uncond, config)
-        for i in range(plan.num_steps):
+        single = null_text_optimization(unet, plan, [p[k:k + 1] for p in pivots], cond[k:k + 1], uncond, GUIDANCE,
+                                        config)
+        for i in range(N):
             assert joint.steps[i].iterations[k] == single.steps[i].iterations[0]
             err = (joint.null_embeddings[i][k:k + 1] - single.null_embeddings[i]).abs().max().item()
             assert err < 1e-9, f"image {k}, step {i}: joint ∅ differs from the single run's by {err}"
@@ -102,43 +108,65 @@ def test_adaptive_mixing_meets_at_z_T_and_w_moves_monotonically_to_one_half(tiny
     with torch.no_grad():
         z0 = tiny_sd.vae.encode_latent(torch.cat([random_image(1), random_image(2)]))
     # a larger step than the default so that w visibly moves on the tiny model's small latents
-    config = InversionConfig(solver=solver, w_lr=20.0)
-    plan = config.plan(SCHEDULE)
+    config = MixingConfig(lr=20.0)
+    plan = PLAN if solver == "hybrid" else ddim_plan(SCHEDULE, N)
     res = adaptive_mixing_inversion(tiny_sd.unet, plan, z0[0:1], z0[1:2], ctx[0:1], ctx[1:2], config)
     assert torch.equal(res.pivots_o[-1], res.pivots_e[-1]), "z_T^O and z_T^E differ"
-    assert len(res.pivots_o) == len(res.pivots_e) == plan.num_steps + 1
+    assert len(res.pivots_o) == len(res.pivots_e) == N + 1
     assert torch.equal(res.pivots_o[0], z0[0:1]) and torch.equal(res.pivots_e[0], z0[1:2])
-    ws = res.w_schedule
-    assert len(ws) == plan.num_steps
+    ws, losses = res.w_schedules[0], res.alignment_losses[0]
+    assert len(ws) == N
     assert ws[0] == config.w0, f"w starts at {ws[0]}, expected w_0 = {config.w0}"
     assert ws[-1] == 0.5, f"the last inversion step must force w = 0.5, found {ws[-1]}"
     assert all(b > a for a, b in zip(ws, ws[1:])), f"w does not increase strictly toward 0.5: {ws}"
     assert all(w <= 0.5 for w in ws), f"w overshoots 0.5: {ws}"
-    # mixing narrows the gap: the mixed pair differs by (1 − 2w) times the unmixed pair
-    assert all(a >= b for a, b in zip(res.alignment_loss, res.alignment_loss[1:]) if b > 0) or res.alignment_loss[-1] == 0
-    assert res.alignment_loss[-1] == 0.0
+    # Eq. 2: the mixed pair differs by (1 − 2w) times the unmixed pair, so the mean squared gap of each kept
+    # pivot pair is the step's alignment loss (1 − 2w)² mean((ẑ^O − ẑ^E)²), and 0 at z_T
+    for j, loss in enumerate(losses):
+        gap = float(((res.pivots_o[j + 1] - res.pivots_e[j + 1]).double() ** 2).mean())
+        assert gap == pytest.approx(loss, rel=1e-4, abs=1e-12), f"step {j}: pivot gap {gap} vs alignment loss {loss}"
+    assert losses[0] > 0, "the two images must start apart (the check above is not trivially 0 = 0)"
 
 
 def test_without_mixing_the_two_inversions_are_independent(tiny_sd):
     ctx = _context(tiny_sd, ["a photo of a man", "a photo of a man wearing black glasses"])
     with torch.no_grad():
         z0 = tiny_sd.vae.encode_latent(torch.cat([random_image(1), random_image(2)]))
-    config = InversionConfig()
-    plan = config.plan(SCHEDULE)
-    res = adaptive_mixing_inversion(tiny_sd.unet, plan, z0[0:1], z0[1:2], ctx[0:1], ctx[1:2], config, mixing=False)
-    alone = invert(tiny_sd.unet, plan, z0[0:1], ctx[0:1])
-    assert res.w_schedule == [0.0] * plan.num_steps
+    res = adaptive_mixing_inversion(tiny_sd.unet, PLAN, z0[0:1], z0[1:2], ctx[0:1], ctx[1:2], mixing=None)
+    alone = invert(tiny_sd.unet, PLAN, z0[0:1], ctx[0:1])
+    assert res.w_schedules[0] == [0.0] * N
     err = (res.pivots_o[-1] - alone[-1]).abs().max().item()
     assert err < 1e-5, f"unmixed batched inversion differs from a single inversion by {err}"
     assert not torch.equal(res.pivots_o[-1], res.pivots_e[-1])
 
 
 def test_fragmented_and_ddim_plans_are_different_passes():
-    hybrid = make_plan(SCHEDULE, 6)
-    fragmented = make_plan(SCHEDULE, 6, global_presetting=False)
-    ddim = make_plan(SCHEDULE, 6, dpm_steps=None)
-    assert [s.solver for s in ddim.plan.steps] == ["ddim"] * 6
-    assert [s.solver for s in hybrid.plan.steps][-2:] == ["dpm_solver++"] * 2
-    assert hybrid.plan.timesteps != fragmented.plan.timesteps
-    # inversion step j is reconstruction step N−1−j: the same labels in reverse (symmetry)
-    assert [hybrid.invert_eval_time(j) for j in range(6)] == [hybrid.eval_time(i) for i in range(6)][::-1]
+    hybrid = PLAN
+    fragmented = hybrid_plan(SCHEDULE, HybridSchedule(timesteps="fragmented"))
+    ddim = ddim_plan(SCHEDULE, 6)
+    assert [s.solver for s in ddim.steps] == ["ddim"] * 6
+    assert [s.solver for s in hybrid.steps][-2:] == ["dpm_solver++"] * 2
+    assert hybrid.timesteps != fragmented.timesteps
+
+
+def test_both_loops_pass_the_step_index_and_mirror_each_other():
+    """Inversion step i is sampling step i run backwards: the model is told the same timestep and index
+    (the symmetry of Eq. 6), and `land` is the step the loop then takes."""
+    seen = {"sample": [], "invert": []}
+
+    def model(kind):
+        def eps(z, t, i, land):
+            seen[kind].append((i, t))
+            e = torch.full_like(z, 0.1)
+            landed = land(e)
+            seen[kind + "_land"] = seen.get(kind + "_land", []) + [landed]
+            return e
+        return eps
+
+    lands = []
+    z = sample_loop(model("sample"), torch.ones(4, dtype=torch.float64), PLAN,
+                    callback=lambda i, t, z, x0: lands.append(z))
+    invert_loop(model("invert"), z, PLAN)
+    assert seen["sample"] == [(i, s.timestep) for i, s in enumerate(PLAN.steps)]
+    assert seen["invert"] == seen["sample"][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(seen["sample_land"], lands)), "land(eps) must be the step taken"

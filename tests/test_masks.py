@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from minid import masks
-from minid.faces import ARCFACE_TEMPLATE
+from minid.crops import ARCFACE_TEMPLATE
 
 
 def test_load_mask_any_mode_to_target_size(tmp_path):

@@ -15,18 +15,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minid import faces, masks
-from minid.control import BatchLayout, EditedIDGating, GatingGroup
+from minid import crops, faces, masks
+from minid.control import BatchLayout, EditedIDGating, GatingConfig, GatingGroup
 from minid.attention import Site
-from minid.editedid import EditedID, EditedIDConfig, RestorePair
-from tiny_models import IMAGE_SIZE, one_thread, random_image, tiny_sd  # noqa: F401  (fixtures)
+from minid.editedid import EditedIDConfig
+from minid.inversion import NullTextConfig
+from minid.multiface import FacePatchConfig, restore_faces
+from minid.restore import EditedID, RestoreConfig, RestorePair, landmark_face_mask
+from minid.plans import HybridSchedule
+from tiny_models import IMAGE_SIZE, random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 P_O = "a photo of a man"
 P_E = "a photo of a man wearing black glasses"
 # Three steps, one null-text update: every stage runs, in a fraction of the default's time.
-FAST = dict(image_size=IMAGE_SIZE, num_steps=3, dpm_start=3, dpm_end=3, null_inner_steps=1)
+STEPS = 3
+
+
+def fast(inner_steps: int = 1, **image_side) -> RestoreConfig:
+    """Tiny images, 3 steps (DPM-Solver++ on the last), few null-text updates."""
+    method = EditedIDConfig(solver=HybridSchedule(num_steps=STEPS, dpm_start=3, dpm_end=3),
+                            null_text=NullTextConfig(inner_steps=inner_steps))
+    return RestoreConfig(method, image_size=IMAGE_SIZE, **image_side)
 HEIGHT, WIDTH = 96, 160
 CENTRES = [(30.0, 40.0), (80.0, 50.0), (130.0, 45.0)]  # (x, y) of three faces, 24 px wide
 FACE_SIDE = 24.0
@@ -102,11 +113,11 @@ def test_n_faces_are_restored_in_one_batch_and_nothing_else_changes(tiny_sd, pho
     original, edited = photos
     face_list = [make_face(*c) for c in CENTRES[:n]]
     analyzer = StubAnalyzer([(original, face_list), (edited, face_list)])
-    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    pipe = EditedID(tiny_sd, fast())
     with BatchSizes(tiny_sd.unet) as seen:
-        result = pipe.restore_faces(original, edited, analyzer, P_O, P_E, ["man"], ["glasses"], progress=False)
+        result = restore_faces(pipe, original, edited, analyzer, P_O, P_E, ["man"], ["glasses"], progress=False)
     assert set(seen.sizes) == {2 * n, 6 * n}, f"UNet batch sizes {sorted(set(seen.sizes))}, expected 2N and 6N for N={n}"
-    assert seen.sizes.count(6 * n) == FAST["num_steps"], "Stage 3 must run all faces in one call per step"
+    assert seen.sizes.count(6 * n) == STEPS, "Stage 3 must run all faces in one call per step"
     assert [f.pair for f in result.faces] == [(k, k) for k in range(n)]
     assert result.image.shape == edited.shape
     keep = outside_squares([f.box for f in result.faces])
@@ -116,14 +127,14 @@ def test_n_faces_are_restored_in_one_batch_and_nothing_else_changes(tiny_sd, pho
         x0, y0, x1, y1 = (int(v) for v in f.box)
         changed = (result.image[..., y0:y1, x0:x1] != edited[..., y0:y1, x0:x1]).any(1)
         assert bool(changed.any()), f"the patch {f.box} of pair {f.pair} was not pasted"
-        pasted += faces.warp(f.paste_mask[None], faces.invert_affine(f.affine), (HEIGHT, WIDTH))[0]  # (H, W)
+        pasted += crops.warp(f.paste_mask[None], crops.invert_affine(f.affine), (HEIGHT, WIDTH))[0]  # (H, W)
     assert torch.equal(result.image[..., pasted == 0], edited[..., pasted == 0]), \
         "a pixel where every paste mask is 0 changed"
     assert 0 < int((pasted > 0).sum()) < int((~keep).sum()), "the paste masks should cover part of the squares"
     for f in result.faces:
         assert f.id_sim_before is not None and f.id_sim_after is not None and -1 <= f.id_sim_after <= 1
         assert set(f.psnr) == {"original", "edited"}
-        expected_mask, _ = pipe.landmark_face_mask(face_list[f.pair[0]], f.affine)
+        expected_mask, _ = landmark_face_mask(face_list[f.pair[0]], pipe.config, f.affine)
         assert torch.equal(f.result.masks["face"], expected_mask), "the face mask is not the original's landmark hull"
 
 
@@ -133,9 +144,9 @@ def test_pairing_follows_positions_when_faces_are_shuffled_or_missing(tiny_sd, p
     # the edit lists its faces in another order, one face is gone and the others moved by 2 px
     faces_e = [make_face(CENTRES[2][0] + 2, CENTRES[2][1]), make_face(CENTRES[0][0], CENTRES[0][1] - 2)]
     analyzer = StubAnalyzer([(original, faces_o), (edited, faces_e)])
-    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    pipe = EditedID(tiny_sd, fast())
     with BatchSizes(tiny_sd.unet) as seen:
-        result = pipe.restore_faces(original, edited, analyzer, P_O, P_E, ["man"], ["glasses"], progress=False)
+        result = restore_faces(pipe, original, edited, analyzer, P_O, P_E, ["man"], ["glasses"], progress=False)
     assert result.pairing.pairs == [(0, 1), (2, 0)], f"pairs {result.pairing.pairs}"
     assert result.pairing.unpaired_a == [1] and result.pairing.unpaired_b == []
     assert any("unpaired in the first image: [1]" in n for n in result.notes), result.notes
@@ -144,7 +155,7 @@ def test_pairing_follows_positions_when_faces_are_shuffled_or_missing(tiny_sd, p
         i, j = f.pair
         union = np.concatenate([np.minimum(faces_o[i].box[:2], faces_e[j].box[:2]),
                                 np.maximum(faces_o[i].box[2:], faces_e[j].box[2:])])
-        left, top, side = faces.square_around(union, pipe.config.face_patch_scale)
+        left, top, side = crops.square_around(union, FacePatchConfig().scale)
         assert np.allclose(f.box, (left, top, left + side, top + side)), "the square is not around the pair's boxes"
     keep = outside_squares([f.box for f in result.faces])
     assert torch.equal(result.image[..., keep], edited[..., keep])
@@ -156,23 +167,23 @@ def test_user_picked_pairs_are_the_only_ones_restored(tiny_sd, photos):
     original, edited = photos
     face_list = [make_face(*c) for c in CENTRES]
     analyzer = StubAnalyzer([(original, face_list), (edited, face_list)])
-    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    pipe = EditedID(tiny_sd, fast())
     with BatchSizes(tiny_sd.unet) as seen:
-        result = pipe.restore_faces(original, edited, analyzer, [P_O], [P_E], [["man"]], [["glasses"]],
+        result = restore_faces(pipe, original, edited, analyzer, [P_O], [P_E], [["man"]], [["glasses"]],
                                     pairs=[(1, 1)], progress=False)
     assert [f.pair for f in result.faces] == [(1, 1)] and set(seen.sizes) == {2, 6}
     keep = outside_squares([result.faces[0].box])
     assert torch.equal(result.image[..., keep], edited[..., keep]), "faces 0 and 2 were not picked but changed"
     with pytest.raises(ValueError, match="out of range"):
-        pipe.restore_faces(original, edited, analyzer, P_O, P_E, ["man"], ["glasses"], pairs=[(0, 5)], progress=False)
+        restore_faces(pipe, original, edited, analyzer, P_O, P_E, ["man"], ["glasses"], pairs=[(0, 5)], progress=False)
     with pytest.raises(ValueError, match="2 entries for 1 face pairs"):
-        pipe.restore_faces(original, edited, analyzer, [P_O, P_O], P_E, ["man"], ["glasses"], pairs=[(0, 0)],
+        restore_faces(pipe, original, edited, analyzer, [P_O, P_O], P_E, ["man"], ["glasses"], pairs=[(0, 0)],
                            progress=False)
 
 
 def test_a_single_restore_uses_the_landmark_mask_when_given_an_analyzer(tiny_sd):
     original, edited = random_image(31), random_image(32)
-    pipe = EditedID(tiny_sd, EditedIDConfig(**dict(FAST, null_inner_steps=0)))
+    pipe = EditedID(tiny_sd, fast(inner_steps=0))
     for dense in (True, False):
         face = make_face(30.0, 28.0, side=30.0, dense=dense)
         result = pipe.restore(original, edited, P_O, P_E, ["man"], ["glasses"], progress=False,
@@ -190,17 +201,17 @@ def test_a_single_restore_uses_the_landmark_mask_when_given_an_analyzer(tiny_sd)
 
 def test_no_face_fails_early_naming_the_image(tiny_sd, photos, tmp_path):
     original, edited = photos
-    pipe = EditedID(tiny_sd, EditedIDConfig(**FAST))
+    pipe = EditedID(tiny_sd, fast())
     nobody = StubAnalyzer([(original, []), (edited, [make_face(*CENTRES[0])])])
     with BatchSizes(tiny_sd.unet) as seen:
         with pytest.raises(ValueError, match="no face in the original image"):
-            pipe.restore_faces(original, edited, nobody, P_O, P_E, ["man"], ["glasses"], progress=False)
+            restore_faces(pipe, original, edited, nobody, P_O, P_E, ["man"], ["glasses"], progress=False)
         only_original = StubAnalyzer([(original, [make_face(*CENTRES[0])]), (edited, [])])
         with pytest.raises(ValueError, match="no face in the edited image"):
-            pipe.restore_faces(original, edited, only_original, P_O, P_E, ["man"], ["glasses"], progress=False)
+            restore_faces(pipe, original, edited, only_original, P_O, P_E, ["man"], ["glasses"], progress=False)
         far = StubAnalyzer([(original, [make_face(*CENTRES[0])]), (edited, [make_face(*CENTRES[2])])])
         with pytest.raises(ValueError, match="pairs="):
-            pipe.restore_faces(original, edited, far, P_O, P_E, ["man"], ["glasses"], progress=False)
+            restore_faces(pipe, original, edited, far, P_O, P_E, ["man"], ["glasses"], progress=False)
         square = random_image(33)
         from minid.images import save_image
 
@@ -219,7 +230,7 @@ def test_k_pairs_in_one_batch_equal_k_single_restores(tiny_sd):
                          ["woman"], ["hat"], face_mask=face, seed=2),
              RestorePair(random_image(5), random_image(6), "a portrait of a smiling man",
                          "a portrait of a smiling man with a beard", ["man"], ["beard"], lambda_o=0.7, seed=3)]
-    pipe = EditedID(tiny_sd, EditedIDConfig(sample_posterior=True, **FAST))
+    pipe = EditedID(tiny_sd, fast(sample_posterior=True))
     with BatchSizes(tiny_sd.unet) as seen:
         batch = pipe.restore_batch(pairs, progress=False)
     assert set(seen.sizes) == {6, 18}, f"batch sizes {sorted(set(seen.sizes))}"
@@ -244,14 +255,16 @@ def test_a_gating_group_edits_each_triple_as_its_gating_alone():
     mask_a, mask_b = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
     mask_a[..., :2, :] = 1
     mask_b[..., :, 2:] = 1
-    gatings = [EditedIDGating(lay, mask_a, mask_b, lambda_o=0.3, lambda_e=0.7, branch_o=0, branch_e=2, branch_t=4),
-               EditedIDGating(lay, mask_b, mask_a, lambda_o=0.6, lambda_e=0.4, branch_o=1, branch_e=3, branch_t=5)]
+    gatings = [EditedIDGating(lay, mask_a, mask_b, config=GatingConfig(lambda_o=0.3), branch_o=0, branch_e=2,
+                              branch_t=4),
+               EditedIDGating(lay, mask_b, mask_a, config=GatingConfig(lambda_o=0.6), branch_o=1, branch_e=3,
+                              branch_t=5)]
     site = Site(block="down", level=0, index=0, kind="self", height=4, width=4)
     out = GatingGroup(gatings)(q, k, v, site)
     for p, gating in enumerate(gatings):
         rows = [lay.row(b, c) for c in (False, True) for b in (p, 2 + p, 4 + p)]  # this triple's rows
-        alone = EditedIDGating(BatchLayout(3), gating.mask_o, gating.mask_e, lambda_o=gating.lambda_o,
-                               lambda_e=gating.lambda_e)(q[rows], k[rows], v[rows], site)
+        alone = EditedIDGating(BatchLayout(3), gating.mask_o, gating.mask_e, config=gating.config)(
+            q[rows], k[rows], v[rows], site)
         err = (out[rows] - alone).abs().max().item()
         assert err < 1e-6, f"triple {p} differs from its gating alone by {err}"
     with pytest.raises(ValueError, match="same T branch"):

@@ -10,10 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minid.samplers import (CLEAN, DDIM, DPM_SOLVER, FINAL, HybridSchedule, SolverState, cfg, ddim_inversion_step,
-                            ddim_plan, ddim_step, dpm_solver_inversion_step, dpm_solver_plan, dpm_solver_step,
-                            eps_from_model_output, eps_from_v, eps_from_x0, hybrid_inversion_step, hybrid_plan,
+from minid.plans import DDIM, DPM_SOLVER, HybridSchedule, ddim_plan, dpm_solver_plan, hybrid_plan
+from minid.samplers import (SolverState, cfg, ddim_inversion_step, ddim_step, dpm_solver_inversion_step,
+                            dpm_solver_step, eps_from_model_output, eps_from_v, eps_from_x0, hybrid_inversion_step,
                             hybrid_step, invert_loop, sample_loop, v_from_eps, x0_from_eps, x0_from_v)
+from minid.schedule import CLEAN, FINAL
 from minid.schedule import NoiseSchedule, ddim_timesteps, dpm_solver_times
 
 diffusers = pytest.importorskip("diffusers")
@@ -23,7 +24,7 @@ SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 STEP_COUNTS = [6, 10, 20, 50]
 
 
-def toy_eps(z: torch.Tensor, timestep: int) -> torch.Tensor:
+def toy_eps(z: torch.Tensor, timestep: int, *_) -> torch.Tensor:
     """A deterministic stand-in for the UNet that depends on both z and t."""
     return torch.tanh(0.7 * z + 0.3 * math.sin(timestep / 100.0) + 0.1)
 
@@ -166,7 +167,7 @@ def test_round_trip_exact_when_eps_ignores_z(z_start, plan_name):
             "hybrid_default": hybrid_plan(SCHEDULE),
             "hybrid_middle": hybrid_plan(SCHEDULE, HybridSchedule(num_steps=10, dpm_start=2, dpm_end=3))}[plan_name]
     fixed = torch.randn_like(z_start)
-    model = lambda z, t: fixed  # noqa: E731  (a constant ε keeps x̂_0 constant along the path, at every order)
+    model = lambda z, t, *_: fixed  # noqa: E731  (a constant ε keeps x̂_0 constant along the path, at every order)
     err = (sample_loop(model, invert_loop(model, z_start, plan), plan) - z_start).abs().max().item()
     assert err < 1e-10, f"{plan_name}: round trip error {err:.2e}"
 
@@ -203,7 +204,7 @@ def _std(t):
     return math.sqrt(SCHEDULE.alpha(t) ** 2 * SD_DATA ** 2 + SCHEDULE.sigma(t) ** 2)
 
 
-def gaussian_eps(z: torch.Tensor, t: float) -> torch.Tensor:
+def gaussian_eps(z: torch.Tensor, t: float, *_) -> torch.Tensor:
     a, s = SCHEDULE.alpha(t), SCHEDULE.sigma(t)
     x0 = MU + a * SD_DATA ** 2 / _std(t) ** 2 * (z - a * MU)
     return (z - a * x0) / s
@@ -222,10 +223,12 @@ def _solve_error(order: int, n: int, z0: torch.Tensor) -> float:
     state = SolverState()
     for i in range(order - 1):
         zi = gaussian_flow(z0, ta, ts[i])
-        state.remember(x0_from_eps(zi, gaussian_eps(zi, ts[i]), ts[i], SCHEDULE), SCHEDULE.lam(ts[i]))
+        state = state.remember(x0_from_eps(zi, gaussian_eps(zi, ts[i]), ts[i], SCHEDULE), SCHEDULE.lam(ts[i]))
     z = gaussian_flow(z0, ta, ts[order - 1])
     for i in range(order - 1, n):
-        z = dpm_solver_step(z, gaussian_eps(z, ts[i]), ts[i], ts[i + 1], SCHEDULE, state, order)
+        eps = gaussian_eps(z, ts[i])
+        z, state = (dpm_solver_step(z, eps, ts[i], ts[i + 1], SCHEDULE, state, order),
+                    state.remember(x0_from_eps(z, eps, ts[i], SCHEDULE), SCHEDULE.lam(ts[i])))
     return (z - gaussian_flow(z0, ta, tb)).abs().max().item()
 
 
@@ -309,7 +312,7 @@ def test_fragmented_hybrid_uses_each_solvers_own_sequence():
 def test_hybrid_inversion_mirrors_sampling():
     plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=10, dpm_start=5, dpm_end=10, dpm_order=3))
     seen = []
-    invert_loop(lambda z, t: torch.zeros_like(z), torch.zeros(4, dtype=torch.float64), plan,
+    invert_loop(lambda z, t, *_: torch.zeros_like(z), torch.zeros(4, dtype=torch.float64), plan,
                 callback=lambda i, t, z, x0: seen.append((i, t)))
     assert seen == [(i, plan.steps[i].timestep) for i in reversed(range(10))]
     for step in plan.steps:  # same solver, same order at the same step, except where warm-up has no history
@@ -353,9 +356,10 @@ def test_ddim_steps_feed_the_dpm_solver_history(z_start):
     for t, s in zip(ts[:4], ts[1:5]):
         z_prev, eps_prev, t_prev = z, toy_eps(z, round(t)), t
         z = ddim_step(z, eps_prev, t, s, SCHEDULE)
-    state = SolverState()
-    state.remember(x0_from_eps(z_prev, eps_prev, t_prev, SCHEDULE), SCHEDULE.lam(t_prev))
-    z = dpm_solver_step(z, toy_eps(z, plan.timesteps[4]), ts[4], ts[5], SCHEDULE, state, order=2)
+    state = SolverState().remember(x0_from_eps(z_prev, eps_prev, t_prev, SCHEDULE), SCHEDULE.lam(t_prev))
+    eps = toy_eps(z, plan.timesteps[4])
+    z, state = (dpm_solver_step(z, eps, ts[4], ts[5], SCHEDULE, state, order=2),
+                state.remember(x0_from_eps(z, eps, ts[4], SCHEDULE), SCHEDULE.lam(ts[4])))
     by_hand = dpm_solver_step(z, toy_eps(z, plan.timesteps[5]), ts[5], CLEAN, SCHEDULE, state, order=2)
     ours = sample_loop(toy_eps, z_start.clone(), plan)
     err = (ours - by_hand).abs().max().item()
@@ -363,12 +367,14 @@ def test_ddim_steps_feed_the_dpm_solver_history(z_start):
     order_1 = sample_loop(toy_eps, z_start.clone(), hybrid_plan(SCHEDULE, HybridSchedule(history="run",
                                                                                          final_order=1)))
     assert (ours - order_1).abs().max() > 1e-3, "the multistep steps must change the result"
-    # a DDIM step given a state records its prediction, like a DPM-Solver++ step
-    state = SolverState()
+    # a DDIM step of a plan records its prediction, like a DPM-Solver++ step, in a new state
+    before = SolverState()
     eps = toy_eps(z_start, 500)
-    ddim_step(z_start, eps, 500.0, 400.0, SCHEDULE, state)
-    assert state.lams == [SCHEDULE.lam(500.0)] and torch.equal(state.x0s[0], x0_from_eps(z_start, eps, 500.0,
-                                                                                       SCHEDULE))
+    ddim = plan.steps[0]
+    _, state = hybrid_step(z_start, eps, ddim, SCHEDULE, before)
+    assert before.lams == () and before.x0s == (), "the state given to a step must not change"
+    assert state.lams == (SCHEDULE.lam(ddim.t),) and torch.equal(state.x0s[0], x0_from_eps(z_start, eps, ddim.t,
+                                                                                          SCHEDULE))
 
 
 @pytest.mark.parametrize("order", [2, 3])
@@ -386,7 +392,7 @@ def test_step_to_clean_extrapolates_x0_in_sigma_squared(order):
     for degree, exact in ((order - 1, True), (order, False)):
         state = SolverState()
         for t in times[:-1]:
-            state.remember(x0_at(t, degree), SCHEDULE.lam(t))
+            state = state.remember(x0_at(t, degree), SCHEDULE.lam(t))
         z = torch.randn(16, generator=g, dtype=torch.float64)
         eps = eps_from_x0(z, x0_at(times[-1], degree), times[-1], SCHEDULE)
         err = (dpm_solver_step(z, eps, times[-1], CLEAN, SCHEDULE, state, order=order) - coef[0]).abs().max().item()
@@ -397,7 +403,7 @@ def _gaussian_pass_error(plan, z):
     """The plan's sampling pass on the Gaussian model, told the exact solver times, vs the exact flow."""
     state, z_end = SolverState(), z
     for step in plan.steps:
-        z_end = hybrid_step(z_end, gaussian_eps(z_end, step.t), step, SCHEDULE, state)
+        z_end, state = hybrid_step(z_end, gaussian_eps(z_end, step.t), step, SCHEDULE, state)
     return (z_end - gaussian_flow(z, plan.steps[0].t, plan.steps[-1].s)).abs().max().item()
 
 
@@ -405,7 +411,7 @@ def _gaussian_inversion_error(plan, z):
     """The plan's inversion on the Gaussian model from its last level back to its first time, vs the exact flow."""
     state, z_end = SolverState(), z
     for step in reversed(plan.steps):
-        z_end = hybrid_inversion_step(z_end, gaussian_eps(z_end, step.s), step, SCHEDULE, state)
+        z_end, state = hybrid_inversion_step(z_end, gaussian_eps(z_end, step.s), step, SCHEDULE, state)
     return (z_end - gaussian_flow(z, plan.steps[-1].s, plan.steps[0].t)).abs().max().item()
 
 
@@ -434,7 +440,7 @@ def test_round_trip_with_time_dependent_eps(z_start):
     # ε independent of z but varying with t: the order-1 variant round-trips exactly (DDIM and DPM-Solver++1
     # steps are exact inverses); the multistep one does not (sampling and inversion histories differ)
     fixed = torch.randn_like(z_start)
-    model = lambda z, t: fixed * (1 + 0.5 * math.sin(t / 100.0))  # noqa: E731
+    model = lambda z, t, *_: fixed * (1 + 0.5 * math.sin(t / 100.0))  # noqa: E731
     errs = {}
     for name, hybrid in (("order 1", HybridSchedule(history="run", final_order=1)), ("multistep", HybridSchedule())):
         plan = hybrid_plan(SCHEDULE, hybrid)

@@ -49,7 +49,9 @@ def test_levels_and_lambda(schedule):
     assert schedule.sigma(t) == pytest.approx(math.sqrt(1 - a), rel=1e-15)
     assert schedule.lam(t) == pytest.approx(math.log(math.sqrt(a) / math.sqrt(1 - a)), rel=1e-12)
     assert schedule.alphas_cumprod_at(FINAL) == float(schedule.alphas_cumprod[0])
-    assert schedule.alphas_cumprod_at(-165) == float(schedule.alphas_cumprod[0])  # DDIM's t − T//N for t = 1
+    with pytest.raises(ValueError, match="FINAL"):  # DDIM's t − T//N for t = 1 is the level FINAL, by name
+        schedule.alphas_cumprod_at(-165)
+    assert isinstance(FINAL, float) and schedule.lam(CLEAN) == math.inf, "a level is a float, named"
     assert schedule.sigma(CLEAN) == 0.0 and schedule.lam(CLEAN) == math.inf
     assert NoiseSchedule.scaled_linear(set_alpha_to_one=True).alphas_cumprod_at(FINAL) == 1.0
     with pytest.raises(ValueError, match="schedule.py"):

@@ -1,18 +1,15 @@
 """A tiny random Stable Diffusion stack for end-to-end tests of the pipeline on CPU.
 
 The networks have SD1.4's structure at toy width (`UNetConfig.tiny()`, `VAEConfig.tiny()`, a two-layer CLIP)
-and random weights from a fixed seed; the tokenizer is the real CLIP vocabulary (49,408 tokens) from the
-SD1.4 reference folder, so word → token positions behave as with the real model. Images are 64×64 (latents
-8×8), which is enough to have a face region, an element region and a background.
+and random weights from a fixed seed; the tokenizer is the real CLIP vocabulary (49,408 tokens) that ships
+with minid, so word → token positions behave as with the real model. Images are 64×64 (latents 8×8), which is
+enough to have a face region, an element region and a background.
 
-Use the `tiny_sd` fixture (module- or session-scoped in the test files) or `build_tiny_sd(reference_folder)`.
+Use the session-scoped `tiny_sd` fixture of conftest.py, or `build_tiny_sd(seed)` for a stack of your own.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 
 from minid.checkpoint import StableDiffusion
@@ -34,11 +31,11 @@ def tiny_configs() -> tuple[CLIPTextConfig, UNetConfig, VAEConfig]:
 
 
 @torch.no_grad()
-def build_tiny_sd(reference_folder: Path, seed: int = 0) -> StableDiffusion:
-    """Tokenizer from `reference_folder/hub/tokenizer`, random tiny networks from `seed`, eval mode, fp32."""
+def build_tiny_sd(seed: int = 0) -> StableDiffusion:
+    """SD1.4's tokenizer (`CLIPTokenizer.default()`), random tiny networks from `seed`, eval mode, fp32."""
     clip_cfg, unet_cfg, vae_cfg = tiny_configs()
     torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_folder(Path(reference_folder) / "hub" / "tokenizer")
+    tokenizer = CLIPTokenizer.default()
     text_encoder = CLIPTextModel(clip_cfg).eval()
     unet = UNet(unet_cfg).eval()
     vae = VAE(vae_cfg).eval()
@@ -53,17 +50,3 @@ def random_image(seed: int, size: int = IMAGE_SIZE) -> torch.Tensor:
     low = torch.rand(1, 3, size // 8, size // 8, generator=g) * 2 - 1
     return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
-
-@pytest.fixture(scope="session")
-def tiny_sd(sd14_reference) -> StableDiffusion:
-    """The tiny stack, built once per test session (needs the real tokenizer files; skips without them)."""
-    return build_tiny_sd(sd14_reference)
-
-
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Tiny models run fastest on one thread; with two cores shared by other jobs, more threads thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -1,0 +1,207 @@
+"""Plans: which solver runs each step of a pass, between which times, at which order.
+
+A `Plan` is the whole pass from pure noise to data as a tuple of `PlanStep`s; the sampling loop of samplers.py
+walks it forwards and the inversion loop backwards, so one plan fixes both directions (EditedID's symmetry:
+the same solver at the same noise levels). Three plans:
+
+- `ddim_plan`: diffusers' DDIMScheduler pass;
+- `dpm_solver_plan`: diffusers' DPMSolverMultistepScheduler pass (DPM-Solver++, data prediction);
+- `hybrid_plan` with a `HybridSchedule`: EditedID's hybrid solver (paper Eq. 5-6; docs/editedid.md, "Samplers"),
+  DPM-Solver++ on steps τ_s … τ_e and DDIM on the others, with global timestep pre-setting.
+
+Times are floats on the training axis, with the two levels below 0 of schedule.py: FINAL and CLEAN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from minid.schedule import CLEAN, FINAL, NoiseSchedule, ddim_timesteps, dpm_solver_times, model_timestep
+
+DDIM = "ddim"
+DPM_SOLVER = "dpm_solver++"
+
+
+# ---- plans: which solver runs each step, between which times ------------------------------------------
+
+@dataclass(frozen=True)
+class PlanStep:
+    """One step of a plan, named by its pair of times in both directions (see the module docstring)."""
+
+    solver: str  # DDIM or DPM_SOLVER
+    t: float  # noisier end: where sampling starts, where inversion lands
+    s: float  # less noisy end: where sampling lands, where inversion starts (FINAL/CLEAN after the last step)
+    timestep: int  # what the model is told, in both directions: the noisier end, rounded
+    order: int = 1  # DPM-Solver++ order when sampling (warm-up and lower_order_final applied); 1 for DDIM
+    inversion_order: int = 1  # DPM-Solver++ order when inverting: `order`, lowered to what the preceding
+    #                           inversion steps' predictions allow (see `_with_orders`)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole pass: the schedule and the steps from pure noise to data (inversion walks them backwards)."""
+
+    schedule: NoiseSchedule
+    steps: tuple[PlanStep, ...]
+    eta: float = 0.0  # DDIM η for the sampling direction (inversion is always deterministic)
+
+    @property
+    def timesteps(self) -> list[int]:
+        return [step.timestep for step in self.steps]
+
+
+def ddim_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", eta: float = 0.0) -> Plan:
+    """DDIMScheduler's pass: timesteps from `ddim_timesteps`, each step from t to t − T//N (diffusers'
+    convention for every spacing; below 0 is the FINAL level, ᾱ = final_alphas_cumprod)."""
+    T = schedule.num_train_timesteps
+    ts = ddim_timesteps(num_steps, spacing, schedule.steps_offset, T)
+    steps = tuple(PlanStep(DDIM, float(t), float(t - T // num_steps) if t - T // num_steps >= 0 else FINAL, t)
+                  for t in ts)
+    return Plan(schedule, steps, eta)
+
+
+def dpm_solver_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "logSNR", order: int = 2,
+                    lower_order_final: bool = True) -> Plan:
+    """DPMSolverMultistepScheduler's pass (algorithm_type="dpmsolver++", final_sigmas_type="zero"): the times of
+    `dpm_solver_times`, each step landing on the next, the last one on CLEAN at order 1 (diffusers' rule)."""
+    times = dpm_solver_times(schedule, num_steps, spacing)
+    solvers = [DPM_SOLVER] * num_steps
+    return Plan(schedule, _with_orders(schedule, solvers, times, times[1:] + [CLEAN], order, lower_order_final,
+                                       final_order=1, history="run", clean_order=1))
+
+
+def _with_orders(schedule: NoiseSchedule, solvers: list[str], ts: list[float], ss: list[float], order: int,
+                 lower_order_final: bool, final_order: int, history: str,
+                 clean_order: int) -> tuple[PlanStep, ...]:
+    """Attach the DPM-Solver++ orders to the steps (DDIM steps get order 1).
+
+    Sampling, step i: order ≤ 1 + the number of predictions already on the path (warm-up, diffusers' rule).
+    They are those of the steps just before, back to the first one that did not land where the next starts
+    (the fragmented hybrid jumps at a switch), counting DDIM steps with `history="pass"` and only DPM-Solver++
+    steps with `history="run"` (each run warms up afresh). With `lower_order_final` and fewer than 15 steps,
+    the last step's order is ≤ `final_order` and the one before ≤ 2 (diffusers: 1 and 2). A step to CLEAN is
+    ≤ `clean_order` (diffusers: 1; see `_dpm_solver_update` for what order 2 means there).
+
+    Inversion, step i run backwards: the same order at the same step (the paper's symmetry), lowered to
+    1 + the predictions of the preceding INVERSION steps (the later steps of the plan, at their less noisy
+    ends), counted by the same rule but only at finite λ: a prediction at CLEAN (λ = ∞; FINAL too when the
+    schedule sets ᾱ = 1 there) has no finite distance in λ to the next one. So the inversion of a step from
+    CLEAN, and of the step after it, are order 1.
+    """
+    if history not in ("pass", "run"):
+        raise ValueError(f"samplers.py: history={history!r} is not 'pass' (every earlier step's x̂_0) or 'run' "
+                         "(only those of the current run of DPM-Solver++ steps)")
+
+    def counts(k: int) -> bool:  # does step k's prediction belong to the history of the next step on the path?
+        return history == "pass" or solvers[k] == DPM_SOLVER
+
+    n = len(solvers)
+    steps = []
+    for i, solver in enumerate(solvers):
+        o = inv = 1
+        if solver == DPM_SOLVER:
+            before, k = 0, i - 1  # sampling history: steps i−1, i−2, … on a continuous path
+            while k >= 0 and ss[k] == ts[k + 1] and counts(k):
+                before, k = before + 1, k - 1
+            o = min(order, before + 1)
+            if lower_order_final and n < 15:
+                o = min(o, final_order) if i == n - 1 else (min(o, 2) if i == n - 2 else o)
+            if ss[i] is CLEAN:
+                o = min(o, clean_order)
+            after, k = 0, i + 1  # inversion history: steps i+1, i+2, … (run first), from finite λ
+            while k < n and ss[k - 1] == ts[k] and counts(k) and math.isfinite(schedule.lam(ss[k])):
+                after, k = after + 1, k + 1
+            inv = min(o, after + 1) if math.isfinite(schedule.lam(ss[i])) else 1
+        steps.append(PlanStep(solver, ts[i], ss[i], model_timestep(ts[i]), o, inv))
+    return tuple(steps)
+
+
+@dataclass(frozen=True)
+class HybridSchedule:
+    """EditedID's hybrid solver (paper Eq. 5-6): DPM-Solver++ on steps τ_s … τ_e, DDIM on the others.
+
+    Orders. The DDIM steps before the switch predict x̂_0 at known λ too, and the path is continuous under
+    global pre-setting, so with `history="pass"` a DPM-Solver++ step uses the predictions of every preceding
+    step of the pass: step τ_s is already of order min(dpm_order, τ_s). That is the point of running
+    DPM-Solver++ (2M) on the final steps (paper Eq. 5-6); with a warm-up per run (`history="run"`) the two
+    default steps would be orders 1 and 1, and DPM-Solver++ order 1 is DDIM.
+
+    `lower_order_final` is diffusers' rule for passes of fewer than 15 steps: the last step at order 1 and the
+    one before at ≤ 2. diffusers lowers them to stabilise few-step sampling near σ = 0, where the steps are
+    long in λ and the extrapolation of x̂_0 from the previous steps is least reliable; the last step to σ = 0
+    has h = ∞, where the λ-Taylor terms diverge, so diffusers takes it at order 1 for any number of steps
+    (final_sigmas_type="zero"), and k-diffusion's DPM-Solver++(2M) does the same. Here the last step
+    to CLEAN of order ≥ 2 extrapolates x̂_0 to σ = 0 in u = σ²/α², which stays finite (samplers.py, block comment
+    before `_dpm_solver_update`), so the cap on the last step is a field, `final_order`, default 2: the default
+    hybrid (N = 6, steps 5-6, 2M) runs orders [DDIM ×4, 2, 2]. Its inversion runs [DDIM ×4, 1, 1]: it starts at
+    CLEAN, whose prediction has λ = ∞ and cannot enter a λ-difference (see `_with_orders`).
+    `HybridSchedule(history="run", final_order=1)` reproduces the earlier plans: order-1 warm-up per run.
+
+    Round trips (inversion, then sampling, with ε independent of z): exact for a constant ε at any orders,
+    since x̂_0 is then constant along the path and every multistep difference vanishes. If ε varies with t,
+    only the order-1 plans (DDIM, and `history="run", final_order=1` here) are exact; a multistep step's
+    sampling history lies at noisier points and its inversion's at less noisy ones, so the two updates are
+    not inverse to each other (default plan: ~1e-2 for ε = (1 + ½ sin(t/100))·n, tests/test_samplers.py).
+    """
+
+    num_steps: int = 6  # N, model calls per pass (the paper's 6)
+    dpm_start: int = 5  # τ_s: first step run by DPM-Solver++, 1-based, counted from pure noise
+    dpm_end: int = 6  # τ_e: last step run by DPM-Solver++; τ_s > τ_e gives DDIM only
+    # "global": both full N-step sequences first, step i takes t_i from its solver's sequence and lands where
+    # step i+1 starts (paper Eq. 6, no jump at the switch). "fragmented": each run of one solver uses that
+    # solver's own sequence for its own number of steps, landing by its own rule (the paper's ablation,
+    # which jumps at the switch).
+    timesteps: str = "global"
+    ddim_spacing: str = "leading"  # SD's DDIM spacing (with the schedule's steps_offset)
+    dpm_spacing: str = "logSNR"  # λ-uniform (paper A.4); "linspace" is the option
+    dpm_order: int = 2  # DPM-Solver++ order (2M is diffusers' default)
+    # "pass": DPM-Solver++ steps use the x̂_0 of every preceding step on the path, DDIM steps' included;
+    # "run": only those of the current run of DPM-Solver++ steps (order-1 warm-up after each switch)
+    history: str = "pass"
+    lower_order_final: bool = True  # diffusers' rule for passes of < 15 steps: cap the last two steps' orders
+    final_order: int = 2  # the cap on the last step under lower_order_final (diffusers: 1); the one before: 2
+
+    def solvers(self) -> list[str]:
+        return [DPM_SOLVER if self.dpm_start <= i <= self.dpm_end else DDIM
+                for i in range(1, self.num_steps + 1)]
+
+
+def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule()) -> Plan:
+    """The per-step solver and times of the hybrid solver; the inversion walks the same steps backwards
+    (the paper's symmetry: the same solver at the same noise levels)."""
+    n, T = hybrid.num_steps, schedule.num_train_timesteps
+    solvers = hybrid.solvers()
+    final = {DDIM: FINAL, DPM_SOLVER: CLEAN}  # where each solver's own pass ends
+    if hybrid.timesteps == "global":
+        sequences = {DDIM: [float(t) for t in ddim_timesteps(n, hybrid.ddim_spacing, schedule.steps_offset, T)],
+                     DPM_SOLVER: dpm_solver_times(schedule, n, hybrid.dpm_spacing)}
+        ts = [sequences[solver][i] for i, solver in enumerate(solvers)]
+        ss = ts[1:] + [final[solvers[-1]]]  # continuity: each step lands where the next one starts
+        for i in range(n - 1):
+            if not ts[i] > ts[i + 1]:
+                raise ValueError(f"samplers.py: hybrid timesteps {ts} do not decrease at step {i + 2} "
+                                 f"({hybrid}); choose other spacings or switch steps")
+    elif hybrid.timesteps == "fragmented":
+        ts, ss = [], []
+        i = 0
+        while i < n:  # one run of consecutive steps with the same solver
+            j = i
+            while j < n and solvers[j] == solvers[i]:
+                j += 1
+            m = j - i
+            if solvers[i] == DDIM:
+                own = [float(t) for t in ddim_timesteps(m, hybrid.ddim_spacing, schedule.steps_offset, T)]
+                lands = [t - T // m if t - T // m >= 0 else FINAL for t in own]
+            else:
+                own = dpm_solver_times(schedule, m, hybrid.dpm_spacing)
+                lands = own[1:] + [CLEAN]
+            ts += own
+            ss += lands
+            i = j
+    else:
+        raise ValueError(f"samplers.py: HybridSchedule.timesteps={hybrid.timesteps!r} is not 'global' or "
+                         "'fragmented'")
+    return Plan(schedule, _with_orders(schedule, solvers, ts, ss, hybrid.dpm_order, hybrid.lower_order_final,
+                                       final_order=hybrid.final_order, history=hybrid.history,
+                                       clean_order=hybrid.dpm_order))

@@ -1,0 +1,354 @@
+"""Restoring files: EditedID (editedid.py) wrapped for people and their pictures.
+
+`EditedID(sd, config).restore(original, edited, prompts, words, ...)` reads the images (paths, PIL images or
+tensors), checks every input before any heavy work, encodes the images and prompts, runs the method
+(`editedid.run`) and decodes the result; `restore_batch` does the same for K pairs in one batch. Face masks
+come from the user, from the original's face landmarks (a face analyzer), or from the cross-attention maps of
+the identity words. `report.save_result` writes the intermediates (reconstructions, masks, w schedule,
+attention maps). Photos with several faces: multiface.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from minid import crops, images, masks, metrics
+from minid.control import word_map
+from minid.editedid import EditedIDConfig, PairText, Tokens, blend_mask, run
+from minid.inversion import NullTextStep
+from minid.schedule import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """How pictures go through the method: the method's own settings nested, and the image-side ones."""
+
+    method: EditedIDConfig = EditedIDConfig()
+    image_size: int = 512  # side of the square the models work on (SD1.4: 512; a multiple of 8, the VAE's factor)
+    sample_posterior: bool = False  # encode with a posterior sample (seeded per pair) instead of its mean
+    # σ of the blur that softens a landmark face mask, as a fraction of image_size (4 px at 512), so a setting
+    # means the same on the tests' 64² squares as on SD's 512²
+    face_mask_feather: float = 1 / 128
+    # The fused attention edits of Stage 3: "auto" = Triton kernels on CUDA, the PyTorch path elsewhere;
+    # "triton" or "torch" to force one (the same semantics; tests compare them).
+    attention_backend: str = "auto"
+
+    def __post_init__(self):
+        if self.image_size % 8 or self.image_size <= 0:
+            raise ValueError(f"RestoreConfig.image_size must be a positive multiple of 8 (the VAE's factor), got "
+                             f"{self.image_size}")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"RestoreConfig.attention_backend must be 'auto', 'triton' or 'torch', got "
+                             f"{self.attention_backend!r}")
+
+
+@dataclass
+class RestoreResult:
+    image: torch.Tensor  # (1, 3, S, S) in [-1, 1], the restored edited image
+    reconstructions: dict[str, torch.Tensor]  # "original", "edited": Stage 2's reconstructions
+    psnr: dict[str, float]  # each reconstruction against its input, dB
+    masks: dict[str, torch.Tensor]  # "face" (M_O), "element" (M_E) at image size; "blend" at latent size
+    w_schedule: list[float]  # Stage 1's mixing weights, one per inversion step
+    timings: dict[str, float]  # seconds per stage (of the whole batch when restored with others)
+    notes: list[str] = field(default_factory=list)  # what was adjusted (mask resized, …)
+    latent: torch.Tensor | None = None  # z_0^T
+    null_text: list[NullTextStep] = field(default_factory=list)  # Stage 2's per-step statistics (O and E)
+    attention_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # word -> (h, w) averaged cross map
+    paths: dict[str, Path] = field(default_factory=dict)  # files written by report.save_result
+
+    @property
+    def pil(self):
+        return images.tensor_to_pil(self.image)
+
+
+@dataclass
+class RestorePair:
+    """One (original, edited) pair of a batched restore, with everything that may differ between pairs.
+
+    Images: paths, PIL images or (1, 3, S, S) tensors in [-1, 1]; masks: as `EditedID.restore` takes them.
+    """
+
+    original: object
+    edited: object
+    prompt_original: str
+    prompt_edited: str
+    id_words: list[str]
+    element_words: list[str]
+    face_mask: object = None
+    element_mask: object = None
+    lambda_o: float | None = None  # weight of O where M_O and M_E overlap; None: the config's; λ_E = 1 − λ_O
+    seed: int = 0  # seeds this pair's posterior sample (config.sample_posterior)
+
+
+@dataclass
+class _Job:
+    """A checked pair, ready to run: images at working size, masks (or None), prompts and token positions."""
+
+    x_o: torch.Tensor  # (1, 3, S, S)
+    x_e: torch.Tensor
+    sources: list  # the files the inputs were read from (never overwritten)
+    mask_o: torch.Tensor | None  # (1, 1, S, S) or None: from the cross-attention maps
+    mask_e: torch.Tensor | None
+    pair: RestorePair
+    text: PairText
+    notes: list[str]
+
+
+class EditedID:
+    """EditedID over a `StableDiffusion` (tokenizer, text_encoder, unet, vae) and a `RestoreConfig`."""
+
+    def __init__(self, sd, config: RestoreConfig = RestoreConfig()):
+        self.sd = sd
+        self.config = config
+        self.schedule = NoiseSchedule.scaled_linear()
+        self.plan = config.method.plan(self.schedule)
+        # Called as stage_hook(stage_name, "start" | "end") around each timed stage of `restore`
+        # (benchmarks use it to reset and read peak-memory counters); None does nothing.
+        self.stage_hook = None
+
+    @contextlib.contextmanager
+    def _stage(self, name: str, timings: dict[str, float]):
+        if self.stage_hook is not None:
+            self.stage_hook(name, "start")
+        t0 = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - t0
+        if self.stage_hook is not None:
+            self.stage_hook(name, "end")
+
+    @property
+    def device(self):
+        return next(self.sd.unet.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.sd.unet.parameters()).dtype
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.sd.tokenizer(prompts).to(self.device)
+        return self.sd.text_encoder(ids).to(self.dtype)  # (B, 77, D)
+
+    # ---- the entry points ---------------------------------------------------------------------------------
+    def restore(self, original, edited, prompt_original: str, prompt_edited: str, id_words: list[str],
+                element_words: list[str], face_mask=None, element_mask=None, seed: int = 0,
+                progress: bool = True, save_intermediates: str | Path | None = None,
+                analyzer=None) -> RestoreResult:
+        """Restore `original`'s face identity in `edited`. Images: paths, PIL images or (1, 3, S, S) tensors.
+
+        id_words (in both prompts) have their cross-attention columns taken from O; element_words (in the
+        edited prompt) from E. face_mask / element_mask: mask images (white = region) of the original's /
+        edited image's size, or tensors. Without face_mask, M_O comes from `analyzer` when given (anything
+        with `analyze(image) -> list[faces.Face]`, e.g. `faces.FaceAnalyzer`): the landmark mask of the
+        original's largest face (`landmark_face_mask`); without an analyzer, and for a missing element_mask,
+        the masks come from the cross-attention maps of the words, gathered during Stage 2's conditional
+        calls (M_O from O's maps of id_words, M_E from E's maps of element_words; P2P local blend).
+        seed: seeds the posterior sample when `config.sample_posterior` (the method is otherwise deterministic).
+        save_intermediates: a folder for restored.png, reconstructions, masks, w schedule (JSON and PNG) and
+        the attention-map grid. Progress bars (tqdm) per stage when `progress`.
+        """
+        job = check_pair(RestorePair(original, edited, prompt_original, prompt_edited, id_words, element_words,
+                                   face_mask, element_mask, seed=seed), self.sd.tokenizer, self.config)
+        if job.mask_o is None and analyzer is not None:
+            name = "the original image" + (f" {original}" if isinstance(original, (str, Path)) else "")
+            found = analyze(analyzer, job.x_o, name)
+            job.mask_o, how = landmark_face_mask(max(found, key=lambda f: f.area), self.config)
+            job.notes.append(f"face mask from the original's largest face ({len(found)} found): {how}")
+        result = self._run([job], progress)[0]
+        if save_intermediates is not None:
+            from minid.report import save_result
+
+            result.paths = save_result(result, save_intermediates, inputs=job.sources)
+        return result
+
+    def restore_batch(self, pairs: list[RestorePair], progress: bool = True,
+                      save_intermediates: str | Path | None = None) -> list[RestoreResult]:
+        """Restore K pairs in ONE batch through every stage: 2K latents in Stage 1, 2K null-texts in Stage 2,
+        3K branches × 2 guidance halves in Stage 3. Each pair keeps its own prompts, words, masks, λ and seed,
+        and the result of each equals what `restore` gives it alone, up to the rounding of a larger batch
+        (and, through it, a null-text early stop that may fall one iteration apart when a loss lands on the
+        threshold). save_intermediates: a folder that gets one sub-folder per pair, pair_0, pair_1, …
+        """
+        if not pairs:
+            raise ValueError("restore_batch needs at least one RestorePair")
+        jobs = [check_pair(p, self.sd.tokenizer, self.config, f"pair {k}: " if len(pairs) > 1 else "")
+                for k, p in enumerate(pairs)]
+        results = self._run(jobs, progress)
+        if save_intermediates is not None:
+            from minid.report import save_result
+
+            for k, (job, result) in enumerate(zip(jobs, results)):
+                result.paths = save_result(result, Path(save_intermediates) / f"pair_{k}", inputs=job.sources)
+        return results
+
+    # ---- the run ------------------------------------------------------------------------------------------
+    def _run(self, jobs: list[_Job], progress: bool) -> list[RestoreResult]:
+        """Encode, run the method, decode, for K checked pairs in one batch. Batch rows: O_1 … O_K,
+        E_1 … E_K (Stages 1-2), then T_1 … T_K (Stage 3)."""
+        cfg = self.config
+        k_pairs = len(jobs)
+        timings: dict[str, float] = {}
+        device, dtype = self.device, self.dtype
+        with self._stage("encode", timings), torch.no_grad():
+            x = torch.cat([j.x_o for j in jobs] + [j.x_e for j in jobs]).to(device, dtype)  # (2K, 3, S, S)
+            # each pair draws its (O, E) noise from its own seed, as it would alone
+            generators = [torch.Generator().manual_seed(j.pair.seed) for j in jobs] * 2
+            z0 = self.sd.vae.encode_latent(x, sample=cfg.sample_posterior,
+                                           generator=generators if cfg.sample_posterior else None)
+            cond = self.encode_text([j.pair.prompt_original for j in jobs] + [j.pair.prompt_edited for j in jobs])
+            cond_o, cond_e = cond[:k_pairs], cond[k_pairs:]  # (K, 77, D) each
+            uncond = self.encode_text([""])
+        gatings = [cfg.method.gating if j.pair.lambda_o is None else replace(cfg.method.gating, lambda_o=j.pair.lambda_o)
+                   for j in jobs]
+        outcome = run(self.sd.unet, self.plan, cfg.method, z0[:k_pairs], z0[k_pairs:], cond_o, cond_e, uncond,
+                      [j.text for j in jobs], [j.mask_o for j in jobs], [j.mask_e for j in jobs], cfg.image_size,
+                      gatings=gatings, backend=cfg.attention_backend,
+                      stage=lambda name: self._stage(name, timings), progress=progress)
+        d = outcome.disentanglement
+        with self._stage("decode", timings), torch.no_grad():
+            recon = self.sd.vae.decode_latent(d.z0).float().clamp(-1, 1).cpu()  # (2K, 3, S, S)
+            restored = self.sd.vae.decode_latent(outcome.z0[2 * k_pairs:]).float().clamp(-1, 1).cpu()  # (K, 3, S, S)
+
+        latent_side = z0.shape[-1]
+        blend = blend_mask(outcome.mask_o, outcome.mask_e, latent_side, cfg.method.blend_dilation).cpu()
+        results = []
+        for k, job in enumerate(jobs):
+            row_o, row_e = k, k_pairs + k
+            words = [(w, row_o, job.pair.prompt_original) for w in job.pair.id_words]
+            words += [(w, row_e, job.pair.prompt_edited) for w in job.pair.element_words]
+            maps = {w: word_map(d.store, row, _positions(self.sd.tokenizer, prompt, [w], "mask"), (latent_side, latent_side),
+                                cfg.method.attention_masks.map_factors, pool=cfg.method.attention_masks.pool)[0, 0]
+                    for w, row, prompt in words}
+            o_attn, e_attn = outcome.from_attention[k]
+            if o_attn:
+                job.notes.append("face mask taken from the cross-attention maps of " + ", ".join(job.pair.id_words))
+            if e_attn:
+                job.notes.append("element mask taken from the cross-attention maps of "
+                                 + ", ".join(job.pair.element_words))
+            r_o, r_e = recon[row_o:row_o + 1], recon[row_e:row_e + 1]
+            results.append(RestoreResult(
+                image=restored[k:k + 1], reconstructions={"original": r_o, "edited": r_e},
+                psnr={"original": metrics.psnr(r_o, job.x_o, 2.0), "edited": metrics.psnr(r_e, job.x_e, 2.0)},
+                masks={"face": outcome.mask_o[k:k + 1].cpu(), "element": outcome.mask_e[k:k + 1].cpu(),
+                       "blend": blend[k:k + 1]},
+                w_schedule=outcome.alignment.w_schedules[k], timings=dict(timings), notes=job.notes,
+                latent=outcome.z0[2 * k_pairs + k:2 * k_pairs + k + 1].cpu(),
+                null_text=[st.rows([row_o, row_e]) for st in d.steps], attention_maps=maps))
+        return results
+
+
+def analyze(analyzer, x: torch.Tensor, name: str) -> list:
+    """The analyzer's faces of a (1, 3, H, W) image in [-1, 1] (given to it as (3, H, W) in [0, 1])."""
+    found = analyzer.analyze(((x[0].float() + 1) / 2).clamp(0, 1))
+    if not found:
+        raise ValueError(f"the face analyzer found no face in {name}; check that the face is visible and not tiny, "
+                         "give a face mask, or restore without an analyzer (the face mask then comes from the "
+                         "cross-attention maps)")
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks, before any heavy work
+
+
+def check_pair(pair: RestorePair, tokenizer, config: RestoreConfig, name: str = "") -> _Job:
+    """Every check of one pair, before any heavy work: prompts, words, images, masks, λ; `name` prefixes the
+    messages (e.g. "pair 2: ")."""
+    method = config.method
+    notes: list[str] = []
+    for what, p in (("prompt_original", pair.prompt_original), ("prompt_edited", pair.prompt_edited)):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{name}{what} must be a non-empty string, got {p!r}")
+    if isinstance(pair.id_words, str) or isinstance(pair.element_words, str):
+        raise TypeError(f"{name}id_words and element_words are lists of words, e.g. ['man'], ['glasses']")
+    if not pair.id_words:
+        raise ValueError(f"{name}give at least one identity word (e.g. 'man', 'face') in id_words")
+    prompt_t = pair.prompt_original if method.target == "original" else pair.prompt_edited
+    id_positions = _positions(tokenizer, pair.prompt_original, pair.id_words, "identity")
+    _positions(tokenizer, prompt_t, pair.id_words, "identity")
+    element_positions = _positions(tokenizer, pair.prompt_edited, pair.element_words, "element")
+    _positions(tokenizer, prompt_t, pair.element_words, "element")
+    tokens = Tokens(identity=_pairs(tokenizer, prompt_t, pair.prompt_original, pair.id_words, "identity"),
+                    element=_pairs(tokenizer, prompt_t, pair.prompt_edited, pair.element_words, "element"))
+    x_o, frame_o = _image(config.image_size, pair.original, "original")
+    x_e, frame_e = _image(config.image_size, pair.edited, "edited")
+    mask_o = _mask(config.image_size, pair.face_mask, "face", frame_o, notes)
+    mask_e = _mask(config.image_size, pair.element_mask, "element", frame_e, notes)
+    if mask_e is None and not pair.element_words:
+        raise ValueError(f"{name}with no element_mask, element_words must name the edited elements (their "
+                         "cross-attention maps give the element region)")
+    if pair.lambda_o is not None and not 0 <= pair.lambda_o <= 1:
+        raise ValueError(f"{name}lambda_o must be in [0, 1], got {pair.lambda_o}")
+    sources = [f.source for f in (frame_o, frame_e) if f is not None and f.source is not None]
+    return _Job(x_o=x_o, x_e=x_e, sources=sources, mask_o=mask_o, mask_e=mask_e, pair=pair,
+                text=PairText(id_positions, element_positions, tokens), notes=notes)
+
+
+def _image(s: int, image, name: str) -> tuple[torch.Tensor, images.CropFrame | None]:
+    if isinstance(image, torch.Tensor):
+        x = image if image.dim() == 4 else image.unsqueeze(0)
+        if x.shape[:2] != (1, 3) or x.shape[-2:] != (s, s):
+            raise ValueError(f"the {name} image tensor must be (1, 3, {s}, {s}) in [-1, 1]; found "
+                             f"{tuple(image.shape)}. Load files with minid.images.load_image")
+        return x.float(), None
+    return images.load_image(image, size=s)
+
+
+def _mask(s: int, mask, name: str, frame, notes: list[str]) -> torch.Tensor | None:
+    if mask is None:
+        return None
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = masks.load_mask(mask, size=s, frame=frame if not isinstance(mask, torch.Tensor) else None,
+                            required=False)
+    for w in caught:
+        notes.append(f"{name} mask: {w.message}")
+        warnings.warn(str(w.message))
+    if float(m.max()) <= 0:
+        raise ValueError(f"the {name} mask is empty (all zero); give a mask with the region white, or leave it "
+                         "out to take it from the cross-attention maps")
+    return m[None, None]  # (1, 1, S, S)
+
+
+def _positions(tokenizer, prompt: str, words: list[str], what: str) -> list[int]:
+    out = []
+    for w in words:
+        try:
+            out += tokenizer.token_positions(prompt, w)
+        except ValueError as e:
+            raise ValueError(f"{what} word {w!r} is not in the prompt {prompt!r} ({e})") from None
+    return out
+
+
+def _pairs(tokenizer, prompt_t: str, prompt_s: str, words: list[str], what: str) -> list[tuple[int, int]]:
+    pairs = []
+    for w in words:
+        try:
+            pos_s, pos_t = tokenizer.align_tokens(prompt_s, prompt_t, w)
+        except ValueError as e:
+            raise ValueError(f"{what} word {w!r}: {e}") from None
+        pairs += list(zip(pos_t, pos_s))
+    return pairs
+
+
+def landmark_face_mask(face, config: RestoreConfig, affine=None) -> tuple[torch.Tensor, str]:
+    """M_O from a `faces.Face`: the hull of its 106 landmarks (else the 5-point ellipse), feathered by
+    `config.face_mask_feather`, at image size (1, 1, S, S); `affine` maps the face's image to the
+    working square (a face patch). Returns the mask and a note saying which landmarks made it."""
+    s = config.image_size
+    kps, dense = face.kps, face.landmarks_106
+    if affine is not None:
+        kps = crops.apply_affine(kps, affine)
+        dense = None if dense is None else crops.apply_affine(dense, affine)
+    m = masks.face_mask(s, kps=kps, landmarks_106=dense)  # (S, S), 0 or 1
+    sigma = config.face_mask_feather * s
+    m = masks.feather(m, sigma)
+    how = "the hull of its 106 landmarks" if dense is not None else "an ellipse on its 5 keypoints"
+    return m[None, None], f"{how}, feathered (σ = {sigma:.3g} px)"
