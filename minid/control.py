@@ -181,20 +181,26 @@ def word_mask(store: AttentionStore, row: int, positions: list[int], latent_size
 class PromptToPrompt:
     """Prompt-to-prompt editing for a batch [source, target_1, …] (Hertz et al. 2022), conditional half only.
 
-    - cross-attention, while the step is in `cross_window`: each target's columns come from the source's
-      map through `alignment[i]` (see `prompt_alignment`; -1 keeps the target's column);
+    - cross-attention, while the step is in the cross window: each target's columns come from the source's
+      map through `alignment[i]` (see `tokenizer.prompt_alignment`; -1 keeps the target's column);
     - `reweight[i]` {position: factor}: the target's column is multiplied by the factor (done on V's row,
-      which is the same thing: `(P ⊙ c) V = P (c ⊙ V)`);
-    - self-attention, while the step is in `self_window` and the map side is at most `self_max_side`: the
-      target's map is the source's (`P_src V_tgt`, the map reading of injection).
+      which is the same thing: `(P ⊙ c) V = P (c ⊙ V)`), while the cross window is open, as in the authors'
+      code, where the factor lives inside the replacement; `reweight_every_step=True` applies it at every step;
+    - self-attention, while the step is in the self window and the map side is at most `self_max_side`: the
+      target's map is the source's (`P_src V_tgt`, the map reading of injection). The two public conventions:
+      the diffusers community pipeline injects up to 16² query positions (`self_max_side=16`, the default),
+      PnPInversion's port up to 32² (`self_max_side=32`).
     The unconditional half runs unedited, as in the authors' code: guidance then amplifies the edit.
-    Windows are fractions of `num_steps`, [start, end); the step index comes with each call (`at_step`).
+    Windows are fractions (start, end) of the pass, counted as the authors' code counts them
+    (`ptp_utils.get_time_words_attention_alpha` and `AttentionControlEdit`): the cross window covers steps
+    int(start·(N+1)) ≤ i < int(end·(N+1)), the self window int(start·N) ≤ i < int(end·N), N = `num_steps`.
+    The step index comes with each call (`at_step`).
     """
 
     def __init__(self, layout: BatchLayout, alignment: list[torch.Tensor],
                  reweight: list[dict[int, float]] | None = None,
                  cross_window: tuple[float, float] = (0.0, 0.8), self_window: tuple[float, float] = (0.0, 0.4),
-                 self_max_side: int = 16, num_steps: int = 50):
+                 self_max_side: int = 16, num_steps: int = 50, reweight_every_step: bool = False):
         if len(alignment) != layout.branches - 1:
             raise ValueError(f"control.py: {layout.branches - 1} target branch(es) need as many alignments, "
                              f"got {len(alignment)}")
@@ -205,24 +211,32 @@ class PromptToPrompt:
         self.self_window = self_window
         self.self_max_side = self_max_side
         self.num_steps = num_steps
+        self.reweight_every_step = reweight_every_step
 
-    def _in(self, window: tuple[float, float], step: int) -> bool:
-        frac = step / max(self.num_steps, 1)
-        return window[0] <= frac < window[1]
+    def cross_active(self, step: int) -> bool:
+        """Whether the cross-attention replacement acts at this step: int(start·(N+1)) ≤ step < int(end·(N+1))."""
+        start, end = (int(f * (self.num_steps + 1)) for f in self.cross_window)
+        return start <= step < end
+
+    def self_active(self, step: int) -> bool:
+        """Whether self-attention is injected at this step: int(start·N) ≤ step < int(end·N)."""
+        start, end = (int(f * self.num_steps) for f in self.self_window)
+        return start <= step < end
 
     def __call__(self, q, k, v, site: Site, step: int = 0):
         self.layout.check(q, site)
         lay = self.layout
         src = lay.row(0)
         if site.is_cross:
-            edit_cross = self._in(self.cross_window, step)
-            if not edit_cross and not any(self.reweight):
+            edit_cross = self.cross_active(step)
+            reweight = edit_cross or self.reweight_every_step
+            if not edit_cross and not (reweight and any(self.reweight)):
                 return None
             out = default_attention(q, k, v)
             for b in range(1, lay.branches):
                 r = lay.row(b)
                 v_t = v[r:r + 1]
-                if self.reweight[b - 1]:
+                if reweight and self.reweight[b - 1]:
                     scale = torch.ones(v.shape[2], dtype=v.dtype, device=v.device)
                     for pos, factor in self.reweight[b - 1].items():
                         scale[pos] = factor
@@ -235,7 +249,7 @@ class PromptToPrompt:
                 out[r:r + 1] = token_replace(q[r:r + 1], k[r:r + 1], v_t, sources=[(q[src:src + 1], k[src:src + 1])],
                                              src_branch=src_branch, src_token=src_token)
             return out
-        if not self._in(self.self_window, step) or site.height > self.self_max_side:
+        if not self.self_active(step) or site.height > self.self_max_side:
             return None
         out = default_attention(q, k, v)
         for b in range(1, lay.branches):

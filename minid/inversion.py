@@ -25,7 +25,7 @@ levels: the symmetry constraint). The inversion runs i = N−1 … 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -54,6 +54,15 @@ class NullTextConfig:
     reference_steps: int = 50  # i' = i·reference_steps/N: the decay is scaled to the step count
     epsilon: float = 1e-5  # early stop when the loss < epsilon + i·epsilon_growth
     epsilon_growth: float = 2e-5
+    # "last": the authors' loop (null-text notebook): compute the loss, take the Adam step, then stop if that
+    # loss was under the threshold; ∅_i is the last iterate. "best": check the loss before each update, stop
+    # without applying it once under the threshold, and keep the ∅ with the lowest loss seen (one more loss
+    # evaluation per step, one update fewer at every early-stopped step).
+    keep: Literal["last", "best"] = "last"
+
+    def __post_init__(self):
+        if self.keep not in ("last", "best"):
+            raise ValueError(f"NullTextConfig.keep must be 'last' or 'best', got {self.keep!r}")
 
 
 def guided_eps(unet, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float,
@@ -207,7 +216,7 @@ class NullTextStep:
     """What happened at one reconstruction step, per image of the batch."""
 
     initial_loss: list[float]  # loss with the warm-started ∅ (the previous step's result)
-    final_loss: list[float]  # loss with the ∅ kept (the best seen)
+    final_loss: list[float]  # keep="best": the loss of the ∅ kept; "last": the last loss computed (before its update)
     iterations: list[int]  # Adam updates made
     threshold: float  # the early-stop threshold of this step
     reached_threshold: list[bool]
@@ -247,9 +256,10 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
 
     Per step i (Mokady et al. 2023, Alg. 1): ε(z_i, t_i, c) once without gradient; then up to
     `inner_steps` Adam updates of ∅ on Σ_k mse(Step_i(z_i, ε̃), pivot), lr = lr·(1 − i'/100) with
-    i' = i·reference_steps/N; an image stops when its loss < epsilon + i·epsilon_growth. The ∅ kept for an
-    image is the one with its lowest loss seen. ∅_{i+1} starts from ∅_i. Then z advances with the kept ∅:
-    the model function returns ε̃ with it, and the loop takes the step.
+    i' = i·reference_steps/N; an image stops when its loss < epsilon + i·epsilon_growth, by the rule of
+    `config.keep` (default: the authors' — the update of the iteration whose loss stops it is still applied,
+    and the last iterate is kept). ∅_{i+1} starts from ∅_i. Then z advances with the kept ∅: the model
+    function returns ε̃ with it, and the loop takes the step.
     """
     n = len(plan.steps)
     if len(pivots) != n + 1:
@@ -258,6 +268,7 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
     z_start = (pivots[-1] if z_T is None else z_T).detach()
     result = NullTextResult([], [z_start])
     null = uncond.detach().expand(b, -1, -1).clone()  # (B, 77, D), warm start for step 0
+    keep_best = config.keep == "best"
 
     def model(z, t, i, land):
         nonlocal null
@@ -271,27 +282,30 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
         params = [null[k:k + 1].to(master).clone().requires_grad_(True) for k in range(b)]
         opt = torch.optim.Adam(params, lr=lr)
         best = [p.detach().clone() for p in params]
-        best_loss = [float("inf")] * b
-        initial = [0.0] * b
+        initial = [float("nan")] * b  # nan: no loss computed (inner_steps = 0)
+        final = [float("inf") if keep_best else float("nan")] * b
         active = [True] * b
         iterations = [0] * b
-        for it in range(config.inner_steps + 1):
+        for it in range(config.inner_steps + (1 if keep_best else 0)):
             e_u = unet(z, t, torch.cat(params).to(cond.dtype))
             loss_k = _per_image_mse(land(cfg(e_u, e_c, guidance)).to(master), target.to(master))  # (B,)
             values = loss_k.detach().tolist()
-            for k in range(b):
+            live = [k for k in range(b) if active[k]]
+            for k in live:
                 if it == 0:
                     initial[k] = values[k]
-                if active[k] and values[k] < best_loss[k]:
-                    best_loss[k] = values[k]
-                    best[k] = params[k].detach().clone()
-                if active[k] and values[k] < threshold:
-                    active[k] = False  # early stop: this image keeps the ∅ that reached the threshold
-            if it == config.inner_steps or not any(active):
+                if keep_best:  # stop before the update, keeping the lowest loss seen
+                    if values[k] < final[k]:
+                        final[k], best[k] = values[k], params[k].detach().clone()
+                    if values[k] < threshold:
+                        active[k] = False
+                else:
+                    final[k] = values[k]
+            live = [k for k in live if active[k]]
+            if not live or it == config.inner_steps:
                 break
             # Eq. 4: one loss summed over the images. autograd.grad (not backward) differentiates with respect
             # to the embeddings only, so UNet weights that require grad get no gradient computed or stored.
-            live = [k for k in range(b) if active[k]]
             grads = torch.autograd.grad(loss_k.sum(), [params[k] for k in live])
             for k in range(b):
                 params[k].grad = None  # Adam skips parameters without a gradient: the stopped images
@@ -299,10 +313,16 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
                 params[k].grad = g
                 iterations[k] += 1
             opt.step()
-        null = torch.cat(best).detach().to(cond.dtype)
+            if not keep_best:  # the authors' rule: the loss computed before this update stops the image
+                for k in live:
+                    if values[k] < threshold:
+                        active[k] = False
+                if not any(active):
+                    break
+        kept = best if keep_best else [p.detach() for p in params]
+        null = torch.cat(kept).detach().to(cond.dtype)
         result.null_embeddings.append(null)
-        result.steps.append(NullTextStep(initial, best_loss, iterations, threshold,
-                                         [v < threshold for v in best_loss]))
+        result.steps.append(NullTextStep(initial, final, iterations, threshold, [v < threshold for v in final]))
         with torch.no_grad():
             return cfg(unet(z, t, null), e_c, guidance)
 

@@ -21,7 +21,6 @@ answer that.
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import Literal
@@ -235,41 +234,79 @@ def word_spans(tokenizer: CLIPTokenizer, prompt: str) -> list[tuple[str, list[in
 def prompt_alignment(tokenizer: CLIPTokenizer, prompt_source: str, prompt_target: str,
                      mode: Literal["replace", "refine"] = "refine") -> torch.Tensor:
     """For each of the 77 target positions, the source position whose cross-attention column it takes
-    (prompt-to-prompt's word swap and refinement).
+    (prompt-to-prompt's word swap and refinement, Hertz et al. 2022). -1 means "keep the target's own column".
 
-    -1 means "keep the target's own column". `replace` (word swap): the prompts have the same number of
-    words and word i of the target takes the columns of word i of the source (spread when the token counts
-    differ). `refine` (words added or changed): words common to both prompts (a longest matching word
-    sequence) are paired, new words keep their own columns. Both pair bos with bos, and the eos and padding
-    positions after the last word with the source's, in order.
+    `refine` (words added or changed), as the authors' aligner (`seq_aligner.get_mapper`) does it: the framed
+    ids of both prompts (bos, the tokens, eos; no padding) are globally aligned (`_global_alignment`); a target
+    token aligned with an equal source token takes that token's column, one left unaligned (a new word) keeps
+    its own; every position after the target's eos (the padding) takes the source's column at the same
+    position. `replace` (word swap): the prompts have the same number of words, word i of the target takes the
+    columns of word i of the source (spread when the token counts differ), bos takes bos, and the eos and
+    padding after the last word take the source's, in order.
     """
-    src, tgt = word_spans(tokenizer, prompt_source), word_spans(tokenizer, prompt_target)
-    mapping = torch.full((tokenizer.context_length,), -1, dtype=torch.long)
-    mapping[0] = 0
-    pairs: list[tuple[int, int]] = []
-    if mode == "replace":
-        if len(src) != len(tgt):
-            raise ValueError(f"word replace needs prompts with as many words; {prompt_source!r} has "
-                             f"{len(src)}, {prompt_target!r} has {len(tgt)}. Use mode='refine'")
-        for (_, ps), (_, pt) in zip(src, tgt):
-            pairs += _spread(pt, ps)
-    elif mode == "refine":
-        matcher = difflib.SequenceMatcher(a=[w for w, _ in src], b=[w for w, _ in tgt], autojunk=False)
-        for block in matcher.get_matching_blocks():
-            for i in range(block.size):
-                pairs += _spread(tgt[block.b + i][1], src[block.a + i][1])
-    else:
+    length = tokenizer.context_length
+    mapping = torch.full((length,), -1, dtype=torch.long)
+    if mode == "refine":
+        source, target = (_framed_ids(tokenizer, p) for p in (prompt_source, prompt_target))
+        aligned = _global_alignment(source, target)
+        mapping[:len(target)] = torch.tensor(aligned, dtype=torch.long)
+        mapping[len(target):] = torch.arange(len(target), length)  # padding to itself
+        return mapping
+    if mode != "replace":
         raise ValueError(f"alignment mode must be 'replace' or 'refine', got {mode!r}")
-    for t, s in pairs:
-        mapping[t] = s
+    src, tgt = word_spans(tokenizer, prompt_source), word_spans(tokenizer, prompt_target)
+    if len(src) != len(tgt):
+        raise ValueError(f"word replace needs prompts with as many words; {prompt_source!r} has "
+                         f"{len(src)}, {prompt_target!r} has {len(tgt)}. Use mode='refine'")
+    mapping[0] = 0
+    for (_, ps), (_, pt) in zip(src, tgt):
+        for t, s in _spread(pt, ps):
+            mapping[t] = s
     # eos and padding: the target's first eos takes the source's first eos, and so on.
     end_s = 1 + sum(len(p) for _, p in src)
     end_t = 1 + sum(len(p) for _, p in tgt)
-    for j in range(end_t, tokenizer.context_length):
+    for j in range(end_t, length):
         s = end_s + (j - end_t)
-        if s < tokenizer.context_length:
+        if s < length:
             mapping[j] = s
     return mapping
+
+
+def _framed_ids(tokenizer: CLIPTokenizer, prompt: str) -> list[int]:
+    """bos, the prompt's tokens (at most 75) and eos: the 77 ids without their padding."""
+    ids = tokenizer.encode(prompt)
+    return ids[:ids.index(tokenizer.eos_id, 1) + 1]
+
+
+def _global_alignment(source: list[int], target: list[int]) -> list[int]:
+    """For each target token, the index of the source token it is aligned with, or -1 (Needleman-Wunsch with
+    gap 0, match +1, mismatch −1, so only equal tokens pair: a longest common subsequence).
+
+    Among equally good alignments the one chosen is the reference aligner's: walking back from the ends, a
+    target token left alone is preferred to a source token left alone, and both to a pair. That decides which
+    of two equal tokens ("a photo of a cat in a forest" has two "a") takes the source's column.
+    """
+    n, m = len(source), len(target)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    move = [["new"] * (m + 1) for _ in range(n + 1)]  # row 0: only target tokens remain
+    for i in range(1, n + 1):
+        move[i][0] = "drop"  # column 0: only source tokens remain
+        for j in range(1, m + 1):
+            new, drop = score[i][j - 1], score[i - 1][j]  # gap 0
+            pair = score[i - 1][j - 1] + (1 if source[i - 1] == target[j - 1] else -1)
+            score[i][j] = max(new, drop, pair)
+            move[i][j] = "new" if score[i][j] == new else ("drop" if score[i][j] == drop else "pair")
+    aligned = [-1] * m
+    i, j = n, m
+    while i > 0 or j > 0:
+        if move[i][j] == "pair":
+            i, j = i - 1, j - 1
+            aligned[j] = i
+        elif move[i][j] == "new":
+            j -= 1
+        else:
+            i -= 1
+    return aligned
 
 
 def _spread(target: list[int], source: list[int]) -> list[tuple[int, int]]:

@@ -136,6 +136,35 @@ def test_word_mask_finds_the_attended_region():
         word_mask(store, 0, [6], (16, 16), map_factors=(4,))
 
 
+@pytest.mark.parametrize("n", [6, 10, 50])
+def test_prompt_to_prompt_windows_round_as_the_authors_code(n):
+    p2p = PromptToPrompt(BatchLayout(2), [torch.arange(77)], cross_window=(0.0, 0.8), self_window=(0.0, 0.4),
+                         num_steps=n)
+    cross = [i for i in range(n) if p2p.cross_active(i)]
+    self_ = [i for i in range(n) if p2p.self_active(i)]
+    assert cross == list(range(int(0.8 * (n + 1)))), f"N={n}: cross window {cross}"
+    assert self_ == list(range(int(0.4 * n))), f"N={n}: self window {self_}"
+    if n == 6:
+        assert len(self_) == 2 and len(cross) == 5, "at N = 6: 2 self-injection steps, 5 cross-replacement steps"
+
+
+def test_reweight_acts_only_inside_the_cross_window_unless_asked_for_every_step():
+    lay = BatchLayout(2, cfg=True)
+    q, k, v = qkv(lay.size, 77, seed=6)
+    reweight = [{3: 2.0}]
+    p2p = PromptToPrompt(lay, [torch.arange(77)], reweight=reweight, num_steps=10)
+    outside = 9  # int(0.8·11) = 8: steps 0-7 replace, 8-9 do not
+    assert not p2p.cross_active(outside) and p2p(q, k, v, DOWN_CROSS, step=outside) is None, \
+        "outside the cross window the reweighted attention must be left untouched"
+    every = PromptToPrompt(lay, [torch.arange(77)], reweight=reweight, num_steps=10, reweight_every_step=True)
+    out = every(q, k, v, DOWN_CROSS, step=outside)
+    tgt = lay.row(1)
+    p = probs(q[tgt], k[tgt]).clone()  # the target's own map (no replacement), column 3 scaled
+    p[..., 3] *= 2.0
+    err = (out[tgt].double() - p @ v[tgt].double()).abs().max().item()
+    assert err < 1e-5, f"reweight at every step differs from the explicit map by {err}"
+
+
 def test_prompt_to_prompt_self_injection_and_reweight():
     lay = BatchLayout(2, cfg=True)
     q, k, v = qkv(lay.size, N, seed=3)
@@ -155,13 +184,29 @@ def test_prompt_to_prompt_self_injection_and_reweight():
     assert err < 1e-5, f"replace + reweight differs from the explicit map by {err}"
 
 
+# The authors' aligner (prompt-to-prompt's seq_aligner.get_mapper) on these pairs, written out by hand: each
+# target position's source position, -1 for a target token of its own. Tokens: "a photo of a cat in a forest"
+# is bos a photo of a cat in a forest eos (positions 0-9), then padding (10-76), which maps to itself.
+REFINE_TABLES = {
+    ("a photo of a cat", "a photo of a cat in a forest"): [0, 1, 2, 3, 4, 5, -1, -1, -1, 6, 10, 11],
+    ("a photo of a man", "a photo of a man wearing black glasses"): [0, 1, 2, 3, 4, 5, -1, -1, -1, 6, 10, 11],
+    # equal scores: "photo" pairs with the source's "photo", "a cat" stays the target's own
+    ("a cat in a photo", "a photo of a cat"): [0, 1, 5, -1, -1, -1, 6, 7, 8, 9, 10, 11],
+    ("a dog", "a big dog"): [0, 1, -1, 2, 3, 5, 6, 7, 8, 9, 10, 11],
+}
+
+
+@pytest.mark.parametrize("pair", sorted(REFINE_TABLES))
+def test_refine_alignment_is_the_authors_aligner(pair):
+    tok = CLIPTokenizer.default()
+    m = prompt_alignment(tok, *pair, "refine")
+    assert m[:12].tolist() == REFINE_TABLES[pair], f"{pair}: {m[:12].tolist()}"
+    assert m[12:].tolist() == list(range(12, 77)), "padding takes the source's column at its own position"
+
+
 def test_prompt_alignment(sd14_reference):
     tok = CLIPTokenizer.from_folder(sd14_reference / "hub" / "tokenizer")
     src, tgt = "a photo of a man", "a photo of a man wearing black glasses"
-    m = prompt_alignment(tok, src, tgt, "refine")
-    assert m[:6].tolist() == [0, 1, 2, 3, 4, 5], "bos and the shared words take the source's columns"
-    assert m[6:9].tolist() == [-1, -1, -1], "new words keep the target's own columns"
-    assert m[9:12].tolist() == [6, 7, 8], "the target's eos and padding take the source's, in order"
     r = prompt_alignment(tok, "a photo of a man", "a photo of a woman", "replace")
     assert r[:6].tolist() == [0, 1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="as many words"):

@@ -9,6 +9,7 @@ import torch
 
 from minid.inversion import (MixingConfig, NullTextConfig, adaptive_mixing_inversion, invert, null_text_optimization,
                              reconstruct)
+from minid.samplers import cfg, ddim_step
 from minid.plans import HybridSchedule, ddim_plan, hybrid_plan
 from minid.samplers import invert_loop, sample_loop
 from minid.schedule import NoiseSchedule
@@ -100,6 +101,53 @@ def test_joint_null_text_equals_two_single_runs(tiny_sd):
         assert err < 1e-9, f"image {k}: joint reconstruction differs from the single run's by {err}"
     # and the two images did get different embeddings (the test is not trivially satisfied)
     assert not torch.allclose(joint.null_embeddings[-1][0], joint.null_embeddings[-1][1])
+
+
+def test_null_text_stops_early_by_the_authors_rule(tiny_sd):
+    """The authors' inner loop (the null-text notebook), written out for one image with DDIM steps: compute the
+    loss, take the Adam step, then stop if that loss was under the threshold ε + i·ε_growth (here one that stops
+    some steps early); ∅_i is the last iterate. minid's default loop gives the same update counts and embeddings."""
+    ctx = _context(tiny_sd, ["", "a photo of a man"])
+    uncond, cond = ctx[0:1], ctx[1:2]
+    plan = ddim_plan(SCHEDULE, N)
+    g = torch.Generator().manual_seed(4)
+    z_T = torch.randn(1, 4, 8, 8, generator=g)
+    pivots = reconstruct(tiny_sd.unet, plan, z_T, cond, [uncond + 0.3 * torch.randn(uncond.shape, generator=g)
+                                                         for _ in range(N)], GUIDANCE)[::-1]
+    config = NullTextConfig(inner_steps=6, epsilon=1e-3, epsilon_growth=1e-3)
+    ours = null_text_optimization(tiny_sd.unet, plan, pivots, cond, uncond, GUIDANCE, config)
+
+    z, null, counts, nulls = pivots[-1], uncond.clone(), [], []
+    for i, step in enumerate(plan.steps):
+        with torch.no_grad():
+            e_c = tiny_sd.unet(z, step.timestep, cond)
+        null = null.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([null], lr=config.lr * (1.0 - i * config.reference_steps / N / 100.0))
+        threshold, count = config.epsilon + i * config.epsilon_growth, 0
+        for _ in range(config.inner_steps):
+            e_u = tiny_sd.unet(z, step.timestep, null)
+            z_prev = ddim_step(z, cfg(e_u, e_c, GUIDANCE), step.t, step.s, SCHEDULE)
+            loss = torch.nn.functional.mse_loss(z_prev, pivots[N - i - 1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            count += 1
+            if loss.item() < threshold:
+                break
+        counts.append(count)
+        null = null.detach()
+        nulls.append(null)
+        with torch.no_grad():
+            z = ddim_step(z, cfg(tiny_sd.unet(z, step.timestep, null), e_c, GUIDANCE), step.t, step.s, SCHEDULE)
+
+    assert [s.iterations[0] for s in ours.steps] == counts, f"updates per step {counts} by the authors' rule"
+    assert min(counts) < config.inner_steps, f"the threshold must stop some steps early: {counts}"
+    for i, (a, b) in enumerate(zip(ours.null_embeddings, nulls)):
+        err = (a - b).abs().max().item()
+        assert err < 1e-5, f"step {i}: ∅ differs from the authors' loop's by {err}"
+    best = null_text_optimization(tiny_sd.unet, plan, pivots, cond, uncond, GUIDANCE,
+                                  NullTextConfig(inner_steps=6, epsilon=1e-3, epsilon_growth=1e-3, keep="best"))
+    assert all(s.final_loss[0] <= s.initial_loss[0] for s in best.steps), "keep='best' never keeps a worse ∅"
 
 
 @pytest.mark.parametrize("solver", ["hybrid", "ddim"])
