@@ -67,6 +67,8 @@ METHOD_FLAGS = {
     "--w-lr": ("method.mixing.lr", float, "gradient step of w on the alignment loss"),
     "--dpm-start": ("method.solver.dpm_start", int, "first DPM-Solver++ step τ_s (1-based, from noise)"),
     "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e"),
+    "--inversion": ("method.inversion", ("null-text", "direct", "negative-prompt"),
+                    "Stage 2: null-text optimisation (the paper), direct inversion or negative-prompt inversion"),
     "--null-inner-steps": ("method.null_text.inner_steps", int, "null-text Adam updates per step at most"),
     "--gating-mode": ("method.gating.mode", ("output", "map"),
                       "Stage 3 gating: blend attention outputs, or maps (Eq. 7-8)"),
@@ -115,12 +117,23 @@ def _method_config(args):
 
 
 def cmd_demo(args) -> int:
-    from minid.generate import demo
+    from minid.generate import demo, demo_settings, demo_unet_images, seconds_per_unet_image
 
     sd = _load(args)
+    config = _method_config(args)
+    device = str(next(sd.unet.parameters()).device)
+    steps, method = demo_settings(device, config.method, args.paper_settings)
+    per_image = seconds_per_unet_image(sd, args.image_size)
+    paper = sum(demo_unet_images(*demo_settings(device, config.method, True)).values()) * per_image
+    chosen = sum(demo_unet_images(steps, method).values()) * per_image
+    print(f"minid demo: one image through the UNet takes {per_image:.2f} s here; the paper's settings would take "
+          f"about {paper / 60:.0f} min", file=sys.stderr)
+    if method is not config.method:
+        print(f"minid demo: on this CPU it runs {steps} generation steps and direct inversion instead, about "
+              f"{chosen / 60:.0f} min (--paper-settings runs the paper's)", file=sys.stderr)
     paths = demo(sd, args.out, prompt=args.prompt, subject_word=args.subject_word, element=args.element,
-                 element_word=args.element_word, seed=args.seed, size=args.image_size,
-                 config=_method_config(args))
+                 element_word=args.element_word, seed=args.seed, size=args.image_size, generate_steps=steps,
+                 config=dataclasses.replace(config, method=method))
     print("minid demo: wrote")
     for name, path in paths.items():
         print(f"  {name:24s} {path}")
@@ -180,6 +193,9 @@ def cmd_restore(args) -> int:
                                 progress=True, save_intermediates=args.save_intermediates, analyzer=analyzer)
         written = images.save_restored(result, out, original=args.edited, inputs=inputs)
         print("reconstruction PSNR: " + ", ".join(f"{k} {v:.1f} dB" for k, v in result.psnr.items()))
+        calls = result.unet_calls.get("disentangle", {})
+        print(f"Stage 2: {result.inversion} inversion, {calls.get('forward', 0)} UNet calls "
+              f"({calls.get('backward', 0)} differentiated)")
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"minid restore: wrote {written}")
@@ -231,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject-word", default="man")
     p.add_argument("--element", default="black glasses")
     p.add_argument("--element-word", default="glasses")
+    p.add_argument("--paper-settings", action="store_true",
+                   help="on a CPU too: 20 generation steps and null-text inversion (hours at full size on a CPU)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("restore", help="restore the original's face identity in an edited image")

@@ -28,7 +28,8 @@ from typing import Callable, Literal
 import torch
 
 from minid import masks
-from minid.control import AttentionStore, BatchLayout, EditedIDGating, GatingConfig, GatingGroup, word_mask
+from minid.control import (AttentionStore, BatchLayout, EditedIDGating, GatingConfig, GatingGroup, at_step,
+                           word_mask)
 from minid.inversion import (AlignmentResult, MixingConfig, NullTextConfig, NullTextStep, adaptive_mixing_inversion,
                              null_text_optimization, reconstruct)
 from minid.plans import HybridSchedule, Plan, ddim_plan, hybrid_plan
@@ -36,6 +37,8 @@ from minid.schedule import NoiseSchedule
 
 Ablation = Literal["none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement"]
 ABLATIONS = ("none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement")
+Inversion = Literal["null-text", "direct", "negative-prompt"]
+INVERSIONS = ("null-text", "direct", "negative-prompt")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class EditedIDConfig:
     solver: HybridSchedule = HybridSchedule()
     guidance: float = 7.5  # classifier-free guidance s of reconstruction (Stages 2 and 3)
     mixing: MixingConfig = MixingConfig()  # Stage 1 (Eq. 1-3)
+    # Stage 2's way of making guided reconstruction follow the pivots (docs/editedid.md, "Stage 2"):
+    # "null-text": the paper's dual null-text optimisation (Eq. 4); "direct": no optimisation, each source
+    # branch is put back on its pivot after every step and T gets E's correction (Ju et al. 2024, "PnP
+    # Inversion"); "negative-prompt": no optimisation, ∅ = the prompt's own embedding (Miyake et al. 2023).
+    inversion: Inversion = "null-text"
     null_text: NullTextConfig = NullTextConfig()  # Stage 2 (Eq. 4, Mokady et al. 2023)
     gating: GatingConfig = GatingConfig()  # Stage 3 (Eq. 7-9)
     target: Literal["edited", "original"] = "edited"  # T's prompt and null-text: E's (default) or O's
@@ -71,6 +79,8 @@ class EditedIDConfig:
     def __post_init__(self):
         if self.ablation not in ABLATIONS:
             raise ValueError(f"EditedIDConfig.ablation={self.ablation!r}; expected one of {', '.join(ABLATIONS)}")
+        if self.inversion not in INVERSIONS:
+            raise ValueError(f"EditedIDConfig.inversion={self.inversion!r}; expected one of {', '.join(INVERSIONS)}")
         if self.target not in ("edited", "original"):
             raise ValueError(f"EditedIDConfig.target={self.target!r}; expected 'edited' or 'original'")
         s = self.solver
@@ -124,21 +134,50 @@ class Disentanglement:
     z_T_e: torch.Tensor
     z0: torch.Tensor  # (2K, 4, h, w): the reconstructions of O_1 … O_K, then E_1 … E_K
     store: AttentionStore  # cross-attention maps of the conditional calls, rows as z0
-    steps: list[NullTextStep]  # per step, the null-text statistics of the 2K images
+    steps: list[NullTextStep]  # per step, the null-text statistics of the 2K images (null-text only)
+    pivots: list[torch.Tensor] | None = None  # direct inversion: Stage 1's pivots z_0 … z_N, (2K, 4, h, w) each
 
 
 def disentangle(unet, plan: Plan, config: EditedIDConfig, alignment: AlignmentResult, cond_o, cond_e, uncond,
                 progress: Callable | None = None) -> Disentanglement:
-    """Stage 2: dual null-text optimisation of every O and E in one batch (Eq. 4) with the hybrid solver."""
+    """Stage 2 for K pairs in one batch, by `config.inversion`:
+
+    - "null-text": dual null-text optimisation of every O and E (Eq. 4) with the hybrid solver;
+    - "direct": no optimisation (∅ = the embedding of ""); Stage 3 puts O and E back on their pivots after
+      every step and gives T the correction of E (`entangle`), so here only the conditional maps are gathered,
+      one UNet call per step at the pivots, and the reconstructions are the pivots themselves;
+    - "negative-prompt": no optimisation, ∅_i = the prompt's own embedding, which makes ε̃ = ε(c) for any
+      guidance; the reconstruction from z_T is run with the conditional prediction alone.
+    """
     k_pairs = alignment.pivots_o[0].shape[0]
     pivots = [torch.cat([a, b]) for a, b in zip(alignment.pivots_o, alignment.pivots_e)]  # (2K, 4, h, w)
+    cond = torch.cat([cond_o, cond_e])
     store = AttentionStore()
-    res = null_text_optimization(unet, plan, pivots, torch.cat([cond_o, cond_e]), uncond, config.guidance,
-                                 config.null_text, observer=store, progress=progress)
-    return Disentanglement(null_o=[n[:k_pairs] for n in res.null_embeddings],
-                           null_e=[n[k_pairs:] for n in res.null_embeddings],
-                           z_T_o=alignment.pivots_o[-1], z_T_e=alignment.pivots_e[-1], z0=res.z0, store=store,
-                           steps=res.steps)
+    common = dict(z_T_o=alignment.pivots_o[-1], z_T_e=alignment.pivots_e[-1], store=store)
+    if config.inversion == "null-text":
+        res = null_text_optimization(unet, plan, pivots, cond, uncond, config.guidance, config.null_text,
+                                     observer=store, progress=progress)
+        return Disentanglement(null_o=[n[:k_pairs] for n in res.null_embeddings],
+                               null_e=[n[k_pairs:] for n in res.null_embeddings], z0=res.z0, steps=res.steps,
+                               **common)
+    n = len(plan.steps)
+    if config.inversion == "direct":
+        with torch.no_grad():
+            for i, step in enumerate(plan.steps):  # the conditional maps along the path Stage 3 will follow
+                unet(pivots[n - i], step.timestep, cond, controller=at_step(store, i))
+                if progress:
+                    progress()
+        null = uncond.expand(k_pairs, -1, -1)
+        return Disentanglement(null_o=[null] * n, null_e=[null] * n, z0=pivots[0], steps=[], pivots=pivots,
+                               **common)
+
+    def tick(i, z):
+        if progress:
+            progress()
+        return z
+
+    z0 = reconstruct(unet, plan, pivots[-1], cond, None, 1.0, controller=store, on_step=tick)[-1]  # ε̃ = ε(c)
+    return Disentanglement(null_o=[cond_o] * n, null_e=[cond_e] * n, z0=z0, steps=[], **common)
 
 
 def attention_mask(store: AttentionStore, row: int, positions: list[int], size: int, latent_side: int,
@@ -198,12 +237,18 @@ def entangle(unet, plan: Plan, config: EditedIDConfig, d: Disentanglement, cond_
         for k in range(k_pairs)])
     m = blend_mask(mask_o, mask_e, side, config.blend_dilation).to(z.device, z.dtype) if config.blend else None
 
+    n, k = len(plan.steps), k_pairs
+
     def on_step(i, z):
         if progress:
             progress()
+        if d.pivots is not None:  # direct inversion: O and E back on their pivots, T corrected as its prompt's
+            pivot = d.pivots[n - i - 1]  # (2K, 4, h, w): O_1 … O_K, E_1 … E_K
+            rows = slice(0, k) if use_o else slice(k, 2 * k)
+            # T + (pivot − source) written as pivot + (T − source): exactly the pivot where T equals its source
+            z = torch.cat([pivot, pivot[rows] + (z[2 * k:] - z[rows])])
         if m is None:
             return z
-        k = k_pairs
         zt = m * z[2 * k:] + (1 - m) * z[k:2 * k]  # Blended Diffusion: E's latent outside the region
         return torch.cat([z[:2 * k], zt])
 

@@ -8,6 +8,8 @@ makes the face drift to another identity, restore it, and save everything.
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -133,3 +135,50 @@ def demo(sd, out_dir: str | Path, prompt: str = "a photo of a man", subject_word
     panel = images.side_by_side([images.tensor_to_pil(original), images.tensor_to_pil(edited), result.pil])
     paths["comparison"] = images.save_image(panel, out / "comparison.png")
     return paths
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the demo costs, before it runs
+
+PAPER_GENERATE_STEPS = 20  # the demo's generation and edit on a GPU
+CPU_GENERATE_STEPS = 10  # on a CPU, where every full-size UNet call costs seconds
+
+
+def demo_unet_images(generate_steps: int, method: EditedIDConfig) -> dict[str, int]:
+    """How many images the demo sends through the UNet, per phase: a batch of B counts B, and a call that is
+    differentiated counts 3 (its backward costs about two forwards). Null-text is counted at its most
+    (`inner_steps` updates at every step; early stops only make it cheaper)."""
+    g, n = generate_steps, method.num_steps
+    stage2 = {"null-text": n * (2 + 3 * 2 * method.null_text.inner_steps + 2),  # ε(c); updates; the kept ∅'s ε̃
+              "direct": 2 * n, "negative-prompt": 2 * n}[method.inversion]
+    return {"generate": 2 * g,  # [uncond; cond]
+            "edit": 2 * g + 4 * g,  # the subject's maps, then source and edit with guidance
+            "align": 2 * n, "disentangle": stage2, "entangle": 6 * n}  # O and E; O, E, T with guidance
+
+
+@torch.no_grad()
+def seconds_per_unet_image(sd, size: int, repeats: int = 1) -> float:
+    """The time one image takes through the UNet at this working size, measured on a batch of two (the
+    median of `repeats` calls after one that warms up)."""
+    device = next(sd.unet.parameters()).device
+    dtype = next(sd.unet.parameters()).dtype
+    z = torch.zeros(2, sd.unet.cfg.in_channels, size // 8, size // 8, device=device, dtype=dtype)
+    context = sd.text_encoder(sd.tokenizer(["", ""]).to(device)).to(dtype)
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sd.unet(z, 500, context)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) / 2
+
+
+def demo_settings(device: str, method: EditedIDConfig, paper_settings: bool = False) -> tuple[int, EditedIDConfig]:
+    """(generation steps, method) of the demo: the paper's on a GPU or when asked for; on a CPU, fewer
+    generation steps and direct inversion, which finish in minutes instead of hours."""
+    if paper_settings or not str(device).startswith("cpu"):
+        return PAPER_GENERATE_STEPS, method
+    return CPU_GENERATE_STEPS, dataclasses.replace(method, inversion="direct")

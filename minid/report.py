@@ -62,6 +62,7 @@ def save_result(result, out_dir: str | Path, inputs=()) -> dict[str, Path]:
         "w_schedule_plot": images.save_image(plot_w_schedule(result.w_schedule), out / "w_schedule.png", inputs),
     }
     summary = {"w_schedule": result.w_schedule, "psnr": result.psnr, "timings": result.timings, "notes": result.notes,
+               "inversion": result.inversion, "unet_calls": result.unet_calls,
                "null_text": [dataclasses.asdict(s) for s in result.null_text]}
     paths["summary"] = images.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     if result.attention_maps:

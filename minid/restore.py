@@ -56,6 +56,10 @@ class RestoreResult:
     masks: dict[str, torch.Tensor]  # "face" (M_O), "element" (M_E) at image size; "blend" at latent size
     w_schedule: list[float]  # Stage 1's mixing weights, one per inversion step
     timings: dict[str, float]  # seconds per stage (of the whole batch when restored with others)
+    inversion: str = "null-text"  # Stage 2's way: "null-text", "direct" or "negative-prompt"
+    # UNet calls per stage (of the whole batch): "forward" every call, "backward" those differentiated
+    # (null-text optimisation's inner iterations)
+    unet_calls: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was adjusted (mask resized, …)
     latent: torch.Tensor | None = None  # z_0^T
     null_text: list[NullTextStep] = field(default_factory=list)  # Stage 2's per-step statistics (O and E)
@@ -113,11 +117,23 @@ class EditedID:
         self.stage_hook = None
 
     @contextlib.contextmanager
-    def _stage(self, name: str, timings: dict[str, float]):
+    def _stage(self, name: str, timings: dict[str, float], calls: dict[str, dict[str, int]]):
+        """Time a stage and count its UNet calls (a forward hook: a call whose output requires grad is one
+        that null-text optimisation differentiates)."""
         if self.stage_hook is not None:
             self.stage_hook(name, "start")
+        counts = calls.setdefault(name, {"forward": 0, "backward": 0})
+
+        def count(module, args, output):
+            counts["forward"] += 1
+            counts["backward"] += int(output.requires_grad)
+
+        hook = self.sd.unet.register_forward_hook(count)
         t0 = time.perf_counter()
-        yield
+        try:
+            yield
+        finally:
+            hook.remove()
         timings[name] = time.perf_counter() - t0
         if self.stage_hook is not None:
             self.stage_hook(name, "end")
@@ -194,8 +210,9 @@ class EditedID:
         cfg = self.config
         k_pairs = len(jobs)
         timings: dict[str, float] = {}
+        calls: dict[str, dict[str, int]] = {}
         device, dtype = self.device, self.dtype
-        with self._stage("encode", timings), torch.no_grad():
+        with self._stage("encode", timings, calls), torch.no_grad():
             x = torch.cat([j.x_o for j in jobs] + [j.x_e for j in jobs]).to(device, dtype)  # (2K, 3, S, S)
             # each pair draws its (O, E) noise from its own seed, as it would alone
             generators = [torch.Generator().manual_seed(j.pair.seed) for j in jobs] * 2
@@ -209,9 +226,9 @@ class EditedID:
         outcome = run(self.sd.unet, self.plan, cfg.method, z0[:k_pairs], z0[k_pairs:], cond_o, cond_e, uncond,
                       [j.text for j in jobs], [j.mask_o for j in jobs], [j.mask_e for j in jobs], cfg.image_size,
                       gatings=gatings, backend=cfg.attention_backend,
-                      stage=lambda name: self._stage(name, timings), progress=progress)
+                      stage=lambda name: self._stage(name, timings, calls), progress=progress)
         d = outcome.disentanglement
-        with self._stage("decode", timings), torch.no_grad():
+        with self._stage("decode", timings, calls), torch.no_grad():
             recon = self.sd.vae.decode_latent(d.z0).float().clamp(-1, 1).cpu()  # (2K, 3, S, S)
             restored = self.sd.vae.decode_latent(outcome.z0[2 * k_pairs:]).float().clamp(-1, 1).cpu()  # (K, 3, S, S)
 
@@ -238,6 +255,7 @@ class EditedID:
                 masks={"face": outcome.mask_o[k:k + 1].cpu(), "element": outcome.mask_e[k:k + 1].cpu(),
                        "blend": blend[k:k + 1]},
                 w_schedule=outcome.alignment.w_schedules[k], timings=dict(timings), notes=job.notes,
+                inversion=cfg.method.inversion, unet_calls={stage: dict(c) for stage, c in calls.items()},
                 latent=outcome.z0[2 * k_pairs + k:2 * k_pairs + k + 1].cpu(),
                 null_text=[st.rows([row_o, row_e]) for st in d.steps], attention_maps=maps))
         return results

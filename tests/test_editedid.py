@@ -223,6 +223,62 @@ def test_the_baseline_runs_t_from_the_originals_z_T_with_e_s_prompt_and_null_tex
     assert err < 1e-4, f"baseline T differs from E's prompt and null-texts run from z_T^O by {err}"
 
 
+def _stages_1_2(sd, method, seed=7):
+    """Stages 1-2 of `method` on two random images: the alignment, the disentanglement and the embeddings."""
+    with torch.no_grad():
+        z0 = sd.vae.encode_latent(torch.cat([random_image(seed), random_image(seed + 1)]))
+        ctx = sd.text_encoder(sd.tokenizer(["", P_O, P_E]))
+    plan = method.plan(NoiseSchedule.scaled_linear())
+    a = editedid.align(sd.unet, plan, method, z0[0:1], z0[1:2], ctx[1:2], ctx[2:3])
+    d = editedid.disentangle(sd.unet, plan, method, a, ctx[1:2], ctx[2:3], ctx[0:1])
+    return a, d, ctx[1:2], ctx[2:3], plan
+
+
+def test_direct_inversion_puts_o_and_e_exactly_on_their_pivots(tiny_sd):
+    method = replace(METHOD, inversion="direct")
+    a, d, c_o, c_e, plan = _stages_1_2(tiny_sd, method)
+    assert d.steps == [] and torch.equal(d.z0, torch.cat([a.pivots_o[0], a.pivots_e[0]])), \
+        "direct inversion optimises nothing; its reconstructions are the pivots"
+    face = torch.zeros(1, 1, LATENT, LATENT)
+    face[..., 2:6, 2:6] = 1
+    z = editedid.entangle(tiny_sd.unet, plan, method, d, c_o, c_e, face, torch.zeros_like(face),
+                          [Tokens(_id_pairs(tiny_sd, P_E), _glasses_pairs(tiny_sd))])
+    assert torch.equal(z[0:1], a.pivots_o[0]) and torch.equal(z[1:2], a.pivots_e[0]), \
+        "Stage 3's O and E branches must end on their pivots z_0 bit for bit"
+    m = editedid.blend_mask(face, torch.zeros_like(face), LATENT, METHOD.blend_dilation)[0, 0].bool()
+    assert torch.equal(z[2][:, ~m], z[1][:, ~m]), "outside the mask T must equal E exactly"
+    assert not torch.equal(z[2][:, m], z[1][:, m]), "inside the mask the gating must have changed T"
+    empty = torch.zeros_like(face)
+    z = editedid.entangle(tiny_sd.unet, plan, replace(method, blend=False), d, c_o, c_e, empty, empty, [Tokens()])
+    assert torch.equal(z[2], z[1]), "empty masks and no tokens: T must equal E exactly under direct inversion"
+
+
+def test_negative_prompt_inversion_optimises_nothing_and_restores(tiny_sd, inputs):
+    pipe = EditedID(tiny_sd, fast(replace(METHOD, inversion="negative-prompt")))
+    result = pipe.restore(inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], progress=False)
+    assert result.inversion == "negative-prompt" and result.null_text == []
+    assert result.unet_calls["disentangle"] == {"forward": 6, "backward": 0}, result.unet_calls
+    assert bool(torch.isfinite(result.image).all()) and all(v == v for v in result.psnr.values())
+
+
+def test_the_report_counts_each_stages_unet_calls(tiny_sd, inputs, full_result):
+    direct = EditedID(tiny_sd, fast(replace(METHOD, inversion="direct"))).restore(
+        inputs["original"], inputs["edited"], P_O, P_E, ["man"], ["glasses"], progress=False)
+    null_text = full_result[0]
+    n = 6
+    for result in (direct, null_text):
+        assert result.unet_calls["align"] == {"forward": n, "backward": 0}, "Stage 1: one batched call per step"
+        assert result.unet_calls["entangle"] == {"forward": n, "backward": 0}, "Stage 3: one batched call per step"
+    assert direct.unet_calls["disentangle"] == {"forward": n, "backward": 0}, direct.unet_calls
+    updates = sum(sum(s.iterations) for s in null_text.null_text)  # over O and E: one batch per iteration
+    calls = null_text.unet_calls["disentangle"]
+    assert calls["backward"] >= max(max(s.iterations) for s in null_text.null_text) and calls["backward"] > 0
+    assert calls["forward"] > direct.unet_calls["disentangle"]["forward"], "null-text makes more UNet calls"
+    assert updates > 0
+    summary = json.loads((full_result[1] / "summary.json").read_text())
+    assert summary["inversion"] == "null-text" and summary["unet_calls"] == null_text.unet_calls
+
+
 def test_bad_inputs_fail_early_with_clear_errors(tiny_sd, inputs):
     pipe = EditedID(tiny_sd, fast())
     calls = []
@@ -379,3 +435,27 @@ def test_triton_kernels_and_the_pytorch_path_give_the_same_stage3_result(tiny_sd
     assert err <= 1e-4 * max(scale, 1.0), f"Triton vs PyTorch path: max diff {err} (|z| up to {scale})"
     print(f"Triton vs PyTorch path, Stage 3 latents: max abs diff {err:.2e}")
     assert not torch.equal(results["torch"][2], results["torch"][1]), "the gating must have changed T"
+
+
+@pytest.mark.parametrize("inversion", ["direct", "null-text"])
+def test_the_demo_estimate_counts_the_unet_images_it_runs(tiny_sd, tmp_path, inversion):
+    from minid.generate import demo, demo_settings, demo_unet_images
+
+    method = replace(METHOD, inversion=inversion)
+    images_seen = []
+
+    def count(module, args, output):
+        images_seen.append(args[0].shape[0] * (3 if output.requires_grad else 1))
+
+    hook = tiny_sd.unet.register_forward_hook(count)
+    try:
+        demo(tiny_sd, tmp_path / "demo", size=IMAGE_SIZE, generate_steps=4, config=fast(method), progress=False)
+    finally:
+        hook.remove()
+    estimate = sum(demo_unet_images(4, method).values())
+    if inversion == "direct":
+        assert sum(images_seen) == estimate, f"counted {sum(images_seen)} UNet images, estimated {estimate}"
+    else:  # null-text is estimated at its most; early stops make it cheaper
+        assert sum(images_seen) <= estimate, f"counted {sum(images_seen)} UNet images, estimated at most {estimate}"
+    assert demo_settings("cpu", METHOD) == (10, replace(METHOD, inversion="direct")), "a CPU takes the fast path"
+    assert demo_settings("cuda:0", METHOD) == (20, METHOD) and demo_settings("cpu", METHOD, True) == (20, METHOD)
