@@ -110,7 +110,8 @@ class _RefVAE(torch.nn.Module):
 
 def naive_attention(q, k, v, site, controller):
     """Attention with the map in memory, and every edit made on the map (the reference's way)."""
-    from minid.control import AttentionStore, EditedIDGating, GatingGroup
+    from minid.control import AttentionStore
+    from minid.gating import EditedIDGating, GatingGroup
 
     step = 0
     if isinstance(controller, functools.partial):  # `control.at_step`: the controller and the step it is at

@@ -54,7 +54,9 @@ _EXPORTS = {
     "RestorePair": "minid.restore",
     "EditedIDConfig": "minid.editedid",
     "restore_faces": "minid.multiface",
-    "generate": "minid.generate",
+    "calibrate": "minid.calibration",  # not minid/calibrate.py: the submodule would shadow the function
+    "CalibrateConfig": "minid.calibration",
+    "generate": "minid.generation",
     "CLIPTokenizer": "minid.tokenizer",
     "CLIPTextModel": "minid.clip",
     "UNet": "minid.unet",

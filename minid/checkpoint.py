@@ -24,6 +24,7 @@ Command line: `python -m minid.checkpoint {download,convert,keymap,manifest} --h
 from __future__ import annotations
 
 import json
+import math
 import struct
 import sys
 from dataclasses import dataclass
@@ -81,6 +82,13 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "U64": 8,
+                "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what model weights are stored as
+# The first bytes of what torch.save writes: a zip archive (PyTorch ≥ 1.6) or a bare pickle (protocol 2+).
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -100,6 +108,10 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
+        if raw.startswith(PICKLE_MAGIC):
+            raise CheckpointError(f"{path}: a pickle checkpoint (what torch.save writes), whatever its name, not a "
+                                  f".safetensors file; convert it once: minid convert {path} "
+                                  f"{path.with_name(path.stem + '-converted.safetensors')}")
         if len(raw) < 8:
             raise CheckpointError(f"{path}: {size} bytes, too short to be a .safetensors file; delete it and "
                                   "download or convert it again")
@@ -111,7 +123,11 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not a .safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a .safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        _check_entry(path, name, entry)
     end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: {size} bytes, but its header describes {8 + n + end} bytes "
@@ -120,13 +136,29 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     return {name: TensorInfo(tuple(entry["shape"]), entry["dtype"]) for name, entry in header.items()}
 
 
+def _check_entry(path: Path, name: str, entry) -> None:
+    """One header entry {dtype, shape, data_offsets}: a known dtype, and a byte range as long as its shape needs
+    (a damaged header would otherwise fail deep inside safetensors, without the file's name)."""
+    try:
+        dtype, shape, (start, stop) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: damaged header: the entry of tensor {name!r} is not "
+                              "{dtype, shape, data_offsets}; download or convert the file again") from None
+    if dtype not in _DTYPE_BYTES:
+        raise CheckpointError(f"{path}: tensor {name!r} has the unknown dtype {dtype!r}; download or convert the "
+                              "file again")
+    need = math.prod(shape) * _DTYPE_BYTES[dtype]
+    if not (isinstance(start, int) and isinstance(stop, int)) or start < 0 or stop - start != need:
+        raise CheckpointError(f"{path}: damaged header: tensor {name!r} ({dtype}, shape {list(shape)}) needs {need} "
+                              f"bytes, its byte range [{start}, {stop}) does not match; download or convert the "
+                              "file again")
+
+
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
-            f"{path}: a pickle checkpoint. Loading a pickle can run arbitrary code, so minid reads only "
-            f".safetensors files. Convert it once (the conversion reads tensors only, with "
-            f"torch.load(weights_only=True)):\n    minid convert {path} {path.with_suffix('.safetensors')}\n"
-            f"(or: python -m minid.checkpoint convert {path} {path.with_suffix('.safetensors')})")
+            f"{path}: a pickle checkpoint; minid reads only .safetensors (loading a pickle can run code). Convert it "
+            f"once, reading tensors only: minid convert {path} {path.with_suffix('.safetensors')}")
 
 
 def read_tensors(path: str | Path, names: dict[str, str], dtype: torch.dtype | None = None,
@@ -139,7 +171,7 @@ def read_tensors(path: str | Path, names: dict[str, str], dtype: torch.dtype | N
     file, so it stays valid if the file is replaced. The file is reopened every `window_bytes` of source data
     (see MAPPED_WINDOW_BYTES).
     """
-    from safetensors import safe_open  # imported here: `download` and `convert` do not need it
+    from safetensors import SafetensorError, safe_open  # imported here: `download` and `convert` do not need it
 
     items = list(names.items())
     out: dict[str, torch.Tensor] = {}
@@ -149,7 +181,11 @@ def read_tensors(path: str | Path, names: dict[str, str], dtype: torch.dtype | N
             read = 0
             while i < len(items) and read < window_bytes:
                 key, file_key = items[i]
-                src = f.get_tensor(file_key)
+                try:
+                    src = f.get_tensor(file_key)
+                except SafetensorError as e:
+                    raise CheckpointError(f"{path}: tensor {file_key!r} could not be read ({e}); the file is damaged: "
+                                          "download or convert it again") from None
                 read += src.numel() * src.element_size()
                 shape = shapes[key] if shapes is not None else src.shape
                 dst = torch.empty(shape, dtype=dtype or src.dtype, device=device)
@@ -273,6 +309,11 @@ def _load_component(component: str, path: str | Path, cfg, dtype: torch.dtype, d
     expected = {k: v.shape for k, v in model.state_dict().items()}
     header = read_header(path)
     names, shapes = _match(component, path, header, expected, cfg, ema)
+    ints = [k for k in names.values() if header[k].dtype not in FLOAT_DTYPES]
+    if ints:
+        raise CheckpointError(f"{path}: {len(ints)} {component} tensor(s) stored as a non-float dtype, e.g. "
+                              f"{ints[0]!r} as {header[ints[0]].dtype}; model weights are {', '.join(FLOAT_DTYPES)}. "
+                              "The file is damaged or not a model: download or convert it again")
     state = read_tensors(path, names, dtype=dtype, device=device, shapes=shapes)
     model.load_state_dict(state, strict=True, assign=True)
     # Every tensor of the model must come from the file: a buffer outside the state dict would stay on the
@@ -413,6 +454,42 @@ def load_tokenizer(path: str | Path, config_folder: str | Path | None = None,
     return CLIPTokenizer.from_folder(folder)
 
 
+# The dtypes the models run in, by the names the command line and the API take.
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def check_device_dtype(device: str | torch.device, dtype: str | torch.dtype,
+                       what: tuple[str, str] = ("device", "dtype")) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to load onto, checked before any file is read: a dtype name of `DTYPES` or one of
+    its torch dtypes; a device this machine has. `what` names the two in messages (the CLI's flags)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"{what[1]} {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    elif dtype not in DTYPES.values():
+        raise TypeError(f"{what[1]} must be torch.float32, torch.float16 or torch.bfloat16 (or 'fp32', 'fp16', 'bf16'), "
+                        f"got {dtype!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what[0]} {device!r} is not a device PyTorch knows; use 'cpu' or 'cuda' ('cuda:1' for "
+                         "the second GPU)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = " (this PyTorch is a CPU-only build)" if torch.version.cuda is None else ""
+            raise ValueError(f"{what[0]} {device!r} asked for, but PyTorch sees no CUDA GPU{build}; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what[0]} {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{what[0]} {device!r} asked for, but PyTorch sees no Apple GPU (MPS); use 'cpu'")
+    elif dev.type not in ("cpu", "meta"):
+        raise ValueError(f"{what[0]} {device!r}: minid runs on 'cpu', 'cuda' or 'mps'")
+    return dev, dtype
+
+
 def load_stable_diffusion(source: str | Path = DEFAULT_WEIGHTS, dtype: torch.dtype = torch.float16,
                           device: str | torch.device = "cpu", variant: str | None = None,
                           ema: bool | None = None, config_folder: str | Path | None = None,
@@ -421,8 +498,10 @@ def load_stable_diffusion(source: str | Path = DEFAULT_WEIGHTS, dtype: torch.dty
 
     A hub folder supplies its own config.json files. For a single file, the architecture comes from
     `config_folder` (a hub folder's configs) when given, else the SD1.4 defaults. The tokenizer: see
-    `load_tokenizer`.
+    `load_tokenizer`. dtype: a torch dtype or its name ('fp32', 'fp16', 'bf16'); both are checked first
+    (`check_device_dtype`).
     """
+    device, dtype = check_device_dtype(device, dtype)
     source = Path(source)
     _refuse_pickle(source)
     if not (source.is_dir() or source.is_file()):

@@ -1,4 +1,4 @@
-"""The `minid` command: demo, restore, generate, eval, download, convert, keymap.
+"""The `minid` command: demo, restore, calibrate, generate, eval, download, convert, keymap.
 
 Each sub-command is a thin layer over a library function; the heavy imports happen inside the command, so
 `minid --help` answers at once.
@@ -9,23 +9,71 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows every option's default: appended as "(default: …)" unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is None:
+            return text if action.required else text + " (default: none)"
+        return text if action.default is False else text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `minid restore: error: argument --w0: … (minid restore --help)`,
+    exit code 2, the code of every user error of the command line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low, high=None, low_open: bool = False, multiple: int | None = None):
+    """An argparse type: a number of `kind` in the limits (low excluded when `low_open`; a multiple of
+    `multiple`), NaN and infinities refused; argparse names the flag in the message."""
+    from minid.editedid import number_problem
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        problem = number_problem(value, kind, low, high, low_open)
+        if problem is None and multiple and value % multiple:
+            problem = f"must be a multiple of {multiple}"
+        if problem:
+            extra = f" (a multiple of {multiple})" if multiple and "multiple" not in problem else ""
+            raise argparse.ArgumentTypeError(f"{problem}{extra}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
+    return parse
+
+
 def _device_and_dtype(device: str | None, dtype: str | None):
+    """(device, torch dtype) of --device and --dtype, checked before anything loads (a ValueError naming the
+    flag for a device PyTorch does not know or this machine lacks)."""
     import torch
+
+    from minid.checkpoint import check_device_dtype
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
         # fp16 halves memory and time on a GPU; CPUs run fp32 far better than fp16.
         dtype = "fp16" if device.startswith("cuda") else "fp32"
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise SystemExit(f"minid: --dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("minid: --device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    return device, dtypes[dtype]
+    dev, dtype = check_device_dtype(device, dtype, what=("--device", "--dtype"))
+    return str(dev), dtype
 
 
 def _load(args):
@@ -52,9 +100,18 @@ def _torch():
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="hub folder or single .safetensors file (default: weights/sd-v1-4, "
                                      "downloaded on first use)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0, help="seed of every random draw")
+
+
+def _identity_schedule(text: str):
+    from minid.gating import IdentitySchedule
+
+    try:
+        return IdentitySchedule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # Every method option of the command line: flag -> (field of RestoreConfig, dotted through the nested configs,
@@ -64,15 +121,21 @@ METHOD_FLAGS = {
     "--steps": ("method.solver.num_steps", int, "inversion and reconstruction steps N"),
     "--guidance": ("method.guidance", float, "classifier-free guidance scale s of reconstruction"),
     "--w0": ("method.mixing.w0", float, "initial mixing weight w_0 of Stage 1 (Eq. 2)"),
-    "--w-lr": ("method.mixing.lr", float, "gradient step of w on the alignment loss"),
+    "--w-lr": ("method.mixing.lr", float, "η, the step of w on the alignment loss normalised by D (default: from "
+                                          "N, the gap to 0.5 down to 5 % by the last free step: 0.066 at N = 6)"),
     "--dpm-start": ("method.solver.dpm_start", int, "first DPM-Solver++ step τ_s (1-based, from noise)"),
     "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e"),
+    "--dpm-spacing": ("method.solver.dpm_spacing", ("leading", "linspace", "trailing", "logSNR"),
+                      "timesteps of the DPM-Solver++ steps: diffusers' spacings, or uniform in λ"),
     "--inversion": ("method.inversion", ("null-text", "direct", "negative-prompt"),
                     "Stage 2: null-text optimisation (the paper), direct inversion or negative-prompt inversion"),
     "--null-inner-steps": ("method.null_text.inner_steps", int, "null-text Adam updates per step at most"),
     "--gating-mode": ("method.gating.mode", ("output", "map"),
                       "Stage 3 gating: blend attention outputs, or maps (Eq. 7-8)"),
     "--lambda-o": ("method.gating.lambda_o", float, "weight of O where the face and element masks overlap"),
+    "--identity-schedule": ("method.gating.identity", _identity_schedule,
+                            "IdGlow's schedule of O's share per step: constant, decay:S_START:S_END, "
+                            "window:A:B:S_IN:S_OUT (steps 1-based, [A, B)), or a product joined by '*'"),
     "--ablation": ("method.ablation", ("none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement"),
                    "switch a component off (paper Table 7)"),
     "--image-size": ("image_size", int, "side the models work at (SD1.4: 512)"),
@@ -102,9 +165,17 @@ def _with(config, values: dict[str, object]):
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     from minid.restore import RestoreConfig
 
+    from minid.editedid import NUMBER_LIMITS
+    from minid.restore import MIN_IMAGE_SIZE
+
     defaults = RestoreConfig()
     for flag, (path, kind, text) in METHOD_FLAGS.items():
         choices = kind if isinstance(kind, tuple) else None
+        limits = NUMBER_LIMITS.get(path.removeprefix("method."))
+        if limits is not None:  # the config's limits, said in the flag's words before anything loads
+            kind = _number(*limits)
+        elif path == "image_size":
+            kind = _number(int, MIN_IMAGE_SIZE, multiple=8)
         p.add_argument(flag, type=None if choices else kind, choices=choices, default=_field(defaults, path),
                        help=f"{text} (default: %(default)s)")
 
@@ -112,15 +183,61 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 def _method_config(args):
     from minid.restore import RestoreConfig
 
+    steps, start, end = args.steps, args.dpm_start, args.dpm_end
+    if not start <= end <= steps:  # in the flags' words, before the config says it in its fields'
+        raise ValueError(f"--dpm-start {start}, --dpm-end {end} and --steps {steps} must satisfy --dpm-start ≤ "
+                         f"--dpm-end ≤ --steps (DPM-Solver++ runs steps --dpm-start … --dpm-end of the --steps, "
+                         f"counted from 1 at pure noise; e.g. --dpm-start {max(1, steps - 1)} --dpm-end {steps})")
     return _with(RestoreConfig(), {path: getattr(args, flag.lstrip("-").replace("-", "_"))
                                    for flag, (path, _, _) in METHOD_FLAGS.items()})
 
 
-def cmd_demo(args) -> int:
-    from minid.generate import demo, demo_settings, demo_unet_images, seconds_per_unet_image
+def _tokenizer(args):
+    """The tokenizer of --weights (cheap: no model), to check prompts and words before anything loads."""
+    from minid import checkpoint
 
-    sd = _load(args)
+    return checkpoint.load_tokenizer(args.weights if args.weights is not None else checkpoint.DEFAULT_WEIGHTS)
+
+
+def _check_word(tokenizer, prompt: str, word: str, flags: str) -> None:
+    """`word` in `prompt` within the 75 tokens the text encoder reads, or a ValueError naming the flags."""
+    try:
+        found = tokenizer.token_positions(prompt, word)
+    except ValueError as e:
+        raise ValueError(f"{flags}: {e}") from None
+    if not found:
+        raise ValueError(f"{flags}: {word!r} lies beyond the first {tokenizer.max_content_tokens} tokens of "
+                         f"{prompt[:50]!r}…, which are all SD1.4's text encoder reads")
+
+
+def _prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
+    """{flag: prompt} → a ValueError naming the flag for a prompt that is not text; the notes of prompts
+    longer than the text encoder reads (to print once every check has passed)."""
+    from minid.restore import prompt_note
+
+    return [note for flag, prompt in prompts.items() if (note := prompt_note(tokenizer, prompt, flag))]
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def cmd_demo(args) -> int:
+    from minid import report
+    from minid.generation import DEMO_FILES, demo, demo_settings, demo_unet_images, seconds_per_unet_image
+
+    # every check before anything loads: device, the output folder, the prompt and words, the numbers
+    _device_and_dtype(args.device, args.dtype)
+    report.check_result_folder(args.out, overwrite=args.overwrite, what="--out", names=DEMO_FILES)
+    tokenizer = _tokenizer(args)
+    prompt_edited = f"{args.prompt} wearing {args.element}"
+    notes = _prompt_notes(tokenizer, {"--prompt and --element ('PROMPT wearing ELEMENT')": prompt_edited})
+    _check_word(tokenizer, args.prompt, args.subject_word, "--subject-word")
+    _check_word(tokenizer, prompt_edited, args.element_word, "--element-word")
     config = _method_config(args)
+    _print_notes(notes)
+    sd = _load(args)
     device = str(next(sd.unet.parameters()).device)
     steps, method = demo_settings(device, config.method, args.paper_settings)
     per_image = seconds_per_unet_image(sd, args.image_size)
@@ -143,7 +260,13 @@ def cmd_demo(args) -> int:
 def _face_analyzer(args):
     from minid.faces import FaceAnalyzer
 
-    return FaceAnalyzer.from_pack(args.face_pack, root=args.face_root, download=args.download_faces)
+    try:
+        return FaceAnalyzer.from_pack(args.face_pack, root=args.face_root, download=args.download_faces)
+    except ImportError as e:
+        if args.command != "restore":
+            raise
+        raise ImportError(f"{e}; or restore without the face models: --face-mask FILE or --mask-source "
+                          "attention") from None
 
 
 def _pairs(text: str | None):
@@ -157,30 +280,62 @@ def _pairs(text: str | None):
 
 
 def cmd_restore(args) -> int:
-    from minid import images
+    from minid import images, report
     from minid.multiface import restore_faces
-    from minid.restore import EditedID
+    from minid.restore import EditedID, RestorePair, check_pair, prompt_note
 
     out = Path(args.out)
-    inputs = [Path(args.original), Path(args.edited)]
-    images.check_output_path(out, inputs)  # before any heavy work
-    for p in inputs:
-        images.load_image(p)  # a clear error for an unreadable or non-image file, before loading the models
-    for p in (args.face_mask, args.element_mask):
+    mask_free = args.face_mask == "none"  # IdGlow's mask-free mode: identity through the tokens only
+    face_mask = None if mask_free else args.face_mask
+    # Every check before any heavy work: device; outputs (never over an input, masks included; an existing
+    # file only with --overwrite; writable folders); then prompts, words, images and masks as the run will
+    # check them (check_pair), and the numbers (argparse and _method_config).
+    _device_and_dtype(args.device, args.dtype)
+    inputs = [Path(p) for p in (args.original, args.edited, face_mask, args.element_mask) if p is not None]
+    images.check_output_path(out, inputs, overwrite=args.overwrite, what="--out")
+    if args.save_intermediates is not None:
+        if out.parent.resolve() == Path(args.save_intermediates).resolve() and out.name in report.RESULT_FILES:
+            raise ValueError(f"--out {out} is a file --save-intermediates writes too; choose another name")
+        report.check_result_folder(args.save_intermediates, inputs, overwrite=args.overwrite)
+    for flag, p in (("--face-mask", face_mask), ("--element-mask", args.element_mask)):
+        if p is not None and Path(p).is_dir():
+            raise IsADirectoryError(f"{flag} {p} is a folder; give the mask image (PNG, white = region)")
         if p is not None and not Path(p).is_file():
-            raise FileNotFoundError(f"mask file {p} not found")
+            raise FileNotFoundError(f"{flag} {p}: file not found")
+    if mask_free and args.regions:
+        raise ValueError("--face-mask none (no spatial mask) and --regions (region masks) exclude each other")
+    config = _method_config(args)
+    if mask_free:
+        config = dataclasses.replace(config, method=dataclasses.replace(config.method, mask_free=True))
+    tokenizer = _tokenizer(args)
+    notes = _prompt_notes(tokenizer, {"--prompt-original": args.prompt_original,
+                                      "--prompt-edited": args.prompt_edited})
+    pending = check_pair(RestorePair(args.original, args.edited, args.prompt_original, args.prompt_edited,
+                                     args.id_words, args.element_words, face_mask, args.element_mask),
+                         tokenizer, config)
+    # check_pair's notes, said now (before the long run, and not again after it), its prompt notes in the
+    # flags' words
+    said = {prompt_note(tokenizer, p, what) for p, what in ((args.prompt_original, "prompt_original"),
+                                                            (args.prompt_edited, "prompt_edited"))}
+    _print_notes(notes + [note for note in pending.notes if note not in said])
+    regions = None
+    if args.regions:
+        from minid.regions import parse_regions
+
+        regions = parse_regions(args.regions)  # a clear error before anything loads
     pairs = _pairs(args.pairs)
-    # Landmark face masks (the default) need the face models: load them before the diffusion models, so a
-    # missing model pack is reported at once.
-    use_landmarks = args.multi_face or (args.face_mask is None and args.mask_source == "landmarks")
+    # Landmark face masks (the default) and regions need the face models: load them before the diffusion
+    # models, so a missing model pack is reported at once.
+    use_landmarks = args.multi_face or bool(regions) or (face_mask is None and not mask_free
+                                                         and args.mask_source == "landmarks")
     analyzer = _face_analyzer(args) if use_landmarks else None
     sd = _load(args)
-    method = EditedID(sd, _method_config(args))
+    method = EditedID(sd, config)
     if args.multi_face:
         result = restore_faces(method, args.original, args.edited, analyzer, args.prompt_original,
                                args.prompt_edited, args.id_words, args.element_words, pairs=pairs,
                                seed=args.seed, progress=True)
-        written = images.save_image(result.image, out, inputs)
+        written = images.save_image(result.image, out, inputs, overwrite=args.overwrite)
         for face in result.faces:
             sims = "" if face.id_sim_before is None else (f", ID-Sim {face.id_sim_before:.3f} -> "
                                                           f"{face.id_sim_after:.3f}")
@@ -189,41 +344,94 @@ def cmd_restore(args) -> int:
     else:
         result = method.restore(args.original, args.edited, args.prompt_original, args.prompt_edited,
                                 id_words=args.id_words, element_words=args.element_words,
-                                face_mask=args.face_mask, element_mask=args.element_mask, seed=args.seed,
-                                progress=True, save_intermediates=args.save_intermediates, analyzer=analyzer)
-        written = images.save_restored(result, out, original=args.edited, inputs=inputs)
+                                face_mask=face_mask, element_mask=args.element_mask, seed=args.seed,
+                                progress=True, save_intermediates=args.save_intermediates, analyzer=analyzer,
+                                regions=regions)
+        written = images.save_restored(result, out, original=args.edited, inputs=inputs, overwrite=args.overwrite)
         print("reconstruction PSNR: " + ", ".join(f"{k} {v:.1f} dB" for k, v in result.psnr.items()))
+        for region, scores in result.regions.items():
+            print(f"region {region}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f} (result vs original)")
         calls = result.unet_calls.get("disentangle", {})
         print(f"Stage 2: {result.inversion} inversion, {calls.get('forward', 0)} UNet calls "
               f"({calls.get('backward', 0)} differentiated)")
     for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+        if note not in pending.notes:  # the notes of the checks were said before the run
+            print(f"note: {note}", file=sys.stderr)
     print(f"minid restore: wrote {written}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from minid import checkpoint, weights
+    from minid.calibration import CalibrateConfig, calibrate, require_ray
+    from minid.calibration_report import format_summary
+    from minid.manifest import read_manifest
+
+    manifest = read_manifest(args.manifest)  # a manifest error before anything loads
+    try:
+        if args.engine == "ray":
+            require_ray()
+    except ImportError as e:
+        print(f"minid calibrate: error: {e}", file=sys.stderr)
+        return 2
+    if args.engine == "local":
+        device, dtype = _device_and_dtype(args.device, args.dtype)
+        gpus = args.gpus_per_worker or 0.0
+    else:  # the workers' device: the driver may have no GPU
+        gpus = args.gpus_per_worker
+        if gpus is None:
+            cuda = args.device.startswith("cuda") if args.device else _torch().cuda.is_available()
+            gpus = 1.0 if cuda else 0.0
+        device = args.device or ("cuda" if gpus > 0 else "cpu")
+        dtype = _device_and_dtype("cpu", args.dtype or ("fp16" if device.startswith("cuda") else "fp32"))[1]
+    if args.weights is None:  # as _load: verify (or fetch) weights/sd-v1-4 once, then every worker reads it
+        weights.download(checkpoint.DEFAULT_WEIGHTS, precision="fp32" if dtype == _torch().float32 else "fp16")
+        args.weights = str(checkpoint.DEFAULT_WEIGHTS)
+    measure = args.mask_source == "landmarks" or args.id_sim
+    config = CalibrateConfig(restore=_method_config(args), batch_size=args.batch, seed=args.seed,
+                             mask_source=args.mask_source, face_pack=args.face_pack if measure else None,
+                             face_root=args.face_root, download_faces=args.download_faces,
+                             save_intermediates=args.save_intermediates, engine=args.engine,
+                             ray_address=args.ray_address, num_workers=args.num_workers, gpus_per_worker=gpus)
+    result = calibrate(manifest, args.out, config, weights=args.weights, dtype=dtype, device=device,
+                       sd=(lambda: _load(args)) if args.engine == "local" else None)
+    print(format_summary(result.summary))
+    print("minid calibrate: wrote " + ", ".join(str(p) for p in result.paths.values()))
     return 0
 
 
 def cmd_generate(args) -> int:
     from minid import images
-    from minid.generate import generate
+    from minid.generation import generate
 
-    images.check_output_path(Path(args.out), [])
+    _device_and_dtype(args.device, args.dtype)  # every check before anything loads
+    images.check_output_path(Path(args.out), [], overwrite=args.overwrite, what="--out")
+    _print_notes(_prompt_notes(_tokenizer(args), {"--prompt": args.prompt}))
     sd = _load(args)
     image = generate(sd, args.prompt, num_steps=args.steps, guidance=args.guidance, solver=args.solver,
-                     seed=args.seed, size=args.size)
-    print(f"minid generate: wrote {images.save_image(image, args.out)}")
+                     seed=args.seed, size=args.size, progress=True)
+    print(f"minid generate: wrote {images.save_image(image, args.out, overwrite=args.overwrite)}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from minid.metrics import evaluate_folder
+    from minid import images, report
+    from minid.metrics import evaluate_folder, find_triples
 
+    triples, _ = find_triples(args.folder)  # the folder's layout and its images, before the face models load
+    for _, paths in triples:
+        for path in paths.values():
+            images.check_image_file(path)
+    out = args.out if args.out is not None else args.folder
+    report.check_result_folder(out, overwrite=args.overwrite, what="--out", names=("metrics.csv", "metrics.json"))
     summary = evaluate_folder(args.folder, _face_analyzer(args), out_dir=args.out, progress=True)
     print(summary.get("summary", summary))
     return 0
 
 
 def _add_face_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--face-pack", default="buffalo_l", help="insightface model pack (detection, landmarks, ArcFace)")
+    p.add_argument("--face-pack", default="buffalo_l",
+                   help="insightface model pack (detection, landmarks, ArcFace), or its folder")
     p.add_argument("--face-root", help="folder of insightface model packs (default ~/.insightface or "
                                        "$MINID_INSIGHTFACE_ROOT)")
     p.add_argument("--download-faces", action="store_true", help="let insightface fetch the pack if missing")
@@ -232,21 +440,24 @@ def _add_face_args(p: argparse.ArgumentParser) -> None:
 def cmd_checkpoint(argv: list[str]) -> int:
     from minid import weights
 
-    return weights.main(argv)
+    return weights.main(argv, prog="minid", parser_class=_Parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minid", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="minid", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="generate a portrait, edit it (identity drifts), restore it with EditedID")
     _add_model_args(p)
     _add_method_args(p)
     p.add_argument("--out", default="out/demo", help="folder for the images, masks, w schedule, maps")
-    p.add_argument("--prompt", default="a photo of a man")
-    p.add_argument("--subject-word", default="man")
-    p.add_argument("--element", default="black glasses")
-    p.add_argument("--element-word", default="glasses")
+    p.add_argument("--prompt", default="a photo of a man", help="the portrait's prompt")
+    p.add_argument("--subject-word", default="man", help="the word of --prompt whose face drifts and is restored")
+    p.add_argument("--element", default="black glasses", help="what the edit adds: the edited prompt is "
+                                                               "'PROMPT wearing ELEMENT'")
+    p.add_argument("--element-word", default="glasses", help="the word of --element whose region the edit keeps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of an earlier demo in --out (default: refuse to write over any file)")
     p.add_argument("--paper-settings", action="store_true",
                    help="on a CPU too: 20 generation steps and null-text inversion (hours at full size on a CPU)")
     p.set_defaults(func=cmd_demo)
@@ -257,15 +468,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-original", required=True, help='e.g. "a photo of a man"')
     p.add_argument("--prompt-edited", required=True, help='e.g. "a photo of a man wearing black glasses"')
     p.add_argument("--id-words", nargs="+", required=True, help="identity words, e.g. man face")
-    p.add_argument("--element-words", nargs="*", default=[], help="edited elements, e.g. glasses")
-    p.add_argument("--face-mask", help="PNG, white = face region of the original")
+    p.add_argument("--element-words", nargs="*", default=[],
+                   help="edited elements, e.g. glasses (default: none; then --element-mask is needed)")
+    p.add_argument("--face-mask", help="PNG, white = face region of the original; 'none': IdGlow's mask-free mode "
+                                       "(identity through the cross-attention tokens only, no gating, no blending)")
+    p.add_argument("--regions", help="ConsistentID's fine-grained regions instead of a face mask, from the "
+                                     "original's landmarks: REGION=original|edited[:λ] joined by commas (regions "
+                                     "eyes, brows, nose, mouth, skin), e.g. eyes=original,mouth=edited, or a "
+                                     "JSON file")
     p.add_argument("--element-mask", help="PNG, white = edited element region of the edited image")
-    p.add_argument("--out", required=True, help="output image (never written over an input)")
+    p.add_argument("--out", required=True, help="output image, PNG or JPEG (never written over an input)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out and --save-intermediates files (default: refuse; inputs, masks "
+                        "included, are never written over)")
     p.add_argument("--save-intermediates", metavar="DIR",
                    help="write reconstructions, masks, the w schedule and attention maps here")
     p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
                    help="face mask when --face-mask is not given: from the original's face landmarks (needs the "
-                        "face models) or from the cross-attention maps of the identity words")
+                        "face models) or from the cross-attention maps of the identity words (default: %(default)s)")
     p.add_argument("--multi-face", action="store_true",
                    help="restore every face: detect and pair faces in both images, restore all in one batch")
     p.add_argument("--pairs", help="with --multi-face: which faces, as original:edited indices, e.g. 0:1,2:0")
@@ -274,19 +494,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(p)
     p.set_defaults(func=cmd_restore)
 
+    p = sub.add_parser("calibrate", help="restore every pair of a dataset manifest (CSV or JSON Lines); resumable")
+    p.add_argument("manifest", help="CSV or JSON Lines, one row per pair: original, edited, prompt_original, "
+                                    "prompt_edited, id_words, element_words, … (paths relative to the manifest)")
+    p.add_argument("--out", required=True, help="folder for results/<id>.png, results.jsonl/.csv, summary.json")
+    p.add_argument("--batch", type=_number(int, 1), default=1, help="K: consecutive manifest rows restored in one batch")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: Ray Data actors (pip install -e \".[scale]\")")
+    p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto); default: start Ray here")
+    p.add_argument("--num-workers", type=_number(int, 1), default=1, help="ray: actors, each with one copy of the model")
+    p.add_argument("--gpus-per-worker", type=_number(float, 0.0),
+                   help="ray: GPUs per actor (default: 1 with --device cuda or a GPU here, else 0)")
+    p.add_argument("--save-intermediates", action="store_true",
+                   help="also write each row's reconstructions, masks, w schedule and attention maps")
+    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
+                   help="face mask of a row without face_mask: the original's landmarks (face pack) or the "
+                        "cross-attention maps of its identity words")
+    p.add_argument("--id-sim", action="store_true",
+                   help="measure ID-Sim before and after with the face pack (always with --mask-source landmarks)")
+    _add_face_args(p)
+    _add_model_args(p)
+    _add_method_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("generate", help="text to image with SD1.4")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--solver", choices=("ddim", "dpm", "hybrid"), default="ddim")
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--prompt", required=True, help="what to draw (SD1.4 reads its first 75 tokens)")
+    p.add_argument("--out", required=True, help="output image, PNG or JPEG")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    p.add_argument("--steps", type=_number(int, 1, 1000), default=50, help="sampling steps, one UNet call each")
+    p.add_argument("--guidance", type=_number(float, 0.0, low_open=True), default=7.5,
+                   help="classifier-free guidance scale")
+    p.add_argument("--solver", choices=("ddim", "dpm", "hybrid"), default="ddim",
+                   help="DDIM, DPM-Solver++ on every step, or EditedID's hybrid")
+    p.add_argument("--size", type=_number(int, 64, multiple=8), default=512,
+                   help="side of the square image in pixels, a multiple of 8 of at least 64")
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="ID similarity and PSNR over a folder of (original, edited, result) triples")
     p.add_argument("folder", help="with original/, edited/ and result/ sub-folders of equally named images")
     p.add_argument("--out", help="where metrics.csv and metrics.json go (default: the folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing metrics.csv and metrics.json (default: refuse)")
     _add_face_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -300,14 +549,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user's error is one line on stderr and exit code 2, Ctrl-C one line and 130."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("download", "convert", "keymap"):
-        return cmd_checkpoint(argv)
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv else "minid"
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
-        print(f"minid {args.command}: error: {e}", file=sys.stderr)
+        with warnings.catch_warnings():
+            # the library warns Python users of a resized mask; here the same words come once, as a note
+            warnings.filterwarnings("ignore", message=r"mask .* resized to", category=UserWarning)
+            if argv and argv[0] in ("download", "convert", "keymap"):
+                return cmd_checkpoint(argv)
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+    except SystemExit as e:  # argparse's errors (already printed, one line): the code, for callers in Python too
+        if not e.code:
+            raise  # --help
+        return e.code
+    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written is left behind
+        print(f"\nminid {command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as e:
+        # ValueError: bad inputs and settings; OSError: files, folders, the network; ImportError: a missing extra
+        print(f"minid {command}: error: {e}", file=sys.stderr)
         return 2
 
 

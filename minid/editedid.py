@@ -22,14 +22,15 @@ The ablations of the paper's Table 7 are one switch, `EditedIDConfig.ablation`.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
 
 from minid import masks
-from minid.control import (AttentionStore, BatchLayout, EditedIDGating, GatingConfig, GatingGroup, at_step,
-                           word_mask)
+from minid.control import AttentionStore, BatchLayout, at_step, word_mask
+from minid.gating import EditedIDGating, GatingConfig, GatingGroup, LocalTokens
 from minid.inversion import (AlignmentResult, MixingConfig, NullTextConfig, NullTextStep, adaptive_mixing_inversion,
                              null_text_optimization, reconstruct)
 from minid.plans import HybridSchedule, Plan, ddim_plan, hybrid_plan
@@ -38,6 +39,36 @@ from minid.schedule import NoiseSchedule
 Ablation = Literal["none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement"]
 ABLATIONS = ("none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement")
 Inversion = Literal["null-text", "direct", "negative-prompt"]
+
+# The numbers of EditedIDConfig a user may set: field path -> (kind, low, high, low excluded), None = no bound.
+# EditedIDConfig checks them; the command line checks its flags against the same limits, in the flags' words.
+NUMBER_LIMITS = {
+    "solver.num_steps": (int, 1, 1000, False),  # one model call per step, at most one per training timestep
+    "solver.dpm_start": (int, 1, 1000, False),
+    "solver.dpm_end": (int, 1, 1000, False),
+    "guidance": (float, 0.0, None, True),  # s > 0; 1 is the conditional prediction alone
+    "mixing.w0": (float, 0.0, 0.5, False),  # Eq. 2 mixes w·O + (1 − w)·E; past 0.5 the roles swap
+    "mixing.lr": (float, 0.0, None, False),
+    "mixing.iterations": (int, 0, None, False),
+    "mixing.w_max": (float, 0.0, 0.5, False),
+    "null_text.inner_steps": (int, 0, None, False),
+    "null_text.lr": (float, 0.0, None, True),
+    "gating.lambda_o": (float, 0.0, 1.0, False),
+}
+
+
+def number_problem(value, kind: type, low, high, low_open: bool) -> str | None:
+    """What is wrong with `value` against one row of NUMBER_LIMITS, in words ("must be a number in [0, 0.5]"),
+    or None when it fits. NaN and infinities never fit."""
+    if kind is int:
+        words = (f"an integer from {low} to {high}" if high is not None else f"an integer of at least {low}")
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        words = (f"a number in {'(' if low_open else '['}{low:g}, {high:g}]" if high is not None
+                 else f"a finite number {'>' if low_open else '≥'} {low:g}")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    return None if ok else f"must be {words}"
 INVERSIONS = ("null-text", "direct", "negative-prompt")
 
 
@@ -72,6 +103,9 @@ class EditedIDConfig:
     null_text: NullTextConfig = NullTextConfig()  # Stage 2 (Eq. 4, Mokady et al. 2023)
     gating: GatingConfig = GatingConfig()  # Stage 3 (Eq. 7-9)
     target: Literal["edited", "original"] = "edited"  # T's prompt and null-text: E's (default) or O's
+    # IdGlow's mask-free mode (seed 002): identity through the cross-attention tokens only (with
+    # gating.identity's schedule), no self-attention gating and no latent blending, so no spatial mask at all
+    mask_free: bool = False
     blend: bool = True  # Blended-Diffusion step: keep E's latent outside the dilated mask union
     blend_dilation: int = 1  # latent pixels the mask union grows by before blending
     attention_masks: AttentionMaskConfig = AttentionMaskConfig()  # masks from cross-attention, when not given
@@ -83,10 +117,19 @@ class EditedIDConfig:
             raise ValueError(f"EditedIDConfig.inversion={self.inversion!r}; expected one of {', '.join(INVERSIONS)}")
         if self.target not in ("edited", "original"):
             raise ValueError(f"EditedIDConfig.target={self.target!r}; expected 'edited' or 'original'")
+        for path, limits in NUMBER_LIMITS.items():
+            value = self
+            for name in path.split("."):
+                value = getattr(value, name)
+            if value is None and path == "mixing.lr":  # η from N (MixingConfig.step_size)
+                continue
+            problem = number_problem(value, *limits)
+            if problem:
+                raise ValueError(f"EditedIDConfig.{path} {problem}, got {value!r}")
         s = self.solver
         if not 1 <= s.dpm_start <= s.dpm_end <= s.num_steps:
-            raise ValueError(f"the DPM-Solver++ steps must satisfy 1 ≤ start ≤ end ≤ steps; got start {s.dpm_start}, "
-                             f"end {s.dpm_end}, steps {s.num_steps}")
+            raise ValueError(f"EditedIDConfig.solver: the DPM-Solver++ steps must satisfy 1 ≤ dpm_start ≤ dpm_end ≤ "
+                             f"num_steps; got dpm_start {s.dpm_start}, dpm_end {s.dpm_end}, num_steps {s.num_steps}")
 
     @property
     def num_steps(self) -> int:
@@ -139,13 +182,14 @@ class Disentanglement:
 
 
 def disentangle(unet, plan: Plan, config: EditedIDConfig, alignment: AlignmentResult, cond_o, cond_e, uncond,
-                progress: Callable | None = None) -> Disentanglement:
+                progress: Callable | None = None, maps: bool = True) -> Disentanglement:
     """Stage 2 for K pairs in one batch, by `config.inversion`:
 
     - "null-text": dual null-text optimisation of every O and E (Eq. 4) with the hybrid solver;
     - "direct": no optimisation (∅ = the embedding of ""); Stage 3 puts O and E back on their pivots after
       every step and gives T the correction of E (`entangle`), so here only the conditional maps are gathered,
-      one UNet call per step at the pivots, and the reconstructions are the pivots themselves;
+      one UNet call per step at the pivots (none when `maps` is False: every mask is given), and the
+      reconstructions are the pivots themselves;
     - "negative-prompt": no optimisation, ∅_i = the prompt's own embedding, which makes ε̃ = ε(c) for any
       guidance; the reconstruction from z_T is run with the conditional prediction alone.
     """
@@ -163,7 +207,7 @@ def disentangle(unet, plan: Plan, config: EditedIDConfig, alignment: AlignmentRe
     n = len(plan.steps)
     if config.inversion == "direct":
         with torch.no_grad():
-            for i, step in enumerate(plan.steps):  # the conditional maps along the path Stage 3 will follow
+            for i, step in enumerate(plan.steps if maps else ()):  # the conditional maps along Stage 3's path
                 unet(pivots[n - i], step.timestep, cond, controller=at_step(store, i))
                 if progress:
                     progress()
@@ -189,12 +233,15 @@ def attention_mask(store: AttentionStore, row: int, positions: list[int], size: 
     return masks.to_resolution(m, size, how="nearest")
 
 
-def blend_mask(mask_o: torch.Tensor, mask_e: torch.Tensor, latent_side: int, dilation: int) -> torch.Tensor:
+def blend_mask(mask_o: torch.Tensor, mask_e: torch.Tensor, latent_side: int, dilation: int,
+               keep_e: torch.Tensor | None = None) -> torch.Tensor:
     """The dilated union of M_O and M_E at latent resolution, (K, 1, h, w), 1 inside: a latent cell that the
-    region touches counts as inside (max), then the union grows by `dilation` cells."""
+    region touches counts as inside (max), then the union grows by `dilation` cells. Cells that `keep_e`
+    touches (regions kept from the edit) are left out, so there T's latent is E's exactly."""
     side = (latent_side, latent_side)
     union = masks.union(masks.to_resolution(mask_o, side, how="max"), masks.to_resolution(mask_e, side, how="max"))
-    return masks.dilate(union, dilation)
+    union = masks.dilate(union, dilation)
+    return union if keep_e is None else union * (1 - masks.to_resolution(keep_e, side, how="max"))
 
 
 @dataclass
@@ -204,19 +251,23 @@ class Tokens:
 
     identity: list[tuple[int, int]] = field(default_factory=list)
     element: list[tuple[int, int]] = field(default_factory=list)
+    local: list[LocalTokens] = field(default_factory=list)  # region words, replaced inside their region only
 
 
 @torch.no_grad()
 def entangle(unet, plan: Plan, config: EditedIDConfig, d: Disentanglement, cond_o, cond_e, mask_o, mask_e,
              tokens: list[Tokens], gatings: list[GatingConfig] | None = None, backend: str = "auto",
-             progress: Callable | None = None) -> torch.Tensor:
+             progress: Callable | None = None, keep_e: torch.Tensor | None = None,
+             lambda_maps: list | None = None) -> torch.Tensor:
     """Stage 3: K triples (O, E, T) from the start latents with attentional gating (Eq. 7-9) and blending;
     returns z_0 (3K, 4, h, w), rows O_1 … O_K, E_1 … E_K, T_1 … T_K.
 
     mask_o, mask_e: (K, 1, H, W) in [0, 1] at image or latent resolution; tokens: one `Tokens` per triple;
     gatings: one `GatingConfig` per triple (default `config.gating` for all; a pair may have its own λ).
     T's start: the shared z_T (aligned), z_T^O (baseline, or T = O's prompt) or z_T^E (no alignment).
-    backend: the fused attention edits' implementation ("auto", "triton", "torch").
+    backend: the fused attention edits' implementation ("auto", "triton", "torch"). keep_e: (K, 1, H, W)
+    regions kept from E exactly (left out of the blend); lambda_maps: per triple a (1, 1, H, W) λ_O map or None.
+    Mask-free (`config.mask_free`): no self-attention gating and no blending, identity through the tokens.
     """
     k_pairs = d.z_T_o.shape[0]
     if len(tokens) != k_pairs:
@@ -230,12 +281,17 @@ def entangle(unet, plan: Plan, config: EditedIDConfig, d: Disentanglement, cond_
     cond = torch.cat([cond_o, cond_e, cond_o if use_o else cond_e])
     nulls = [torch.cat([no, ne, no if use_o else ne]) for no, ne in zip(d.null_o, d.null_e)]
     layout = BatchLayout(3 * k_pairs, cfg=True)
+    lambda_maps = lambda_maps or [None] * k_pairs
     controller = GatingGroup([
         EditedIDGating(layout, m_o[k:k + 1].to(z.device), m_e[k:k + 1].to(z.device), id_tokens=tokens[k].identity,
-                       element_tokens=tokens[k].element, config=gatings[k], self_gating=config.uses_self_gating,
-                       backend=backend, branch_o=k, branch_e=k_pairs + k, branch_t=2 * k_pairs + k)
+                       element_tokens=tokens[k].element, config=gatings[k],
+                       self_gating=config.uses_self_gating and not config.mask_free, backend=backend,
+                       branch_o=k, branch_e=k_pairs + k, branch_t=2 * k_pairs + k, num_steps=len(plan.steps),
+                       lambda_map=lambda_maps[k], local_tokens=tokens[k].local)
         for k in range(k_pairs)])
-    m = blend_mask(mask_o, mask_e, side, config.blend_dilation).to(z.device, z.dtype) if config.blend else None
+    m = None
+    if config.blend and not config.mask_free:
+        m = blend_mask(mask_o, mask_e, side, config.blend_dilation, keep_e).to(z.device, z.dtype)
 
     n, k = len(plan.steps), k_pairs
 
@@ -278,30 +334,35 @@ class Outcome:
     mask_o: torch.Tensor  # (K, 1, S, S) M_O at image size, given or from attention
     mask_e: torch.Tensor  # (K, 1, S, S) M_E
     from_attention: list[tuple[bool, bool]]  # per pair: (M_O, M_E) came from the cross-attention maps
+    keep_e: torch.Tensor | None  # (K, 1, S, S) regions kept from E exactly, or None
     z0: torch.Tensor  # (3K, 4, h, w): Stage 3's rows O_1 … O_K, E_1 … E_K, T_1 … T_K
 
 
 def run(unet, plan: Plan, config: EditedIDConfig, z0_o, z0_e, cond_o, cond_e, uncond, texts: list[PairText],
         masks_o: list, masks_e: list, size: int, gatings: list[GatingConfig] | None = None,
         backend: str = "auto", stage: Callable = lambda name: contextlib.nullcontext(),
-        progress: bool = False) -> Outcome:
+        progress: bool = False, keeps_e: list | None = None, lambda_maps: list | None = None) -> Outcome:
     """The three stages for K pairs in one batch, from two latents and the prompts' embeddings to z_0.
 
     z0_o, z0_e: (K, 4, h, w); cond_o, cond_e: (K, 77, D); uncond: (1, 77, D), the embedding of "".
     masks_o / masks_e: per pair a (1, 1, S, S) mask at image size `size`, or None to take it from the
-    cross-attention maps of Stage 2. `stage(name)` is entered around each stage (timing, memory);
-    `progress` shows a bar per stage.
+    cross-attention maps of Stage 2 (zeros in the mask-free mode). keeps_e / lambda_maps: per pair a
+    (1, 1, S, S) mask of regions kept from E, a λ_O map, or None. `stage(name)` is entered around each stage
+    (timing, memory); `progress` shows a bar per stage.
     """
     k_pairs = z0_o.shape[0]
     n = config.num_steps
     with stage("align"), _bar(progress, n, "EditedID 1/3 align") as bar:
         alignment = align(unet, plan, config, z0_o, z0_e, cond_o, cond_e, progress=bar)
     with stage("disentangle"), _bar(progress, n, "EditedID 2/3 disentangle") as bar:
-        d = disentangle(unet, plan, config, alignment, cond_o, cond_e, uncond, progress=bar)
+        maps = not config.mask_free and any(m is None for m in (*masks_o, *masks_e))
+        d = disentangle(unet, plan, config, alignment, cond_o, cond_e, uncond, progress=bar, maps=maps)
     latent_side = z0_o.shape[-1]
     from_attention, all_o, all_e = [], [], []
     for k, text in enumerate(texts):
         m_o, m_e = masks_o[k], masks_e[k]
+        if config.mask_free:  # no spatial mask at all: identity through the tokens only
+            m_o = m_e = torch.zeros(1, 1, size, size)
         from_attention.append((m_o is None, m_e is None))
         if m_o is None:
             m_o = attention_mask(d.store, k, text.id_positions, size, latent_side, config.attention_masks)
@@ -313,9 +374,13 @@ def run(unet, plan: Plan, config: EditedIDConfig, z0_o, z0_e, cond_o, cond_e, un
     mask_o, mask_e = torch.cat(all_o), torch.cat(all_e)  # (K, 1, S, S)
     with stage("entangle"), _bar(progress, n, "EditedID 3/3 entangle") as bar:
         device = z0_o.device
+        keep_e = None
+        if keeps_e is not None and any(m is not None for m in keeps_e):
+            keep_e = torch.cat([torch.zeros(1, 1, size, size) if m is None else m.float() for m in keeps_e])
         z0 = entangle(unet, plan, config, d, cond_o, cond_e, mask_o.to(device), mask_e.to(device),
-                      [t.tokens for t in texts], gatings, backend, progress=bar)
-    return Outcome(alignment, d, mask_o, mask_e, from_attention, z0)
+                      [t.tokens for t in texts], gatings, backend, progress=bar,
+                      keep_e=None if keep_e is None else keep_e.to(device), lambda_maps=lambda_maps)
+    return Outcome(alignment, d, mask_o, mask_e, from_attention, keep_e, z0)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from minid.crops import align_face, apply_affine, box_iou, invert_affine, warp
 
-INSTALL_HINT = "pip install 'minid[faces]'  (or: pip install insightface onnx onnxruntime-gpu)"
+INSTALL_HINT = ("install the faces extra: pip install -e \".[faces]\" in the minid checkout (or: pip install insightface "
+                "onnx onnxruntime, onnxruntime-gpu on a CUDA machine)")
 ROOT_ENV = "MINID_INSIGHTFACE_ROOT"
 
 
@@ -93,6 +94,10 @@ def choose_providers(available: Sequence[str] | None = None) -> list[str]:
     """
     if available is None:
         available = _import_onnxruntime().get_available_providers()
+        # a GPU build of onnxruntime lists CUDA even where there is no GPU, then logs an error at every session
+        # and falls back: offer CUDA only where PyTorch sees a GPU too
+        if not torch.cuda.is_available():
+            available = [p for p in available if p != "CUDAExecutionProvider"]
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
@@ -112,13 +117,19 @@ def find_model_pack(pack: str = "buffalo_l", root: str | os.PathLike | None = No
             from insightface.utils.storage import ensure_available
         except ImportError:
             raise ImportError(f"downloading a model pack needs insightface; {INSTALL_HINT}") from None
-        ensure_available("models", pack, root=str(model_root(root)))
+        try:
+            ensure_available("models", pack, root=str(model_root(root)))
+        except Exception as e:  # network errors come from requests and urllib, with pages of detail
+            first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise ConnectionError(f"downloading the insightface model pack {pack!r} failed ({type(e).__name__}: "
+                                  f"{first}); check the network, or unzip {pack}.zip from insightface's model-zoo "
+                                  f"release into {folder} yourself") from None
     if not any(folder.glob("*.onnx")):
         raise FileNotFoundError(
-            f"faces: no .onnx files for the insightface model pack {pack!r} in {folder}. Get the pack with "
-            f"`FaceAnalyzer.from_pack({pack!r}, download=True)` (insightface downloads {pack}.zip from its "
-            f"model-zoo release), or unzip {pack}.zip into {folder} yourself; set ${ROOT_ENV} or `root` "
-            "to use another folder."
+            f"no .onnx files for the insightface model pack {pack!r} in {folder}. Get the pack with "
+            f"--download-faces (Python: FaceAnalyzer.from_pack({pack!r}, download=True)), or unzip {pack}.zip "
+            f"into {folder} yourself (--face-root or ${ROOT_ENV} for another folder); or, to restore without "
+            "it, give --face-mask or --mask-source attention."
         )
     return folder
 
@@ -177,7 +188,7 @@ def as_pixels(image: Any) -> torch.Tensor:
         array = np.stack([array] * 3, axis=-1)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise ValueError(f"faces: expected an RGB image (H, W, 3), found an array of shape {array.shape}")
-    return torch.from_numpy(np.ascontiguousarray(array[:, :, :3])).permute(2, 0, 1).float()
+    return torch.from_numpy(np.array(array[:, :, :3])).permute(2, 0, 1).float()  # a writable copy
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -370,8 +381,10 @@ class FaceAnalyzer:
         folder = find_model_pack(pack or config.pack, root if root is not None else config.root, download)
         providers = list(providers) if providers is not None else choose_providers()
         found: dict[str, tuple[Any, Path]] = {}
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: no provider fallback chatter for providers not asked for
         for path in sorted(folder.glob("*.onnx")):
-            session = ort.InferenceSession(str(path), providers=providers)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
             role = _identify(session)
             if role is not None and role not in found:
                 found[role] = (session, path)

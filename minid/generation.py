@@ -8,6 +8,7 @@ makes the face drift to another identity, restore it, and save everything.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from pathlib import Path
@@ -21,10 +22,12 @@ from minid.inversion import reconstruct
 from minid.restore import EditedID, RestoreConfig
 from minid.tokenizer import prompt_alignment
 from minid.plans import HybridSchedule, Plan, ddim_plan, hybrid_plan
+from minid.report import RESULT_FILES, labelled_row
 from minid.schedule import NoiseSchedule
 
 
 SOLVERS = ("ddim", "dpm", "hybrid")
+DEMO_FILES = RESULT_FILES + ("original.png", "edited.png", "comparison.png")  # what `demo` writes in its folder
 
 
 def solver_plan(solver: str, num_steps: int, schedule: NoiseSchedule) -> Plan:
@@ -38,13 +41,30 @@ def solver_plan(solver: str, num_steps: int, schedule: NoiseSchedule) -> Plan:
     raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
 
 
+MIN_SIZE = 64  # the smallest side generate and the demo take (8² latents)
+
+
+def check_generate(num_steps: int, guidance: float, solver: str, size: int, names=("num_steps", "guidance",
+                                                                                    "solver", "size")) -> None:
+    """The checks of `generate`'s numbers, before any model runs; `names` says them in the caller's words
+    (the command line's flags)."""
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= 1000:
+        raise ValueError(f"{names[0]} must be an integer from 1 to 1000 (one model call per step), got {num_steps!r}")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance <= 0:
+        raise ValueError(f"{names[1]} must be a finite number > 0, got {guidance!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"{names[2]} must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if not isinstance(size, int) or size % 8 or size < MIN_SIZE:
+        raise ValueError(f"{names[3]} must be a multiple of 8 (the VAE's factor) of at least {MIN_SIZE}, got {size!r}")
+
+
 @torch.no_grad()
 def generate(sd, prompt: str, num_steps: int = 50, guidance: float = 7.5, solver: str = "ddim", seed: int = 0,
-             size: int = 512, negative_prompt: str = "", return_latents: bool = False):
+             size: int = 512, negative_prompt: str = "", return_latents: bool = False, progress: bool = False):
     """Text to image: CFG sampling from seeded noise. Returns (1, 3, size, size) in [-1, 1]
-    (and the latent trajectory when `return_latents`)."""
-    if size % 8:
-        raise ValueError(f"size must be a multiple of 8, got {size}")
+    (and the latent trajectory when `return_latents`). A prompt beyond the text encoder's 75 tokens is cut
+    off, as SD does (`CLIPTokenizer.dropped_text` says what). `progress`: a tqdm bar over the steps."""
+    check_generate(num_steps, guidance, solver, size)
     device = next(sd.unet.parameters()).device
     dtype = next(sd.unet.parameters()).dtype
     plan = solver_plan(solver, num_steps, NoiseSchedule.scaled_linear())
@@ -53,7 +73,17 @@ def generate(sd, prompt: str, num_steps: int = 50, guidance: float = 7.5, solver
     g = torch.Generator().manual_seed(seed)
     c = sd.unet.cfg.in_channels
     z = torch.randn(1, c, size // 8, size // 8, generator=g).to(device, dtype)
-    latents = reconstruct(sd.unet, plan, z, ctx[1:2], ctx[0:1], guidance)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan.steps), desc=f"minid generate ({solver})", unit="step", leave=False)
+    try:
+        latents = reconstruct(sd.unet, plan, z, ctx[1:2], ctx[0:1], guidance,
+                              on_step=None if bar is None else (lambda i, z: (bar.update(), z)[1]))
+    finally:
+        if bar is not None:
+            bar.close()
     image = sd.vae.decode_latent(latents[-1]).float().clamp(-1, 1).cpu()
     return (image, latents) if return_latents else image
 
@@ -132,7 +162,9 @@ def demo(sd, out_dir: str | Path, prompt: str = "a photo of a man", subject_word
     paths = dict(result.paths)
     paths["original"] = images.save_image(original, out / "original.png")
     paths["edited"] = images.save_image(edited, out / "edited.png")
-    panel = images.side_by_side([images.tensor_to_pil(original), images.tensor_to_pil(edited), result.pil])
+    panel = labelled_row([("original", images.tensor_to_pil(original)),
+                          (f"edited (+ {element}, face drifted)", images.tensor_to_pil(edited)),
+                          ("restored (EditedID)", result.pil)])
     paths["comparison"] = images.save_image(panel, out / "comparison.png")
     return paths
 

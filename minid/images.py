@@ -11,8 +11,11 @@ The aligned crop (what `load_image` does, and what `paste_back` undoes):
 `crops.paste_back(original, restored, frame.affine)` warps the restored square back onto the crop's square of a
 copy of the original, so the parts outside the square come back untouched (`save_restored` does it).
 
-Writes are atomic (a temporary file in the target folder, then `os.replace`), and `save_image` refuses to
-write over any file that was an input, so a restore can never destroy the photo it started from.
+Writes are atomic (a temporary file in the target folder, then `os.replace`), with the mode a plain `open`
+would give (0o666 less the umask; an overwritten file keeps its own), and `save_image` refuses to write over
+any file that was an input, so a restore can never destroy the photo it started from. `check_output_path`
+says before any heavy work whether a path can take an output: not an input, not a folder, in a folder that
+can be written, and not an existing file unless `overwrite` (the commands' `--overwrite`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import torch
 from PIL import Image, ImageOps
 
 ImageLike = str | Path | Image.Image
+# The smallest side of a picture minid takes: below it a face has too few pixels to restore, and the
+# 512² working square would be made almost entirely by upscaling.
+MIN_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -51,17 +57,37 @@ def open_image(image: ImageLike) -> tuple[Image.Image, Path | None]:
     """A PIL image as it is, or a file read whole; a clear error for a missing or unreadable file."""
     if isinstance(image, Image.Image):
         return image, None
+    if not isinstance(image, (str, os.PathLike)):
+        hint = {"ndarray": " (wrap an array with PIL.Image.fromarray)",
+                "bytes": " (wrap file contents with PIL.Image.open(io.BytesIO(data)))"}.get(type(image).__name__, "")
+        raise TypeError(f"an image must be a file path or a PIL image, got {type(image).__name__}{hint}")
     path = Path(image)
     if path.is_dir():
-        raise IsADirectoryError(f"images.py: {path} is a folder; give the path of an image file (PNG or JPEG)")
+        raise IsADirectoryError(f"{path} is a folder; give the path of an image file (PNG or JPEG)")
     if not path.is_file():
-        raise FileNotFoundError(f"images.py: image file {path} not found; give the path of a PNG or JPEG")
+        raise FileNotFoundError(f"image file {path} not found; give the path of a PNG or JPEG")
     try:
         img = Image.open(path)
         img.load()
-    except OSError as e:
-        raise ValueError(f"images.py: {path} could not be read as an image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path} is too large to read safely ({e}); resize it below "
+                         f"{Image.MAX_IMAGE_PIXELS:,} pixels first") from None
+    except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some malformed files
+        raise ValueError(f"{path} could not be read as an image ({e})") from None
     return img, path
+
+
+def check_image_file(path: str | Path) -> None:
+    """Raise the errors of `open_image` for a file that is not an image, reading only its header (cheap: for
+    checking a folder of inputs before any work)."""
+    path = Path(path)
+    if not path.is_file():
+        open_image(path)  # the folder / not-found errors
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} could not be read as an image ({e})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -96,10 +122,10 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """(1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB PIL image (values outside [-1, 1] are clipped)."""
     if x.dim() == 4:
         if x.shape[0] != 1:
-            raise ValueError(f"images.py: tensor_to_pil takes one image, found a batch of {x.shape[0]}")
+            raise ValueError(f"tensor_to_pil takes one image, found a batch of {x.shape[0]}")
         x = x[0]
     if x.dim() != 3 or x.shape[0] != 3:
-        raise ValueError(f"images.py: expected an image tensor (3, H, W), found shape {tuple(x.shape)}")
+        raise ValueError(f"expected an image tensor (3, H, W), found shape {tuple(x.shape)}")
     a = ((x.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return Image.fromarray(a.permute(1, 2, 0).numpy(), mode="RGB")  # (H, W, 3)
 
@@ -108,6 +134,11 @@ def load_image(image: ImageLike, size: int = 512) -> tuple[torch.Tensor, CropFra
     """Read a picture of any size and mode; return the (1, 3, size, size) tensor in [-1, 1] and its frame."""
     img, path = open_image(image)
     img = to_rgb(img)
+    least = min(MIN_SIDE, size)  # (tests work on smaller squares)
+    if min(img.size) < least:
+        name = f"the image {path}" if path is not None else "the image"
+        raise ValueError(f"{name} is {img.width}×{img.height} px; minid needs at least {least} px on each side "
+                         f"(it works on a {size}² square)")
     box = centre_square(*img.size)
     square = img.crop(box).resize((size, size), Image.Resampling.LANCZOS)
     return pil_to_tensor(square), CropFrame(original_size=img.size, box=box, size=size, source=path)
@@ -117,8 +148,8 @@ def _refuse_inputs(path: Path, inputs) -> None:
     """Raise when `path` is one of the files a run read: no output is ever written over an input."""
     for src in inputs:
         if src is not None and (_same_file(path, Path(src)) or path.resolve() == Path(src).resolve()):
-            raise FileExistsError(f"images.py: refusing to write {path}: it is the input image {src}; "
-                                  f"choose another output path")
+            raise FileExistsError(f"refusing to write {path}: it is the input image {src}; choose another output "
+                                  "path")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -129,10 +160,14 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def save_image(image: torch.Tensor | Image.Image, path: str | Path,
-               inputs: tuple[str | Path | None, ...] | list[str | Path | None] = ()) -> Path:
-    """Write a PNG/JPEG atomically; refuse to write over any of `inputs` (the files the run read)."""
+               inputs: tuple[str | Path | None, ...] | list[str | Path | None] = (), overwrite: bool = True) -> Path:
+    """Write a PNG/JPEG atomically; refuse to write over any of `inputs` (the files the run read), and over
+    an existing file unless `overwrite`."""
     path = Path(path)
     _refuse_inputs(path, inputs)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} already exists; choose another path, or pass --overwrite (overwrite=True) "
+                              "to replace it")
     img = image if isinstance(image, Image.Image) else tensor_to_pil(image)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), "PNG")
     return _write_atomic(path, lambda f: img.save(f, format=fmt))
@@ -147,18 +182,46 @@ def _write_atomic(path: Path, write) -> Path:
     """`write(f)` into a temporary file beside `path`, then rename it over `path`: atomic on one filesystem,
     so readers see the old file or the new one, and an interruption leaves no partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp makes the file 0600, and the mode survives the rename: give it what a plain open would
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(folder: str | Path, what: str = "output folder") -> None:
+    """Raise PermissionError/NotADirectoryError now if files cannot be created in `folder` (or, when it does not
+    exist yet, in the nearest folder above it that does), instead of after the compute."""
+    folder = Path(folder).absolute()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"cannot write into {folder}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".minid-write-check.", dir=probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write into the {what} {folder} ({e.strerror or e}); choose a folder you "
+                              "can write to") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def side_by_side(images: list[Image.Image], gap: int = 8) -> Image.Image:
@@ -176,24 +239,32 @@ def side_by_side(images: list[Image.Image], gap: int = 8) -> Image.Image:
 SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def check_output_path(path: str | Path, inputs=()) -> Path:
-    """Fail before any heavy work if `path` cannot take an output: an input file, or an unknown format."""
+def check_output_path(path: str | Path, inputs=(), overwrite: bool = True, what: str = "output",
+                      suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> Path:
+    """Fail before any heavy work if `path` cannot take an output: a folder, an unknown format, an input file,
+    an existing file when not `overwrite`, or a folder that cannot be written. `what` names it in the
+    messages (e.g. "--out")."""
     path = Path(path)
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise ValueError(f"images.py: output {path} must end in one of {', '.join(SUPPORTED_SUFFIXES)}")
-    _refuse_inputs(path, inputs)
     if path.is_dir():
-        raise IsADirectoryError(f"images.py: output {path} is a folder; give a file name such as {path / 'out.png'}")
+        raise IsADirectoryError(f"{what} {path} is a folder; give a file name such as {path / 'out.png'}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} {path} must end in one of {', '.join(suffixes)}")
+    _refuse_inputs(path, inputs)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{what} {path} already exists; choose another path, or pass --overwrite "
+                              "(overwrite=True) to replace it")
+    check_writable(path.parent, f"folder of {what}")
     return path
 
 
-def save_restored(result, path: str | Path, original: ImageLike | None = None, inputs=()) -> Path:
+def save_restored(result, path: str | Path, original: ImageLike | None = None, inputs=(),
+                  overwrite: bool = True) -> Path:
     """Write a restore's image: pasted back into `original` (the edited photo, at its own size) through the
     inverse of the aligned crop (`crops.paste_back` with the crop's affine) when given as a file or PIL image,
     else the square as it is. Pixels outside the crop's square stay the original's."""
     from minid.crops import paste_back
 
-    path = check_output_path(path, inputs)
+    path = check_output_path(path, inputs, overwrite=overwrite)
     image = result.image
     if original is not None and not isinstance(original, torch.Tensor):
         base, _ = open_image(original)
@@ -202,4 +273,4 @@ def save_restored(result, path: str | Path, original: ImageLike | None = None, i
         frame = CropFrame(original_size=(base.shape[-1], base.shape[-2]), box=centre_square(base.shape[-1],
                                                                                             base.shape[-2]), size=size)
         image = paste_back(base, image.float(), frame.affine, mask=torch.ones(size, size)).clamp(-1, 1)
-    return save_image(image, path, inputs)
+    return save_image(image, path, inputs, overwrite=overwrite)

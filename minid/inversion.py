@@ -36,13 +36,37 @@ from minid.samplers import cfg, invert_loop, sample_loop
 
 @dataclass(frozen=True)
 class MixingConfig:
-    """Stage 1, adaptive mixing (EditedID Eq. 1-3; docs/editedid.md, Stage 1)."""
+    """Stage 1, adaptive mixing (EditedID Eq. 1-3; docs/editedid.md, Stage 1).
+
+    The alignment loss is L(w) = (1−2w)²·D, D = mean((ẑ^O − ẑ^E)²). With `rule="normalised"` (the default)
+    w descends L/D = (1−2w)², so its path does not depend on how far apart the pair is: the gap 0.5 − w
+    shrinks by (1 − 8η) per step, and with `lr=None` η is set from N so that the gap left at the last free
+    step is `reach` × the first (8η = 1 − reach^{1/(N−2)}: η = 0.066 at N = 6). `rule="raw"` descends L itself,
+    whose steps scale with D: a pair that differs only in the face barely moves w before the forced 0.5.
+    Decided on the exact-score testbed (bench/results/mixing_cpu.md).
+    """
 
     w0: float = 0.04  # initial mixing weight; too large blends identities, too small leaves a jump at the end
-    lr: float = 0.05  # gradient-descent step on L(w) = (1−2w)² D; with D ≈ 1 (two portraits' latents)
-    #                   the gap to 0.5 shrinks by about 40 % per step (1 − 8·lr·D)
+    rule: Literal["normalised", "raw"] = "normalised"
+    lr: float | None = None  # η; None: from N and `reach` (normalised), 0.05 (raw)
+    # normalised rule with lr=None: the gap left at the last free step / the first gap. 0.05 keeps the forced
+    # last step (w → 0.5) no larger than the first for every N ≤ 50; 0.2 scored 0.4 dB higher on the testbed at
+    # N = 6 but ends with a larger jump from N = 10 on (bench/results/mixing_cpu.md)
+    reach: float = 0.05
     iterations: int = 1  # gradient steps on w per inversion step
     w_max: float = 0.5  # w is projected onto [0, w_max] after each update, so it never overshoots 0.5
+
+    def __post_init__(self):
+        if self.rule not in ("normalised", "raw"):
+            raise ValueError(f"MixingConfig.rule must be 'normalised' or 'raw', got {self.rule!r}")
+
+    def step_size(self, num_steps: int) -> float:
+        """η for a pass of `num_steps` steps."""
+        if self.lr is not None:
+            return self.lr
+        if self.rule == "raw":
+            return 0.05
+        return (1.0 - self.reach ** (1.0 / max(num_steps - 2, 1))) / 8.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,7 @@ class AlignmentResult:
     pivots_e: list[torch.Tensor]  # z^E_0 … z^E_N; pivots_o[-1] and pivots_e[-1] are the same tensor values
     w_schedules: list[list[float]]  # per pair, the w each of the N steps mixed with: w_0, …, 0.5
     alignment_losses: list[list[float]]  # per pair, L(w) = (1−2w)² mean((ẑ^O − ẑ^E)²) at each step
+    differences: list[list[float]] = field(default_factory=list)  # per pair, D = mean((ẑ^O − ẑ^E)²) per step
 
     @property
     def z_T(self) -> torch.Tensor:
@@ -162,8 +187,10 @@ def adaptive_mixing_inversion(unet, plan: Plan, z0_o: torch.Tensor, z0_e: torch.
     cond = torch.cat([cond_o, cond_e])  # rows 0..K−1 are O_k, rows K..2K−1 are E_k
     w0 = mixing.w0 if mixing is not None else 0.0
     w = [torch.tensor(float(w0), dtype=torch.float64, requires_grad=True) for _ in range(k_pairs)]
-    opts = [torch.optim.SGD([w_k], lr=mixing.lr if mixing is not None else 0.0) for w_k in w]
-    result = AlignmentResult([z0_o], [z0_e], [[] for _ in range(k_pairs)], [[] for _ in range(k_pairs)])
+    lr = mixing.step_size(len(plan.steps)) if mixing is not None else 0.0
+    opts = [torch.optim.SGD([w_k], lr=lr) for w_k in w]
+    result = AlignmentResult([z0_o], [z0_e], [[] for _ in range(k_pairs)], [[] for _ in range(k_pairs)],
+                             [[] for _ in range(k_pairs)])
 
     def model(z, t, i, land):
         with torch.no_grad():
@@ -185,13 +212,15 @@ def adaptive_mixing_inversion(unet, plan: Plan, z0_o: torch.Tensor, z0_e: torch.
             d = float(((zo - ze).double() ** 2).mean())
             result.w_schedules[k].append(w_j)
             result.alignment_losses[k].append((1 - 2 * w_j) ** 2 * d)
+            result.differences[k].append(d)
             mixed_o.append(zo_m)
             mixed_e.append(ze_m)
-            if mixing is not None and not last:
+            scale = 1.0 if mixing is None or mixing.rule == "raw" else d  # normalised: L / D = (1 − 2w)²
+            if mixing is not None and not last and scale > 0:
                 zo_d, ze_d = zo.double(), ze.double()
                 for _ in range(mixing.iterations):
                     opts[k].zero_grad()
-                    loss = (((1 - w[k]) * zo_d + w[k] * ze_d - ((1 - w[k]) * ze_d + w[k] * zo_d)) ** 2).mean()
+                    loss = (((1 - w[k]) * zo_d + w[k] * ze_d - ((1 - w[k]) * ze_d + w[k] * zo_d)) ** 2).mean() / scale
                     loss.backward()
                     opts[k].step()
                     with torch.no_grad():

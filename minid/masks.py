@@ -107,10 +107,10 @@ def _tensor_mask(mask: torch.Tensor) -> torch.Tensor:
     while m.dim() > 2 and m.shape[0] == 1:
         m = m[0]
     if m.dim() != 2:
-        raise ValueError(f"masks.load_mask: a mask tensor must be (H, W), (1, H, W) or (1, 1, H, W), found "
+        raise ValueError(f"a mask tensor must be (H, W), (1, H, W) or (1, 1, H, W), found "
                          f"{tuple(mask.shape)}")
     if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
-        raise ValueError(f"masks.load_mask: a mask tensor must have finite values in [0, 1]; found "
+        raise ValueError(f"a mask tensor must have finite values in [0, 1]; found "
                          f"[{float(m.min()):.3g}, {float(m.max()):.3g}]")
     return m
 

@@ -49,6 +49,61 @@ def psnr(a: Any, b: Any, data_range: float) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
 
 
+def ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tensor:
+    """Structural similarity per pixel (Wang et al. 2004): Gaussian window σ = 1.5 (11 px), C1 = (0.01·L)²,
+    C2 = (0.03·L)², L = data_range; a, b (C, H, W), averaged over channels → (H, W). The border repeats."""
+    import torch.nn.functional as F
+
+    x, y = a.double()[None], b.double()[None]  # (1, C, H, W)
+    g = torch.exp(-0.5 * (torch.arange(11, dtype=torch.float64) - 5) ** 2 / 1.5 ** 2)
+    g = (g / g.sum())
+    channels = x.shape[1]
+
+    def blur(t):
+        t = F.pad(t, (5, 5, 5, 5), mode="replicate")
+        t = F.conv2d(t, g.view(1, 1, 1, 11).expand(channels, 1, 1, 11), groups=channels)
+        return F.conv2d(t, g.view(1, 1, 11, 1).expand(channels, 1, 11, 1), groups=channels)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s[0].mean(0)  # (H, W)
+
+
+def masked_scores(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, data_range: float) -> tuple[float, float]:
+    """(PSNR in dB, SSIM) of two images (C, H, W) inside a mask (H, W) in [0, 1], weighted by the mask."""
+    w = mask.double()
+    total = float(w.sum())
+    if total <= 0:
+        return math.nan, math.nan
+    mse = float((((a.double() - b.double()) ** 2).mean(0) * w).sum() / total)
+    value = math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
+    return value, float((ssim_map(a, b, data_range) * w).sum() / total)
+
+
+REGION_NAMES = ("eyes", "brows", "nose", "mouth", "skin")
+
+
+def _region_columns(images: dict[str, np.ndarray], faces_original: list) -> dict[str, float | None]:
+    """Per region (eyes, brows, nose, mouth, skin) PSNR and SSIM of the result against the original in the
+    aligned frame of the original's largest face (`regions.region_scores`; ConsistentID's fine-grained
+    score); None where there is no face or the two images differ in size."""
+    empty = {f"{r}_{s}": None for r in REGION_NAMES for s in ("psnr", "ssim")}
+    if not faces_original or images["original"].shape != images["result"].shape:
+        return empty
+    from minid.regions import region_scores
+
+    face = max(faces_original, key=lambda f: f.area)
+    as_tensor = lambda a: torch.from_numpy(a.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)  # noqa: E731
+    try:
+        scores = region_scores(as_tensor(images["original"]), as_tensor(images["result"]), face.kps,
+                               face.landmarks_106)
+    except ValueError:  # keypoints that define no face frame (coinciding points): nothing to measure
+        return empty
+    return {f"{r}_{s}": scores[r][s] for r in REGION_NAMES for s in ("psnr", "ssim")}
+
+
 def find_triples(folder: str | Path) -> tuple[list[tuple[str, dict[str, Path]]], list[str]]:
     """The (original, edited, result) image triples of an evaluation folder, and what is missing.
 
@@ -63,7 +118,7 @@ def find_triples(folder: str | Path) -> tuple[list[tuple[str, dict[str, Path]]],
         sub = folder / role
         if not sub.is_dir():
             raise FileNotFoundError(
-                f"metrics.find_triples: {sub} does not exist; an evaluation folder holds original/, edited/ and "
+                f"{sub} does not exist; an evaluation folder holds original/, edited/ and "
                 "result/ with images of the same name in each"
             )
         for path in sorted(sub.iterdir()):
@@ -102,17 +157,17 @@ def evaluate_folder(
     Writes metrics.csv (one row per image) and metrics.json (summary and rows) to `out_dir` (default
     `folder`) and returns the summary.
     """
-    from PIL import Image
     from tqdm.auto import tqdm
 
     from minid.crops import pair_faces
+    from minid.images import open_image, to_rgb
 
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir is not None else folder
     triples, missing = find_triples(folder)
     rows = []
     for stem, paths in tqdm(triples, desc="minid eval", unit="image", disable=not progress):
-        images = {role: np.asarray(Image.open(paths[role]).convert("RGB")) for role in ROLES}
+        images = {role: np.asarray(to_rgb(open_image(paths[role])[0])) for role in ROLES}  # clear errors
         faces = {role: analyzer.analyze(images[role]) for role in ROLES}
         row: dict[str, Any] = {"name": stem, "faces_original": len(faces["original"]), "note": ""}
         notes = [] if faces["original"] else ["no face in original"]
@@ -137,6 +192,7 @@ def evaluate_folder(
         else:
             row["psnr_result_edited"] = None
             notes.append(f"result is {images['result'].shape[1::-1]}, edited {images['edited'].shape[1::-1]}: no PSNR")
+        row.update(_region_columns(images, faces["original"]))
         row["note"] = "; ".join(notes)
         rows.append(row)
 
@@ -155,12 +211,13 @@ def evaluate_folder(
         "missing": missing,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["name", "faces_original", "id_sim_edited", "id_sim_result", "psnr_result_edited", "note"]
+    columns = ["name", "faces_original", "id_sim_edited", "id_sim_result", "psnr_result_edited"]
+    columns += [f"{region}_{score}" for region in REGION_NAMES for score in ("psnr", "ssim")] + ["note"]
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if r[k] is None else r[k]) for k in columns})
+            writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in columns})
 
     def _json_safe(v):
         return None if isinstance(v, float) and not math.isfinite(v) else v

@@ -154,7 +154,10 @@ class HybridSchedule:
     # which jumps at the switch).
     timesteps: str = "global"
     ddim_spacing: str = "leading"  # SD's DDIM spacing (with the schedule's steps_offset)
-    dpm_spacing: str = "logSNR"  # λ-uniform (paper A.4); "linspace" is the option
+    # diffusers' DPMSolverMultistepScheduler spacings "leading" (the default: decided on the exact-score testbed,
+    # bench/results/solver_stability_cpu.md; docs/editedid.md "Defaults and readings"), "linspace", "trailing",
+    # or λ-uniform "logSNR" (paper A.4's "log-uniform"; schedule.dpm_solver_times)
+    dpm_spacing: str = "leading"
     dpm_order: int = 2  # DPM-Solver++ order (2M is diffusers' default)
     # "pass": DPM-Solver++ steps use the x̂_0 of every preceding step on the path, DDIM steps' included;
     # "run": only those of the current run of DPM-Solver++ steps (order-1 warm-up after each switch)
@@ -169,19 +172,15 @@ class HybridSchedule:
 
 def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule()) -> Plan:
     """The per-step solver and times of the hybrid solver; the inversion walks the same steps backwards
-    (the paper's symmetry: the same solver at the same noise levels)."""
+    (the paper's symmetry: the same solver at the same noise levels). Global pre-setting: `_global_times`."""
     n, T = hybrid.num_steps, schedule.num_train_timesteps
     solvers = hybrid.solvers()
     final = {DDIM: FINAL, DPM_SOLVER: CLEAN}  # where each solver's own pass ends
     if hybrid.timesteps == "global":
         sequences = {DDIM: [float(t) for t in ddim_timesteps(n, hybrid.ddim_spacing, schedule.steps_offset, T)],
                      DPM_SOLVER: dpm_solver_times(schedule, n, hybrid.dpm_spacing)}
-        ts = [sequences[solver][i] for i, solver in enumerate(solvers)]
+        ts = _global_times(schedule, solvers, sequences)
         ss = ts[1:] + [final[solvers[-1]]]  # continuity: each step lands where the next one starts
-        for i in range(n - 1):
-            if not ts[i] > ts[i + 1]:
-                raise ValueError(f"samplers.py: hybrid timesteps {ts} do not decrease at step {i + 2} "
-                                 f"({hybrid}); choose other spacings or switch steps")
     elif hybrid.timesteps == "fragmented":
         ts, ss = [], []
         i = 0
@@ -205,3 +204,57 @@ def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule
     return Plan(schedule, _with_orders(schedule, solvers, ts, ss, hybrid.dpm_order, hybrid.lower_order_final,
                                        final_order=hybrid.final_order, history=hybrid.history,
                                        clean_order=hybrid.dpm_order))
+
+
+def _global_times(schedule: NoiseSchedule, solvers: list[str], sequences: dict[str, list[float]]) -> list[float]:
+    """Global timestep pre-setting (paper Eq. 6): step i takes t_i from the full N-step sequence of the solver
+    that runs it, t_i = t_i^DPM on τ_s … τ_e and t_i^DDIM elsewhere, and the plan must strictly decrease.
+
+    The two sequences are spaced differently, so at a switch Eq. 6 can repeat or reverse a time: DDIM (leading,
+    N = 6) runs 831, 665, 499, 333 and DPM-Solver++ "linspace" starts step 5 at 333 as well; "trailing" puts
+    step 2 at 832 after DDIM's 831; λ-uniform times fall below later DDIM times for a window mid-pass. The rule
+    that keeps every plan valid, for any spacings and window:
+
+    1. A DPM-Solver++ step keeps t_i^DPM (they decrease among themselves).
+    2. A DDIM step keeps t_i^DDIM when it lies strictly between the DPM-Solver++ times around it (the nearest
+       before, above it; the nearest after, below it; no bound where there is none). Eq. 6 literally.
+    3. Each maximal block of consecutive DDIM steps that fail 2 (they sit at the ends of a DDIM run) is spread
+       uniformly in λ strictly between the kept times on either side of it: k steps between λ_a and λ_b take
+       λ_a + j (λ_b − λ_a)/(k+1), j = 1 … k. A block that opens the pass starts at T−1 instead
+       (λ_a + (j−1)(λ_b − λ_a)/k); a block that ends it stays above t = 0 (λ_b = λ(0)).
+
+    So a plan whose sequences interleave is Eq. 6 unchanged, and otherwise only the offending DDIM times move,
+    into the gap they were meant to fill. Example (N = 6, τ = 5…6, "linspace"): 831, 665, 499, 415.8, then
+    DPM-Solver++ 333, 166 (the DDIM time 333 moves to the λ-midpoint of 499 and 333).
+    """
+    n, T = len(solvers), schedule.num_train_timesteps
+    fixed = [solver == DPM_SOLVER for solver in solvers]
+    ts = [sequences[solver][i] for i, solver in enumerate(solvers)]
+    keep = list(fixed)
+    for i in range(n):  # rule 2
+        if not fixed[i]:
+            above = [ts[j] for j in range(i) if fixed[j]]
+            below = [ts[j] for j in range(i + 1, n) if fixed[j]]
+            keep[i] = (not above or ts[i] < above[-1]) and (not below or ts[i] > below[0])
+    i = 0
+    while i < n:  # rule 3, block by block
+        if keep[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not keep[j]:
+            j += 1
+        k = j - i  # steps i … j−1 move
+        lam_b = schedule.lam(ts[j]) if j < n else schedule.lam(0)
+        if i == 0:
+            lam_a = schedule.lam(T - 1)
+            lams = [lam_a + m * (lam_b - lam_a) / k for m in range(k)]
+        else:
+            lam_a = schedule.lam(ts[i - 1])
+            lams = [lam_a + m * (lam_b - lam_a) / (k + 1) for m in range(1, k + 1)]
+        ts[i:j] = [float(T - 1) if (i == 0 and m == 0) else schedule.t_of_lam(x) for m, x in enumerate(lams)]
+        i = j
+    if not all(a > b for a, b in zip(ts, ts[1:])):  # cannot happen by the rules above; a bug if it does
+        raise ValueError(f"plans.py: hybrid timesteps {ts} do not strictly decrease; this is a bug in "
+                         "_global_times, please report the HybridSchedule")
+    return ts

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import PIL.Image
 import torch
 
 from minid import crops, images, masks, metrics
@@ -23,6 +24,9 @@ from minid.control import word_map
 from minid.editedid import EditedIDConfig, PairText, Tokens, blend_mask, run
 from minid.inversion import NullTextStep
 from minid.schedule import NoiseSchedule
+
+
+MIN_IMAGE_SIZE = 64  # the smallest working square (RestoreConfig.image_size, `--image-size`)
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,10 @@ class RestoreConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self):
-        if self.image_size % 8 or self.image_size <= 0:
-            raise ValueError(f"RestoreConfig.image_size must be a positive multiple of 8 (the VAE's factor), got "
-                             f"{self.image_size}")
+        # at least 64: the masks from attention come from maps of a quarter of the latent side (64 px → 2²)
+        if not isinstance(self.image_size, int) or self.image_size % 8 or self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"RestoreConfig.image_size must be a multiple of 8 (the VAE's factor) of at least "
+                             f"{MIN_IMAGE_SIZE}, got {self.image_size!r}")
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"RestoreConfig.attention_backend must be 'auto', 'triton' or 'torch', got "
                              f"{self.attention_backend!r}")
@@ -65,6 +70,12 @@ class RestoreResult:
     null_text: list[NullTextStep] = field(default_factory=list)  # Stage 2's per-step statistics (O and E)
     attention_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # word -> (h, w) averaged cross map
     paths: dict[str, Path] = field(default_factory=dict)  # files written by report.save_result
+    # with regions: per region, PSNR (dB) and SSIM of the result against the original in the aligned face frame
+    regions: dict[str, dict[str, float]] = field(default_factory=dict)
+    identity_schedule: list[float] = field(default_factory=list)  # s_i of Stage 3, one per step
+    w_differences: list[float] = field(default_factory=list)  # Stage 1's D = mean((ẑ^O − ẑ^E)²) per step
+    # the plan the reconstruction ran, one entry per step: solver, order, t, and the σ it starts from and lands on
+    plan: list[dict] = field(default_factory=list)
 
     @property
     def pil(self):
@@ -88,6 +99,9 @@ class RestorePair:
     element_mask: object = None
     lambda_o: float | None = None  # weight of O where M_O and M_E overlap; None: the config's; λ_E = 1 − λ_O
     seed: int = 0  # seeds this pair's posterior sample (config.sample_posterior)
+    # ConsistentID's fine-grained regions instead of one face mask: "eyes=original,mouth=edited:0.7", a dict
+    # of the same or a JSON file (regions.parse_regions); needs a face analyzer (the 106 landmarks)
+    regions: object = None
 
 
 @dataclass
@@ -102,6 +116,10 @@ class _Job:
     pair: RestorePair
     text: PairText
     notes: list[str]
+    regions: dict | None = None  # the parsed region choices
+    keep_e: torch.Tensor | None = None  # (1, 1, S, S) regions kept from E exactly
+    lambda_map: torch.Tensor | None = None  # (1, 1, S, S) λ_O per pixel
+    face: object = None  # the original's face (faces.Face) when an analyzer ran, for the region report
 
 
 class EditedID:
@@ -155,7 +173,7 @@ class EditedID:
     def restore(self, original, edited, prompt_original: str, prompt_edited: str, id_words: list[str],
                 element_words: list[str], face_mask=None, element_mask=None, seed: int = 0,
                 progress: bool = True, save_intermediates: str | Path | None = None,
-                analyzer=None) -> RestoreResult:
+                analyzer=None, regions=None) -> RestoreResult:
         """Restore `original`'s face identity in `edited`. Images: paths, PIL images or (1, 3, S, S) tensors.
 
         id_words (in both prompts) have their cross-attention columns taken from O; element_words (in the
@@ -165,17 +183,17 @@ class EditedID:
         original's largest face (`landmark_face_mask`); without an analyzer, and for a missing element_mask,
         the masks come from the cross-attention maps of the words, gathered during Stage 2's conditional
         calls (M_O from O's maps of id_words, M_E from E's maps of element_words; P2P local blend).
+        regions: ConsistentID's fine-grained regions instead of one face mask (`RestorePair.regions`): each of
+        eyes, brows, nose, mouth, skin restored from the original or kept from the edit exactly, with an optional
+        λ, and the region words of the prompts replaced inside their region only; needs `analyzer`.
         seed: seeds the posterior sample when `config.sample_posterior` (the method is otherwise deterministic).
         save_intermediates: a folder for restored.png, reconstructions, masks, w schedule (JSON and PNG) and
         the attention-map grid. Progress bars (tqdm) per stage when `progress`.
         """
         job = check_pair(RestorePair(original, edited, prompt_original, prompt_edited, id_words, element_words,
-                                   face_mask, element_mask, seed=seed), self.sd.tokenizer, self.config)
-        if job.mask_o is None and analyzer is not None:
-            name = "the original image" + (f" {original}" if isinstance(original, (str, Path)) else "")
-            found = analyze(analyzer, job.x_o, name)
-            job.mask_o, how = landmark_face_mask(max(found, key=lambda f: f.area), self.config)
-            job.notes.append(f"face mask from the original's largest face ({len(found)} found): {how}")
+                                   face_mask, element_mask, seed=seed, regions=regions), self.sd.tokenizer, self.config)
+        self._face_masks(job, analyzer, "the original image" + (f" {original}" if isinstance(original, (str, Path))
+                                                                else ""))
         result = self._run([job], progress)[0]
         if save_intermediates is not None:
             from minid.report import save_result
@@ -184,7 +202,7 @@ class EditedID:
         return result
 
     def restore_batch(self, pairs: list[RestorePair], progress: bool = True,
-                      save_intermediates: str | Path | None = None) -> list[RestoreResult]:
+                      save_intermediates: str | Path | None = None, analyzer=None) -> list[RestoreResult]:
         """Restore K pairs in ONE batch through every stage: 2K latents in Stage 1, 2K null-texts in Stage 2,
         3K branches × 2 guidance halves in Stage 3. Each pair keeps its own prompts, words, masks, λ and seed,
         and the result of each equals what `restore` gives it alone, up to the rounding of a larger batch
@@ -195,6 +213,8 @@ class EditedID:
             raise ValueError("restore_batch needs at least one RestorePair")
         jobs = [check_pair(p, self.sd.tokenizer, self.config, f"pair {k}: " if len(pairs) > 1 else "")
                 for k, p in enumerate(pairs)]
+        for k, job in enumerate(jobs):
+            self._face_masks(job, analyzer, f"the original image of pair {k}")
         results = self._run(jobs, progress)
         if save_intermediates is not None:
             from minid.report import save_result
@@ -202,6 +222,39 @@ class EditedID:
             for k, (job, result) in enumerate(zip(jobs, results)):
                 result.paths = save_result(result, Path(save_intermediates) / f"pair_{k}", inputs=job.sources)
         return results
+
+    def _face_masks(self, job: _Job, analyzer, name: str) -> None:
+        """M_O from the original's largest face when no face mask was given and an analyzer is: its landmark
+        mask, or its regions (`RestorePair.regions`: M_O, the kept-from-E mask, λ_O map, region words)."""
+        if job.regions and analyzer is None:
+            raise ValueError("regions need the face landmarks of the original: give a face analyzer "
+                             "(CLI: the face pack, --face-pack/--face-root or --download-faces)")
+        if job.mask_o is not None or analyzer is None:
+            return
+        found = analyze(analyzer, job.x_o, name)
+        job.face = max(found, key=lambda f: f.area)
+        if not job.regions:
+            job.mask_o, how = landmark_face_mask(job.face, self.config)
+            job.notes.append(f"face mask from the original's largest face ({len(found)} found): {how}")
+            return
+        from minid.gating import LocalTokens
+        from minid.regions import region_edits, region_masks
+
+        s = self.config.image_size
+        region_mask, how = region_masks(s, job.face.kps, job.face.landmarks_106, self.config.face_mask_feather * s)
+        p = job.pair
+        edits = region_edits(region_mask, job.regions, self.config.method.gating.lambda_o,
+                             (p.prompt_original, p.prompt_edited), self.sd.tokenizer)
+        job.mask_o, job.keep_e, job.lambda_map = edits.face, edits.keep, edits.lambda_o
+        prompt_t = p.prompt_original if self.config.method.target == "original" else p.prompt_edited
+        for word, source, mask in edits.local:
+            prompt_s = p.prompt_original if source == "original" else p.prompt_edited
+            pairs = _pairs(self.sd.tokenizer, prompt_t, prompt_s, [word], "region")
+            job.text.tokens.local.append(LocalTokens(pairs, 0 if source == "original" else 1, mask))
+        chosen = ", ".join(f"{r}={c.source}" + ("" if c.lambda_o is None else f":{c.lambda_o}")
+                           for r, c in job.regions.items())
+        words = ", ".join(w for w, _, _ in edits.local) or "none"
+        job.notes.append(f"regions {chosen} ({how}); region words replaced inside their region: {words}")
 
     # ---- the run ------------------------------------------------------------------------------------------
     def _run(self, jobs: list[_Job], progress: bool) -> list[RestoreResult]:
@@ -226,14 +279,16 @@ class EditedID:
         outcome = run(self.sd.unet, self.plan, cfg.method, z0[:k_pairs], z0[k_pairs:], cond_o, cond_e, uncond,
                       [j.text for j in jobs], [j.mask_o for j in jobs], [j.mask_e for j in jobs], cfg.image_size,
                       gatings=gatings, backend=cfg.attention_backend,
-                      stage=lambda name: self._stage(name, timings, calls), progress=progress)
+                      stage=lambda name: self._stage(name, timings, calls), progress=progress,
+                      keeps_e=[j.keep_e for j in jobs], lambda_maps=[j.lambda_map for j in jobs])
         d = outcome.disentanglement
         with self._stage("decode", timings, calls), torch.no_grad():
             recon = self.sd.vae.decode_latent(d.z0).float().clamp(-1, 1).cpu()  # (2K, 3, S, S)
             restored = self.sd.vae.decode_latent(outcome.z0[2 * k_pairs:]).float().clamp(-1, 1).cpu()  # (K, 3, S, S)
 
         latent_side = z0.shape[-1]
-        blend = blend_mask(outcome.mask_o, outcome.mask_e, latent_side, cfg.method.blend_dilation).cpu()
+        blend = blend_mask(outcome.mask_o, outcome.mask_e, latent_side, cfg.method.blend_dilation,
+                           outcome.keep_e).cpu()
         results = []
         for k, job in enumerate(jobs):
             row_o, row_e = k, k_pairs + k
@@ -241,7 +296,7 @@ class EditedID:
             words += [(w, row_e, job.pair.prompt_edited) for w in job.pair.element_words]
             maps = {w: word_map(d.store, row, _positions(self.sd.tokenizer, prompt, [w], "mask"), (latent_side, latent_side),
                                 cfg.method.attention_masks.map_factors, pool=cfg.method.attention_masks.pool)[0, 0]
-                    for w, row, prompt in words}
+                    for w, row, prompt in words} if d.store.maps else {}  # none gathered: every mask was given
             o_attn, e_attn = outcome.from_attention[k]
             if o_attn:
                 job.notes.append("face mask taken from the cross-attention maps of " + ", ".join(job.pair.id_words))
@@ -257,8 +312,26 @@ class EditedID:
                 w_schedule=outcome.alignment.w_schedules[k], timings=dict(timings), notes=job.notes,
                 inversion=cfg.method.inversion, unet_calls={stage: dict(c) for stage, c in calls.items()},
                 latent=outcome.z0[2 * k_pairs + k:2 * k_pairs + k + 1].cpu(),
-                null_text=[st.rows([row_o, row_e]) for st in d.steps], attention_maps=maps))
+                null_text=[st.rows([row_o, row_e]) for st in d.steps], attention_maps=maps,
+                regions=self._region_report(job, restored[k]),
+                identity_schedule=cfg.method.gating.identity.values(cfg.method.num_steps),
+                w_differences=outcome.alignment.differences[k], plan=self.plan_record()))
         return results
+
+    def plan_record(self) -> list[dict]:
+        """The reconstruction's plan as plain data: per step its solver, order, t and σ from → to."""
+        return [{"solver": s.solver, "order": s.order, "t": s.t, "sigma": self.schedule.sigma(s.t),
+                 "sigma_next": self.schedule.sigma(s.s)} for s in self.plan.steps]
+
+    @staticmethod
+    def _region_report(job: _Job, restored: torch.Tensor) -> dict[str, dict[str, float]]:
+        """Per region PSNR and SSIM of the result against the original (regions.region_scores), when the
+        pair's regions were chosen from its landmarks."""
+        if not job.regions or job.face is None:
+            return {}
+        from minid.regions import region_scores
+
+        return region_scores(job.x_o[0], restored, job.face.kps, job.face.landmarks_106)
 
 
 def analyze(analyzer, x: torch.Tensor, name: str) -> list:
@@ -283,6 +356,9 @@ def check_pair(pair: RestorePair, tokenizer, config: RestoreConfig, name: str = 
     for what, p in (("prompt_original", pair.prompt_original), ("prompt_edited", pair.prompt_edited)):
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"{name}{what} must be a non-empty string, got {p!r}")
+        note = prompt_note(tokenizer, p, f"{name}{what}")
+        if note:
+            notes.append(note)
     if isinstance(pair.id_words, str) or isinstance(pair.element_words, str):
         raise TypeError(f"{name}id_words and element_words are lists of words, e.g. ['man'], ['glasses']")
     if not pair.id_words:
@@ -304,8 +380,27 @@ def check_pair(pair: RestorePair, tokenizer, config: RestoreConfig, name: str = 
     if pair.lambda_o is not None and not 0 <= pair.lambda_o <= 1:
         raise ValueError(f"{name}lambda_o must be in [0, 1], got {pair.lambda_o}")
     sources = [f.source for f in (frame_o, frame_e) if f is not None and f.source is not None]
-    return _Job(x_o=x_o, x_e=x_e, sources=sources, mask_o=mask_o, mask_e=mask_e, pair=pair,
+    sources += [Path(m) for m in (pair.face_mask, pair.element_mask) if isinstance(m, (str, Path))]  # inputs too
+    choices = None
+    if pair.regions is not None:
+        from minid.regions import parse_regions
+
+        choices = parse_regions(pair.regions)
+        if pair.face_mask is not None:
+            raise ValueError(f"{name}give either a face mask or regions (which make the face mask), not both")
+    return _Job(x_o=x_o, x_e=x_e, sources=sources, mask_o=mask_o, mask_e=mask_e, pair=pair, regions=choices,
                 text=PairText(id_positions, element_positions, tokens), notes=notes)
+
+
+def prompt_note(tokenizer, prompt: str, what: str) -> str | None:
+    """Check that a prompt is text the tokenizer can read (ValueError otherwise) and return a note when it is
+    longer than the text encoder's window (SD's convention: the rest is cut off), else None."""
+    tokenizer.check_text(prompt, what)
+    dropped = tokenizer.dropped_text(prompt)
+    if not dropped:
+        return None
+    return (f"{what} is longer than the {tokenizer.max_content_tokens} tokens SD1.4's text encoder reads; "
+            f"the end is ignored: {dropped[:60]!r}{'…' if len(dropped) > 60 else ''}")
 
 
 def _image(s: int, image, name: str) -> tuple[torch.Tensor, images.CropFrame | None]:
@@ -314,19 +409,32 @@ def _image(s: int, image, name: str) -> tuple[torch.Tensor, images.CropFrame | N
         if x.shape[:2] != (1, 3) or x.shape[-2:] != (s, s):
             raise ValueError(f"the {name} image tensor must be (1, 3, {s}, {s}) in [-1, 1]; found "
                              f"{tuple(image.shape)}. Load files with minid.images.load_image")
+        if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+            raise ValueError(f"the {name} image tensor must hold finite floats in [-1, 1]; found dtype "
+                             f"{x.dtype} with {int((~torch.isfinite(x.float())).sum())} NaN or infinite values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1.01 or hi > 1.01:  # a little slack for resampling overshoot
+            hint = " (0-255 pixels? divide by 127.5 and subtract 1)" if hi > 2 else ""
+            raise ValueError(f"the {name} image tensor must be in [-1, 1]; found values in [{lo:.3g}, {hi:.3g}]{hint}")
         return x.float(), None
+    if not isinstance(image, (str, Path, PIL.Image.Image)):
+        raise TypeError(f"the {name} image must be a file path, a PIL image or a (1, 3, {s}, {s}) tensor in "
+                        f"[-1, 1]; got {type(image).__name__}")
     return images.load_image(image, size=s)
 
 
 def _mask(s: int, mask, name: str, frame, notes: list[str]) -> torch.Tensor | None:
     if mask is None:
         return None
+    if not isinstance(mask, (str, Path, torch.Tensor)):
+        raise TypeError(f"the {name} mask must be a file path or an (H, W) tensor in [0, 1]; got "
+                        f"{type(mask).__name__}")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m = masks.load_mask(mask, size=s, frame=frame if not isinstance(mask, torch.Tensor) else None,
                             required=False)
-    for w in caught:
+    for w in caught:  # a note of the result, and a warning for Python users (the CLI prints notes only)
         notes.append(f"{name} mask: {w.message}")
         warnings.warn(str(w.message))
     if float(m.max()) <= 0:
@@ -339,9 +447,14 @@ def _positions(tokenizer, prompt: str, words: list[str], what: str) -> list[int]
     out = []
     for w in words:
         try:
-            out += tokenizer.token_positions(prompt, w)
+            found = tokenizer.token_positions(prompt, w)
         except ValueError as e:
             raise ValueError(f"{what} word {w!r} is not in the prompt {prompt!r} ({e})") from None
+        if not found:  # every occurrence lies past the window the text encoder reads
+            raise ValueError(f"{what} word {w!r} lies beyond the first {tokenizer.max_content_tokens} tokens of "
+                             f"the prompt {prompt[:50]!r}…, which are all SD1.4's text encoder reads; move it earlier "
+                             "or shorten the prompt")
+        out += found
     return out
 
 

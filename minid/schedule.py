@@ -188,8 +188,7 @@ def ddim_timesteps(num_steps: int, spacing: str = "leading", steps_offset: int =
         ratio = num_train_timesteps // num_steps
         ts = [k * ratio + steps_offset for k in range(num_steps)]
     elif spacing == "trailing":
-        ratio = num_train_timesteps / num_steps
-        ts = [round(num_train_timesteps - k * ratio) - 1 for k in range(num_steps)][::-1]
+        ts = _trailing(num_train_timesteps, num_steps)[::-1]
     elif spacing == "linspace":
         step = (num_train_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 0.0
         ts = [round(k * step) for k in range(num_steps)]  # k·step, as numpy.linspace computes it
@@ -202,13 +201,25 @@ def ddim_timesteps(num_steps: int, spacing: str = "leading", steps_offset: int =
     return ts[::-1]
 
 
+DPM_SPACINGS = ("logSNR", "linspace", "leading", "trailing")  # what `dpm_solver_times` accepts
+
+
 def dpm_solver_times(schedule: NoiseSchedule, num_steps: int, spacing: str = "logSNR") -> list[float]:
     """DPMSolverMultistepScheduler's N times, noisiest first; the solver then goes on to CLEAN.
 
     logSNR:   λ uniform from λ(T−1) to λ(0), N points with both ends (Lu et al. 2022, DPM-Solver, App. D.1;
               diffusers `use_lu_lambdas=True`). The times are fractional: the solver uses the exact λ-uniform
               levels, the model sees the rounded timestep (`round(t)`), as diffusers does.
-    linspace: round(linspace(0, T−1, N+1)), reversed, the last (0) dropped; integers.
+    The three spacings of diffusers' `timestep_spacing` (Lin et al. 2023, Table 2), as its DPMSolverMultistep-
+    Scheduler computes them (`set_timesteps`, `lambda_min_clipped` = −∞, so its "last_timestep" is T); integers:
+    linspace: round(linspace(0, T−1, N+1)), reversed, the last (0) dropped   (N = 6: 999, 832, 666, 500, 333, 166;
+              diffusers' default, hence what SD1.4's scheduler config gives)
+    leading:  k · (T//(N+1)) + steps_offset for k = N … 1                      (N = 6: 853, 711, 569, 427, 285, 143)
+              (note N+1, not DDIM's N: the pass ends at CLEAN, one level below the last time)
+    trailing: round(T − k · T/N) − 1 for k = 0 … N−1                          (N = 6: 999, 832, 666, 499, 332, 166)
+
+    No spacing repeats a time for N ≤ T−1 (leading's ratio T//(N+1) ≥ 1), so there are no duplicates to drop;
+    diffusers drops none either.
     """
     T = schedule.num_train_timesteps
     _check_num_steps(num_steps, T)
@@ -222,7 +233,31 @@ def dpm_solver_times(schedule: NoiseSchedule, num_steps: int, spacing: str = "lo
     if spacing == "linspace":
         step = (T - 1) / num_steps
         return [float(round(k * step)) for k in range(num_steps, 0, -1)]  # k·step, as numpy.linspace computes it
-    raise ValueError(f"schedule.py: DPM-Solver++ timestep spacing {spacing!r} is not one of 'logSNR', 'linspace'")
+    if spacing == "leading":
+        ratio = T // (num_steps + 1)
+        if ratio == 0:
+            raise ValueError(f"schedule.py: 'leading' DPM-Solver++ spacing needs num_steps < {T}, got {num_steps}; "
+                             "use 'linspace' or 'trailing'")
+        ts = [k * ratio + schedule.steps_offset for k in range(num_steps, 0, -1)]
+        if ts[0] > T - 1:
+            raise ValueError(f"schedule.py: steps_offset={schedule.steps_offset} pushes the first DPM-Solver++ "
+                             f"timestep to {ts[0]}, past {T - 1}; use fewer steps or 'trailing' spacing")
+        return [float(t) for t in ts]
+    if spacing == "trailing":
+        return [float(t) for t in _trailing(T, num_steps)]
+    raise ValueError(f"schedule.py: DPM-Solver++ timestep spacing {spacing!r} is not one of "
+                     f"{', '.join(repr(s) for s in DPM_SPACINGS)}")
+
+
+def _trailing(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """"trailing" timesteps, noisiest first: round(T − k·T/N) − 1, k = 0 … N−1, with the values exactly as
+    diffusers' `np.arange(T, 0, −T/N)` makes them: numpy fills an arange as start + k·δ with
+    δ = (start + step) − start, which differs from k·(T/N) by one rounding and flips a .5 (N = 48: 937 vs 936).
+    (numpy's arange has N+1 elements for some N, e.g. 61, the last one ≈ 0, so diffusers' sequence then ends
+    at −1; only the first N are taken here.)"""
+    step = -num_train_timesteps / num_steps
+    delta = (num_train_timesteps + step) - num_train_timesteps
+    return [round(num_train_timesteps + k * delta) - 1 for k in range(num_steps)]
 
 
 def model_timestep(t: float) -> int:

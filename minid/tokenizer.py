@@ -118,11 +118,30 @@ class CLIPTokenizer:
     # ----------------------------------------------------------------------------------------------------
     # ids
 
+    @staticmethod
+    def check_text(prompt: str, what: str = "the prompt") -> None:
+        """Raise unless `prompt` is a str of real text: a command line's bytes that are not UTF-8 arrive as
+        lone surrogates ('\udcff'), which no tokenizer can read."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"{what} must be a str, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raw = prompt[e.start:e.end].encode("utf-8", "surrogateescape")
+            raise ValueError(f"{what} is not valid UTF-8 text (bytes {raw!r} at character {e.start}); write it "
+                             "in UTF-8 (check the terminal's or the file's encoding)") from None
+
     def _content(self, prompt: str):
         """The untruncated content tokens of a prompt (no bos/eos), as a `tokenizers.Encoding`."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
+        self.check_text(prompt, "a prompt")
         return self._tokenizer.encode(prompt, add_special_tokens=False)
+
+    def dropped_text(self, prompt: str) -> str:
+        """The end of `prompt` that falls beyond the 75 content tokens the text encoder reads ("" if none)."""
+        enc = self._content(prompt)
+        if len(enc.ids) <= self.max_content_tokens:
+            return ""
+        return prompt[enc.offsets[self.max_content_tokens][0]:]
 
     def _frame(self, content_ids: list[int]) -> list[int]:
         """bos + the first 75 content ids + eos, padded with eos (= pad) to 77."""
@@ -140,6 +159,7 @@ class CLIPTokenizer:
         for p in prompts:
             if not isinstance(p, str):
                 raise TypeError(f"prompts must be str or a list of str, got an element of type {type(p).__name__}")
+            self.check_text(p, "a prompt")
         encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)
         return torch.tensor([self._frame(e.ids) for e in encodings], dtype=torch.long)  # (B, 77)
 

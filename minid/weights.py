@@ -13,6 +13,8 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -96,12 +98,19 @@ def verify_file(path: str | Path, expected: dict[str, Any], log: Callable[[str],
     side.write_text(json.dumps(mark))
 
 
+def default_precision() -> str:
+    """The precision the models will run in here: fp16 on a CUDA GPU, fp32 on a CPU (which runs fp16 badly)."""
+    return "fp16" if torch.cuda.is_available() else "fp32"
+
+
 def download(dest: str | Path = DEFAULT_WEIGHTS, precision: str = "fp16", repo: str = REPO_ID,
              revision: str = REVISION, components: Iterable[str] = COMPONENTS,
              manifest: str | Path | dict = MANIFEST, fetch: Callable[..., str] | None = None,
              log: Callable[[str], None] = print) -> Path:
     """Fetch the SD1.4 hub files minid needs into `dest` and verify each against the manifest.
 
+    precision: "fp16" or "fp32" (`default_precision()` is what this machine runs: fp32 without a GPU; the
+    `minid download` command fetches that by default).
     Files already present and verified are kept (no network needed: works with HF_HUB_OFFLINE=1); a present
     file that fails verification is fetched again. `fetch` defaults to `huggingface_hub.hf_hub_download`
     (which shows progress and resumes interrupted downloads); tests pass their own. Returns `dest`.
@@ -115,7 +124,17 @@ def download(dest: str | Path = DEFAULT_WEIGHTS, precision: str = "fp16", repo: 
         fetch = huggingface_hub.hf_hub_download  # looked up now, so it can be replaced in tests
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     again = f"python -m minid.checkpoint download --dest {dest} --precision {precision}"
-    for name in hub_files(precision, components):
+    names = hub_files(precision, components)
+    by_hand = (f"or, without a network, copy these files of {repo} (revision {revision[:8]}) into {dest}, keeping "
+               f"their folders: {', '.join(names)}")
+    missing = [n for n in names if not (dest / n).is_file()]
+    if missing and not offline:
+        from minid.images import check_writable
+
+        check_writable(dest, "weights folder")  # before the first byte is fetched
+        size = sum(entries[n]["bytes"] for n in missing if n in entries)
+        log(f"SD1.4 {precision} weights: fetching {len(missing)} file(s), {size / 1e9:.1f} GB, into {dest}")
+    for name in names:
         if name not in entries:
             raise CheckpointError(f"{name}: not in the manifest {manifest if not isinstance(manifest, dict) else ''}"
                                   "; it cannot be verified")
@@ -140,7 +159,7 @@ def download(dest: str | Path = DEFAULT_WEIGHTS, precision: str = "fp16", repo: 
         except Exception as e:  # network, authentication, missing file: all end here with the same advice
             raise CheckpointError(f"{name}: download from {repo} failed ({type(e).__name__}: {e}). Check the "
                                   f"network (or HF_ENDPOINT), then run again:\n    {again}\n"
-                                  f"(files already fetched are kept; an interrupted file resumes)") from e
+                                  f"(files already fetched are kept; an interrupted file resumes)\n{by_hand}") from e
         if got.resolve() != local.resolve():
             local.parent.mkdir(parents=True, exist_ok=True)
             os.replace(got, local)
@@ -195,18 +214,20 @@ def convert(src: str | Path, dst: str | Path | None = None, overwrite: bool = Fa
     """
     from safetensors.torch import save_file
 
+    from minid.images import check_writable
+
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
+    if not src.is_file():
+        raise CheckpointError(f"{src}: not found" + (" (a folder; give the checkpoint file)" if src.is_dir() else ""))
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: is the input checkpoint; give another output path")
+    if dst.is_dir():
+        raise CheckpointError(f"{dst}: is a folder; give the output file, e.g. {dst / src.with_suffix('.safetensors').name}")
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst}: already exists; pass overwrite=True (--overwrite) to replace it")
-    if not src.is_file():
-        raise CheckpointError(f"{src}: not found")
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # old (non-zip) pickle files cannot be memory-mapped: read them whole
-            raise
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+    check_writable(dst.parent, "output folder")  # before reading gigabytes
+    obj = _load_pickle(src)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -225,6 +246,8 @@ def convert(src: str | Path, dst: str | Path | None = None, overwrite: bool = Fa
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp))
+        if dst.is_file():  # an overwritten file keeps its mode (a new one gets the umask's, as from open)
+            os.chmod(tmp, dst.stat().st_mode & 0o7777)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -236,39 +259,63 @@ def convert(src: str | Path, dst: str | Path | None = None, overwrite: bool = Fa
     return summary
 
 
+def _load_pickle(src: Path):
+    """torch.load(weights_only=True) of `src`, its failures as one CheckpointError that names the file."""
+    try:
+        try:
+            return torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # old (non-zip) pickle files cannot be memory-mapped: read them whole
+                raise
+            return torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({blocked.group(1)})" if blocked else ""
+        raise CheckpointError(f"{src}: refused: the pickle asks to run or build something other than tensors and "
+                              f"plain containers{what}; only a checkpoint of tensors is converted") from None
+    except Exception as e:  # not a pickle, a damaged one, a truncated zip: torch says it in many ways
+        raise CheckpointError(f"{src}: not a PyTorch checkpoint that can be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else 'no details'})") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minid.checkpoint", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m minid.checkpoint",
+         parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
+    """The commands download, convert, keymap, manifest; `prog` is how the usage line names the program
+    (`minid` when run as `minid download`). Exit 2 for a user's error, with one line saying what to do."""
+    parser = parser_class(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="fetch and verify the SD1.4 hub files")
-    p.add_argument("--dest", default=str(DEFAULT_WEIGHTS))
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    p.add_argument("--repo", default=REPO_ID)
-    p.add_argument("--revision", default=REVISION)
+    p.add_argument("--dest", default=str(DEFAULT_WEIGHTS), help="folder for the hub files (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp16", "fp32"),
+                   help="weights to fetch (default: what this machine runs: fp16 with a CUDA GPU, 2.1 GB; fp32 "
+                        "on a CPU, 4.3 GB)")
+    p.add_argument("--repo", default=REPO_ID, help="hub repository (default: %(default)s)")
+    p.add_argument("--revision", default=REVISION, help="pinned commit the manifest describes (default: %(default)s)")
     p = sub.add_parser("convert", help="convert a pickle checkpoint to .safetensors")
-    p.add_argument("src")
-    p.add_argument("dst", nargs="?")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("src", help="pickle checkpoint (.ckpt, .bin, .pt, .pth), read with weights_only=True")
+    p.add_argument("dst", nargs="?", help="output .safetensors (default: SRC with the suffix .safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST (default: refuse)")
     sub.add_parser("keymap", help="print the hub -> single-file (LDM) key map of SD1.4")
     p = sub.add_parser("manifest", help="print the manifest JSON from layouts.json and the hub's small files")
-    p.add_argument("layouts")
-    p.add_argument("hub_folder")
+    p.add_argument("layouts", help="layouts.json with the hub's LFS pointers")
+    p.add_argument("hub_folder", help="a folder holding the hub's small files")
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
-            download(args.dest, args.precision, args.repo, args.revision)
+            download(args.dest, args.precision or default_precision(), args.repo, args.revision)
         elif args.command == "convert":
             convert(args.src, args.dst, args.overwrite)
         elif args.command == "keymap":
             print(format_key_map())
         else:
             print(json.dumps(build_manifest(args.layouts, args.hub_folder), indent=2))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (CheckpointError, OSError) as e:
+        print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: SD1.4's published small files, the tiny SD stack, the tiny face pack, threads and seeds.
+"""Shared fixtures: SD1.4's published small files, the tiny SD stack (in memory and as a hub folder), the tiny
+face pack, threads and seeds.
 
 Everything the tests read ships with the repository: the SD1.4 configs and layouts in tests/data/sd14, the
 tokenizer files in the package (minid/assets/clip). The helpers behind the fixtures are tests/tiny_models.py
@@ -7,6 +8,8 @@ tokenizer files in the package (minid/assets/clip). The helpers behind the fixtu
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -44,6 +47,28 @@ def tiny_sd():
     from tiny_models import build_tiny_sd
 
     return build_tiny_sd()
+
+
+def _write_component(folder: Path, model: torch.nn.Module, config: dict, weights_name: str) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / weights_name))
+
+
+@pytest.fixture(scope="session")
+def tiny_hub(tiny_sd, sd14_reference, tmp_path_factory) -> Path:
+    """The tiny stack written as a hub folder: config.json files (published key names), safetensors, tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_hub")
+    unet_cfg = dataclasses.asdict(tiny_sd.unet.cfg)
+    unet_cfg["attention_head_dim"] = unet_cfg.pop("num_heads")  # the published config's name for it
+    _write_component(root / "unet", tiny_sd.unet, unet_cfg, "diffusion_pytorch_model.safetensors")
+    _write_component(root / "vae", tiny_sd.vae, dataclasses.asdict(tiny_sd.vae.cfg), "diffusion_pytorch_model.safetensors")
+    _write_component(root / "text_encoder", tiny_sd.text_encoder, dataclasses.asdict(tiny_sd.text_encoder.cfg),
+                     "model.safetensors")
+    shutil.copytree(sd14_reference / "hub" / "tokenizer", root / "tokenizer")
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from minid import cli
 from minid.faces import FaceAnalyzer
@@ -21,26 +18,6 @@ from minid.images import tensor_to_pil
 from minid.metrics import id_similarity
 from tiny_faces import PACK, red_squares
 from tiny_models import IMAGE_SIZE, random_image
-
-
-def _write_component(folder: Path, model: torch.nn.Module, config: dict, weights_name: str) -> None:
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / weights_name))
-
-
-@pytest.fixture(scope="module")
-def tiny_hub(tiny_sd, sd14_reference, tmp_path_factory) -> Path:
-    """The tiny stack written as a hub folder: config.json files (published key names), safetensors, tokenizer."""
-    root = tmp_path_factory.mktemp("tiny_hub")
-    unet_cfg = dataclasses.asdict(tiny_sd.unet.cfg)
-    unet_cfg["attention_head_dim"] = unet_cfg.pop("num_heads")  # the published config's name for it
-    _write_component(root / "unet", tiny_sd.unet, unet_cfg, "diffusion_pytorch_model.safetensors")
-    _write_component(root / "vae", tiny_sd.vae, dataclasses.asdict(tiny_sd.vae.cfg), "diffusion_pytorch_model.safetensors")
-    _write_component(root / "text_encoder", tiny_sd.text_encoder, dataclasses.asdict(tiny_sd.text_encoder.cfg),
-                     "model.safetensors")
-    shutil.copytree(sd14_reference / "hub" / "tokenizer", root / "tokenizer")
-    return root
 
 
 def _png(tensor: torch.Tensor, path: Path) -> Path:
@@ -210,8 +187,9 @@ def test_restore_uses_landmark_masks_by_default(tiny_hub, tmp_path, monkeypatch,
 def test_missing_face_models_are_reported_before_the_diffusion_models_load(tmp_path, capsys):
     original, edited = _png(random_image(1), tmp_path / "o.png"), _png(random_image(2), tmp_path / "e.png")
     rc = cli.main(["restore", "--original", str(original), "--edited", str(edited), "--prompt-original", "a man",
-                   "--prompt-edited", "a man", "--id-words", "man", "--out", str(tmp_path / "r.png"),
-                   "--weights", str(tmp_path / "absent"), "--face-root", str(tmp_path / "no-packs"), *COMMON])
+                   "--prompt-edited", "a man in glasses", "--id-words", "man", "--element-words", "glasses",
+                   "--out", str(tmp_path / "r.png"), "--weights", str(tmp_path / "absent"),
+                   "--face-root", str(tmp_path / "no-packs"), *COMMON])
     err = capsys.readouterr().err
     assert rc == 2 and "no-packs" in err, f"exit code {rc}, stderr: {err}"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minid.attention import Site, default_attention
-from minid.control import (AttentionStore, BatchLayout, Chain, EditedIDGating, GatingConfig, PromptToPrompt,
-                           at_step, gating_weights, word_mask)
+from minid.control import AttentionStore, BatchLayout, Chain, PromptToPrompt, at_step, word_mask
+from minid.gating import EditedIDGating, GatingConfig, gating_weights
 from minid.tokenizer import CLIPTokenizer, prompt_alignment
 
 SIDE = 4  # a 4×4 query grid

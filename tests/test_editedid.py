@@ -10,9 +10,10 @@ import torch
 from dataclasses import replace
 
 from minid import editedid
-from minid.control import AttentionStore, GatingConfig
+from minid.control import AttentionStore
+from minid.gating import GatingConfig
 from minid.editedid import Disentanglement, EditedIDConfig, Tokens
-from minid.generate import generate
+from minid.generation import generate
 from minid.images import load_image, save_image
 from minid.inversion import NullTextConfig, invert
 from minid.restore import EditedID, RestoreConfig
@@ -333,7 +334,7 @@ def test_generate_is_deterministic_per_seed(tiny_sd):
 
 
 def test_demo_writes_original_edited_restored_and_the_diagnostics(tiny_sd, tmp_path):
-    from minid.generate import demo
+    from minid.generation import demo
 
     paths = demo(tiny_sd, tmp_path / "demo", size=IMAGE_SIZE, generate_steps=4, config=fast(), progress=False)
     for name in ("original", "edited", "restored", "comparison", "mask_face", "mask_element", "w_schedule_plot",
@@ -439,7 +440,7 @@ def test_triton_kernels_and_the_pytorch_path_give_the_same_stage3_result(tiny_sd
 
 @pytest.mark.parametrize("inversion", ["direct", "null-text"])
 def test_the_demo_estimate_counts_the_unet_images_it_runs(tiny_sd, tmp_path, inversion):
-    from minid.generate import demo, demo_settings, demo_unet_images
+    from minid.generation import demo, demo_settings, demo_unet_images
 
     method = replace(METHOD, inversion=inversion)
     images_seen = []

@@ -48,3 +48,12 @@ def test_kernels_are_not_a_top_level_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "None"], f"expected minid.kernels importable and no 'kernels': {out.stdout}"
+
+
+def test_the_exported_functions_stay_functions_after_their_modules_are_imported():
+    import importlib
+
+    for name, module in minid._EXPORTS.items():
+        importlib.import_module(module)
+        assert getattr(minid, name) is getattr(importlib.import_module(module), name), \
+            f"minid.{name} is shadowed by a module of the same name"

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from minid import crops, faces, masks
-from minid.control import BatchLayout, EditedIDGating, GatingConfig, GatingGroup
+from minid.control import BatchLayout
+from minid.gating import EditedIDGating, GatingConfig, GatingGroup
 from minid.attention import Site
 from minid.editedid import EditedIDConfig
 from minid.inversion import NullTextConfig

@@ -269,18 +269,22 @@ def test_ddim_plan_converges_on_gaussian_data():
 # ---- the hybrid solver --------------------------------------------------------------------------------
 
 def test_default_hybrid_plan():
+    # the default DPM-Solver++ spacing is diffusers' "leading" (decided on the exact-score testbed, docs O1)
     plan = hybrid_plan(SCHEDULE)
     assert [s.solver for s in plan.steps] == [DDIM] * 4 + [DPM_SOLVER] * 2
-    dpm = dpm_solver_times(SCHEDULE, 6, "logSNR")
+    dpm = dpm_solver_times(SCHEDULE, 6, "leading")
     assert [s.t for s in plan.steps] == [831.0, 665.0, 499.0, 333.0, dpm[4], dpm[5]]
-    assert plan.timesteps == [831, 665, 499, 333, 11, 0]
+    assert plan.timesteps == [831, 665, 499, 333, 285, 143]
     assert plan.steps[-1].s == CLEAN
+    logsnr = hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="logSNR"))
+    assert logsnr.timesteps == [831, 665, 499, 333, 11, 0]
 
 
 @pytest.mark.parametrize("window", [(5, 6), (4, 6), (1, 2), (6, 6), (7, 6)])
 def test_global_hybrid_is_continuous_and_smooth(window):
     n = 6
-    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n, dpm_start=window[0], dpm_end=window[1]))
+    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n, dpm_start=window[0], dpm_end=window[1],
+                                                dpm_spacing="logSNR"))
     ts = [s.t for s in plan.steps]
     assert all(a > b for a, b in zip(ts, ts[1:])), f"timesteps not strictly decreasing: {ts}"
     assert all(a.s == b.t for a, b in zip(plan.steps, plan.steps[1:])), "a step must land where the next starts"
@@ -301,7 +305,8 @@ def test_global_hybrid_is_continuous_and_smooth(window):
 
 
 def test_fragmented_hybrid_uses_each_solvers_own_sequence():
-    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=6, dpm_start=5, dpm_end=6, timesteps="fragmented"))
+    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=6, dpm_start=5, dpm_end=6, timesteps="fragmented",
+                                                dpm_spacing="logSNR"))
     assert [s.t for s in plan.steps[:4]] == [float(t) for t in ddim_timesteps(4)]  # 751, 501, 251, 1
     assert [s.t for s in plan.steps[4:]] == dpm_solver_times(SCHEDULE, 2)  # 999, 0
     assert plan.steps[3].s == FINAL and plan.steps[4].t == 999.0, "the fragmented schedule jumps at the switch"
@@ -463,3 +468,97 @@ def test_round_trip_error_shrinks_with_steps(z_start, make_plan):
         errs.append((sample_loop(toy_eps, invert_loop(toy_eps, z_start, plan), plan) - z_start).abs().max().item())
     assert all(b < a for a, b in zip(errs, errs[1:])), f"round trip errors do not shrink: {errs}"
     assert errs[-1] < 0.25 * errs[0], f"round trip errors {errs}"
+
+
+# ---- DPM-Solver++ spacings and the global pre-setting rule (plans._global_times) --------------------------
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("n", [6, 10, 20])
+def test_dpm_solver_loop_matches_diffusers_for_integer_spacings(z_start, spacing, n):
+    ref = _float64_schedule_into(diffusers.DPMSolverMultistepScheduler(
+        **SD, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing=spacing, steps_offset=1), None)
+    ref.set_timesteps(n)
+    plan = dpm_solver_plan(SCHEDULE, n, spacing, 2)
+    assert plan.timesteps == ref.timesteps.tolist()
+    z = z_start.clone()
+    for t in ref.timesteps:
+        z = ref.step(toy_eps(z, int(t)), t, z).prev_sample
+    err = (sample_loop(toy_eps, z_start.clone(), plan) - z).abs().max().item()
+    assert err < DPM_TOL, f"DPM-Solver++ {spacing}, {n} steps: max abs error {err:.2e}"
+
+
+def test_global_rule_moves_only_the_offending_ddim_time():
+    # "linspace" at N = 6 starts step 5 at 333, DDIM's step-4 time: that DDIM time moves to the λ-midpoint of
+    # 499 and 333; the DPM-Solver++ times stay
+    plan = hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="linspace"))
+    midpoint = SCHEDULE.t_of_lam(0.5 * (SCHEDULE.lam(499) + SCHEDULE.lam(333)))
+    assert [s.t for s in plan.steps] == [831.0, 665.0, 499.0, midpoint, 333.0, 166.0], [s.t for s in plan.steps]
+    # "trailing": 333 > 332, so Eq. 6 holds literally (a one-timestep DDIM step); "leading" interleaves
+    assert [s.t for s in hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="trailing")).steps] == \
+        [831.0, 665.0, 499.0, 333.0, 332.0, 166.0]
+    assert [s.t for s in hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="leading")).steps] == \
+        [831.0, 665.0, 499.0, 333.0, 285.0, 143.0]
+    # a DPM-Solver++ step 2 above DDIM's step 1 ("trailing": 832 > 831): the opening DDIM step moves to T−1
+    early = hybrid_plan(SCHEDULE, HybridSchedule(dpm_start=2, dpm_end=2, dpm_spacing="trailing"))
+    assert [s.t for s in early.steps][:3] == [999.0, 832.0, 499.0], [s.t for s in early.steps]
+
+
+def _windows(n):
+    if n <= 8:
+        return [(a, b) for a in range(1, n + 1) for b in range(a, n + 1)]
+    return [(5, 6), (n - 1, n), (1, 1), (1, 2), (n, n), (1, n), (n // 2, n // 2 + 1), (2, n - 1)]
+
+
+@pytest.mark.parametrize("dpm_spacing", ["logSNR", "linspace", "leading", "trailing"])
+def test_every_dpm_spacing_builds_a_global_plan_for_2_to_50_steps(dpm_spacing):
+    checked = moved_total = 0
+    for n in range(2, 51):
+        ddim_seq, dpm_seq = ddim_timesteps(n), dpm_solver_times(SCHEDULE, n, dpm_spacing)
+        for window in _windows(n):
+            hybrid = HybridSchedule(num_steps=n, dpm_start=window[0], dpm_end=window[1], dpm_spacing=dpm_spacing)
+            plan = hybrid_plan(SCHEDULE, hybrid)  # must not raise
+            ts, dpm = [s.t for s in plan.steps], [s.solver == DPM_SOLVER for s in plan.steps]
+            where = f"{dpm_spacing}, N={n}, window {window}: {[round(t, 2) for t in ts]}"
+            assert all(a > b for a, b in zip(ts, ts[1:])), f"not strictly decreasing: {where}"
+            assert all(a.s == b.t for a, b in zip(plan.steps, plan.steps[1:])), f"not continuous: {where}"
+            assert plan.steps[-1].s == (CLEAN if dpm[-1] else FINAL), where
+            # rule 1: DPM-Solver++ steps keep their times; rule 2: DDIM times strictly inside their DPM bounds stay
+            moved = []
+            for i in range(n):
+                if dpm[i]:
+                    assert ts[i] == dpm_seq[i], f"DPM-Solver++ step {i + 1} moved: {where}"
+                    continue
+                above = [dpm_seq[j] for j in range(i) if dpm[j]]
+                below = [dpm_seq[j] for j in range(i + 1, n) if dpm[j]]
+                valid = (not above or ddim_seq[i] < above[-1]) and (not below or ddim_seq[i] > below[0])
+                if valid:
+                    assert ts[i] == ddim_seq[i], f"DDIM step {i + 1} moved although in bounds: {where}"
+                else:
+                    moved.append(i)
+            # rule 3: each block of moved DDIM steps is λ-uniform between the kept times around it
+            for block in _blocks(moved):
+                lams = [SCHEDULE.lam(ts[i]) for i in block]
+                first, last = block[0], block[-1]
+                if first > 0:
+                    lams = [SCHEDULE.lam(ts[first - 1])] + lams
+                else:
+                    assert ts[0] == 999.0, f"an opening block starts at T−1: {where}"
+                lams = lams + [SCHEDULE.lam(ts[last + 1]) if last + 1 < n else SCHEDULE.lam(0)]
+                gaps = [b - a for a, b in zip(lams, lams[1:])]
+                assert max(gaps) - min(gaps) < 1e-9 * max(1.0, max(map(abs, gaps))), \
+                    f"moved block {block} not λ-uniform (gaps {gaps}): {where}"
+            checked += 1
+            moved_total += len(moved)
+    assert checked == 455, f"{checked} plans checked, expected 455"
+    if dpm_spacing != "leading":  # "linspace", "trailing" and "logSNR" all collide with leading DDIM somewhere
+        assert moved_total > 0, f"{dpm_spacing}: no plan needed rule 3, so the test did not exercise it"
+
+
+def _blocks(indices):
+    blocks = []
+    for i in indices:
+        if blocks and blocks[-1][-1] == i - 1:
+            blocks[-1].append(i)
+        else:
+            blocks.append([i])
+    return blocks

@@ -132,3 +132,68 @@ def test_bad_arguments_name_the_file():
         ddim_timesteps(0)
     with pytest.raises(ValueError, match="schedule.py.*beta_schedule"):
         NoiseSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
+
+
+# ---- DPM-Solver++ spacings of diffusers' DPMSolverMultistepScheduler (docs/editedid.md, Open item O1) --------
+
+# N = 48 is where numpy's arange(T, 0, −T/N) rounds differently from k·(T/N) ("trailing": 937 vs 936)
+SPACING_STEP_COUNTS = [1, 2, 3, 6, 7, 10, 20, 48, 50, 999]
+
+
+@pytest.mark.parametrize("steps_offset", [1, 0])  # 1: SD1.4's scheduler config; 0: the scheduler's default
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("n", SPACING_STEP_COUNTS)
+def test_dpm_solver_spacings_match_diffusers(spacing, n, steps_offset):
+    ref = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver++", timestep_spacing=spacing,
+                                                steps_offset=steps_offset)
+    ref.set_timesteps(n)
+    schedule = NoiseSchedule.scaled_linear(steps_offset=steps_offset)
+    if spacing == "leading" and n * (1000 // (n + 1)) + steps_offset > 999:  # diffusers returns timestep 1000
+        assert ref.timesteps.max().item() == 1000
+        with pytest.raises(ValueError, match="schedule.py.*steps_offset=1 pushes"):
+            dpm_solver_times(schedule, n, spacing)
+        return
+    times = dpm_solver_times(schedule, n, spacing)
+    assert all(t == int(t) for t in times), f"{spacing} times must be integers: {times[:8]}"
+    assert [int(t) for t in times] == ref.timesteps.tolist(), \
+        f"{spacing}, N={n}: {[int(t) for t in times][:8]}… vs diffusers {ref.timesteps.tolist()[:8]}…"
+
+
+def test_dpm_solver_spacings_at_six_steps(schedule):
+    # the N = 6 values docs/editedid.md and the schedule.py docstring quote
+    assert dpm_solver_times(schedule, 6, "linspace") == [999.0, 832.0, 666.0, 500.0, 333.0, 166.0]
+    assert dpm_solver_times(schedule, 6, "leading") == [853.0, 711.0, 569.0, 427.0, 285.0, 143.0]
+    assert dpm_solver_times(schedule, 6, "trailing") == [999.0, 832.0, 666.0, 499.0, 332.0, 166.0]
+
+
+@pytest.mark.parametrize("n", [6, 10, 20, 48, 50])
+def test_ddim_trailing_matches_diffusers_where_arange_rounds(n):
+    ref = diffusers.DDIMScheduler(**SD, steps_offset=1, timestep_spacing="trailing")
+    ref.set_timesteps(n)
+    ours = ddim_timesteps(n, "trailing", steps_offset=1)
+    assert ours == ref.timesteps.tolist(), f"N={n}: {[(a, b) for a, b in zip(ours, ref.timesteps.tolist()) if a != b]}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 999), spacing=st.sampled_from(["leading", "trailing"]))
+def test_dpm_integer_spacing_properties(n, spacing):
+    schedule = NoiseSchedule.scaled_linear()
+    if spacing == "leading" and n == 999:  # 999·1 + offset 1 = 1000 is no training timestep
+        with pytest.raises(ValueError, match="schedule.py.*steps_offset"):
+            dpm_solver_times(schedule, n, spacing)
+        return
+    ts = dpm_solver_times(schedule, n, spacing)
+    assert len(ts) == n, f"{spacing}, N={n}: {len(ts)} times"
+    assert all(0 <= t <= 999 for t in ts), f"{spacing}, N={n}: out of [0, 999]: {ts[:3]}…{ts[-3:]}"
+    assert all(a > b for a, b in zip(ts, ts[1:])), f"{spacing}, N={n}: not strictly decreasing"
+    if spacing == "trailing":
+        assert ts[0] == 999.0, f"trailing starts at {ts[0]}, not 999"
+    else:  # leading: N+1 equal intervals of T//(N+1), the first one below CLEAN is left out
+        ratio = 1000 // (n + 1)
+        assert ts[-1] == ratio + 1 and all(a - b == ratio for a, b in zip(ts, ts[1:])), \
+            f"leading, N={n}: last {ts[-1]}, ratio {ratio}"
+
+
+def test_bad_dpm_spacing_names_the_choices(schedule):
+    with pytest.raises(ValueError, match="schedule.py.*'logSNR', 'linspace', 'leading', 'trailing'"):
+        dpm_solver_times(schedule, 6, "karras")

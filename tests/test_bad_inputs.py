@@ -1,0 +1,829 @@
+"""Bad inputs, through the command line and the Python API (issue 10: a new user's first hour).
+
+Every bad command line must end in exit code 2 (Ctrl-C: 130) with ONE line on stderr, no traceback, the flag or
+file named, before any model loads, with no file created, changed or removed (the case folder is hashed before
+and after: inputs, masks included, keep their bytes). Every bad API call raises the named exception type with
+the same words. The cases are the issue's, and one or more of each class they stand for; the last tests check
+the install, the help, the output modes and the pictures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minid import checkpoint, cli, images
+from minid.images import tensor_to_pil
+from tiny_models import IMAGE_SIZE, random_image
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--device", "cpu", "--dtype", "fp32", "--seed", "0"]
+FAST = ["--steps", "2", "--dpm-start", "2", "--dpm-end", "2", "--null-inner-steps", "1", "--image-size",
+        str(IMAGE_SIZE)]
+PROMPT_O, PROMPT_E = "a photo of a man", "a photo of a man wearing glasses"
+# 20 × 5 words: past the 75 tokens the text encoder reads, with no "man" and no "glasses" in it
+FILLER = " ".join(["in a very detailed painting"] * 20)
+
+
+def _png(path: Path, seed: int = 1, size: int = IMAGE_SIZE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensor_to_pil(random_image(seed, size)).save(path)
+    return path
+
+
+def _mask(path: Path, size: int = IMAGE_SIZE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.zeros((size, size), np.uint8)
+    a[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
+    Image.fromarray(a).save(path)
+    return path
+
+
+def _bomb(path: Path) -> Path:
+    """A PNG that says it is 40000² pixels (PIL refuses to open it as a decompression bomb)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _unwritable(t: Path) -> Path:
+    """A folder no file can be created in: a read-only folder, or for root (who may write anywhere) /sys."""
+    if os.geteuid() == 0:
+        if not Path("/sys").is_dir():
+            pytest.skip("running as root without /sys: no unwritable folder to test with")
+        return Path("/sys/minid-test-unwritable")
+    folder = t / "readonly"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder
+
+
+def _restore(t: Path, hub: Path, out=None, extra=(), original=None, edited=None, **flags) -> list:
+    """A restore command line that would run on the tiny hub: `flags` replace its values (None drops one)."""
+    values = {"--original": original or _png(t / "o.png", 1), "--edited": edited or _png(t / "e.png", 2),
+              "--prompt-original": PROMPT_O, "--prompt-edited": PROMPT_E, "--id-words": "man",
+              "--element-words": "glasses", "--out": out or t / "r.png", "--weights": hub,
+              "--mask-source": "attention"}
+    for flag, value in flags.items():
+        values["--" + flag.replace("_", "-")] = value
+    argv = ["restore"]
+    for flag, value in values.items():
+        if value is not None:
+            argv += [flag, value]
+    return argv + FAST + COMMON + list(extra)
+
+
+def _generate(t: Path, hub: Path, *extra, out=None) -> list:
+    return ["generate", "--prompt", "a man", "--out", out or t / "g.png", "--weights", hub, "--steps", "1",
+            "--size", str(IMAGE_SIZE), *COMMON, *extra]
+
+
+def _with(argv: list, flag: str, value) -> list:
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line: (build(t, hub, monkeypatch) -> argv, names the one line must contain, may load the
+# models (a bad weight file is found by loading it), exit code)
+
+CLI = {}
+
+
+def case(cid: str, *names: str, loads: bool = False, rc: int = 2):
+    def register(build):
+        CLI[cid] = (build, names, loads, rc)
+        return build
+    return register
+
+
+# -- data loss: never over an input (masks too), never over an existing file without --overwrite
+@case("restore --out is the --face-mask", "m.png", "input")
+def _(t, hub, mp):
+    return _restore(t, hub, out=_mask(t / "m.png"), extra=["--face-mask", t / "m.png"])
+
+
+@case("restore --out is the --element-mask", "m.png", "input")
+def _(t, hub, mp):
+    return _restore(t, hub, out=_mask(t / "m.png"), extra=["--element-mask", t / "m.png"])
+
+
+@case("restore --out is the --original", "o.png", "input")
+def _(t, hub, mp):
+    return _restore(t, hub, out=_png(t / "o.png"), original=t / "o.png")
+
+
+@case("restore --out exists", "--out", "--overwrite")
+def _(t, hub, mp):
+    return _restore(t, hub, out=_png(t / "mine.png", 5))
+
+
+@case("--save-intermediates holds the user's mask_face.png", "mask_face.png", "--overwrite")
+def _(t, hub, mp):
+    _mask(t / "inter" / "mask_face.png")
+    return _restore(t, hub, extra=["--save-intermediates", t / "inter"])
+
+
+@case("--save-intermediates would write over the --element-mask", "mask_element.png", "input")
+def _(t, hub, mp):
+    m = _mask(t / "inter" / "mask_element.png")
+    return _restore(t, hub, extra=["--save-intermediates", t / "inter", "--element-mask", m, "--overwrite"])
+
+
+@case("--out is a file --save-intermediates writes", "--out", "--save-intermediates")
+def _(t, hub, mp):
+    return _restore(t, hub, out=t / "inter" / "restored.png", extra=["--save-intermediates", t / "inter"])
+
+
+@case("generate --out exists", "--out", "--overwrite")
+def _(t, hub, mp):
+    return _generate(t, hub, out=_png(t / "mine.png", 5))
+
+
+@case("demo --out holds the user's original.png", "original.png", "--overwrite")
+def _(t, hub, mp):
+    _png(t / "demo" / "original.png", 5)
+    return ["demo", "--out", t / "demo", "--weights", hub, *FAST, *COMMON]
+
+
+@case("eval --out holds the user's metrics.csv", "metrics.csv", "--overwrite")
+def _(t, hub, mp):
+    for role in ("original", "edited", "result"):
+        _png(t / "f" / role / "a.png")
+    (t / "table").mkdir()
+    (t / "table" / "metrics.csv").write_text("my numbers\n")
+    return ["eval", t / "f", "--out", t / "table", "--face-root", t / "no-packs"]
+
+
+@case("convert onto its own input", "x.pt", "input")
+def _(t, hub, mp):
+    torch.save({"w": torch.ones(2)}, t / "x.pt")
+    return ["convert", t / "x.pt", t / "x.pt", "--overwrite"]
+
+
+@case("convert onto an existing file", "x.safetensors", "--overwrite")
+def _(t, hub, mp):
+    torch.save({"w": torch.ones(2)}, t / "x.pt")
+    (t / "x.safetensors").write_text("mine")
+    return ["convert", t / "x.pt", t / "x.safetensors"]
+
+
+# -- numbers: finite, in range, named by their flag, before anything loads
+NUMBERS = [("restore", "--w0", v) for v in ("nan", "-0.1", "0.7")]
+NUMBERS += [("restore", "--lambda-o", v) for v in ("nan", "1.5", "-0.5")]
+NUMBERS += [("restore", "--guidance", v) for v in ("nan", "0", "-1", "inf")]
+NUMBERS += [("restore", "--w-lr", v) for v in ("nan", "-1")]
+NUMBERS += [("restore", "--steps", v) for v in ("0", "2000", "1.5")]
+NUMBERS += [("restore", "--null-inner-steps", "-1"), ("restore", "--dpm-start", "0"), ("restore", "--dpm-end", "0"),
+            ("restore", "--seed", "-1")]
+NUMBERS += [("restore", "--image-size", v) for v in ("0", "12", "8", "-64")]
+NUMBERS += [("generate", "--guidance", "nan"), ("generate", "--steps", "0"), ("generate", "--steps", "2000")]
+NUMBERS += [("generate", "--size", v) for v in ("0", "12", "8")]
+NUMBERS += [("demo", "--image-size", "12"), ("demo", "--w0", "nan")]
+for command, flag, value in NUMBERS:
+    def build(t, hub, mp, command=command, flag=flag, value=value):
+        argv = {"restore": lambda: _restore(t, hub), "generate": lambda: _generate(t, hub),
+                "demo": lambda: ["demo", "--out", t / "demo", "--weights", hub, *FAST, *COMMON]}[command]()
+        return _with(argv, flag, value) if flag in argv else argv + [flag, value]
+
+    case(f"{command} {flag} {value}", flag)(build)
+
+
+@case("--dpm-start after --dpm-end (steps in the flags' words)", "--dpm-start", "--dpm-end", "--steps")
+def _(t, hub, mp):
+    return _with(_restore(t, hub), "--dpm-start", "7")
+
+
+@case("calibrate --batch 0", "--batch")
+def _(t, hub, mp):
+    return ["calibrate", t / "pairs.csv", "--out", t / "cal", "--batch", "0"]
+
+
+# -- prompts and words: real text, within the 75 tokens the text encoder reads
+@case("identity word beyond token 75", "man", "75")
+def _(t, hub, mp):
+    return _restore(t, hub, prompt_original=f"a photo of a person {FILLER} man",
+                    prompt_edited=f"a photo of a man wearing glasses {FILLER}")
+
+
+@case("element word beyond token 75", "glasses", "75")
+def _(t, hub, mp):
+    return _restore(t, hub, prompt_edited=f"a photo of a man {FILLER} wearing glasses")
+
+
+@case("identity word not in the prompt", "woman")
+def _(t, hub, mp):
+    return _restore(t, hub, id_words="woman")
+
+
+@case("restore --prompt-original with bytes that are not UTF-8", "--prompt-original", "UTF-8")
+def _(t, hub, mp):
+    return _restore(t, hub, prompt_original=os.fsdecode(b"a photo of a man \xff\xfe"))
+
+
+@case("generate --prompt with bytes that are not UTF-8", "--prompt", "UTF-8")
+def _(t, hub, mp):
+    return _with(_generate(t, hub), "--prompt", os.fsdecode(b"a man \xff"))
+
+
+@case("demo --subject-word not in --prompt", "--subject-word")
+def _(t, hub, mp):
+    return ["demo", "--out", t / "demo", "--weights", hub, "--subject-word", "woman", *FAST, *COMMON]
+
+
+# -- images and masks
+@case("a 1×1 edited image against a 256² original", "tiny.png", "64 px")
+def _(t, hub, mp):
+    Image.new("RGB", (1, 1), (90, 60, 30)).save(t / "tiny.png")
+    return _restore(t, hub, original=_png(t / "big.png", 1, 256), edited=t / "tiny.png")
+
+
+@case("a folder as --original", "pics", "folder")
+def _(t, hub, mp):
+    (t / "pics").mkdir()
+    return _restore(t, hub, original=t / "pics")
+
+
+@case("a folder as --face-mask", "--face-mask", "folder")
+def _(t, hub, mp):
+    (t / "masks").mkdir()
+    return _restore(t, hub, extra=["--face-mask", t / "masks"])
+
+
+@case("a missing --original", "absent.png", "not found")
+def _(t, hub, mp):
+    return _restore(t, hub, original=t / "absent.png")
+
+
+@case("a missing --element-mask", "--element-mask", "not found")
+def _(t, hub, mp):
+    return _restore(t, hub, extra=["--element-mask", t / "absent.png"])
+
+
+@case("a text file as --edited", "notes.png", "image")
+def _(t, hub, mp):
+    (t / "notes.png").write_text("not an image")
+    return _restore(t, hub, edited=t / "notes.png")
+
+
+@case("a decompression-bomb PNG as --original", "bomb.png", "too large")
+def _(t, hub, mp):
+    return _restore(t, hub, original=_bomb(t / "bomb.png"))
+
+
+# -- output paths: checked before the compute, not after it
+@case("restore --out an existing folder", "--out", "folder")
+def _(t, hub, mp):
+    (t / "out.png").mkdir()
+    return _restore(t, hub, out=t / "out.png")
+
+
+@case("generate --out an existing folder", "--out", "folder")
+def _(t, hub, mp):
+    (t / "folder").mkdir()
+    return _generate(t, hub, out=t / "folder")
+
+
+@case("restore --out with an unknown format", "--out", ".png")
+def _(t, hub, mp):
+    return _restore(t, hub, out=t / "r.tiff")
+
+
+@case("restore --out in an unwritable folder", "--out", "write")
+def _(t, hub, mp):
+    return _restore(t, hub, out=_unwritable(t) / "r.png")
+
+
+@case("generate --out in an unwritable folder", "--out", "write")
+def _(t, hub, mp):
+    return _generate(t, hub, out=_unwritable(t) / "g.png")
+
+
+@case("restore --out under a file", "file", "not a folder")
+def _(t, hub, mp):
+    (t / "file").write_text("x")
+    return _restore(t, hub, out=t / "file" / "r.png")
+
+
+@case("--save-intermediates is a file", "--save-intermediates", "notes.txt")
+def _(t, hub, mp):
+    (t / "notes.txt").write_text("mine")
+    return _restore(t, hub, extra=["--save-intermediates", t / "notes.txt"])
+
+
+@case("--save-intermediates in an unwritable folder", "--save-intermediates", "write")
+def _(t, hub, mp):
+    return _restore(t, hub, extra=["--save-intermediates", _unwritable(t) / "inter"])
+
+
+# -- the machine
+@case("--device tpu", "--device", "tpu")
+def _(t, hub, mp):
+    return _with(_restore(t, hub), "--device", "tpu")
+
+
+@case("--device cuda without a GPU", "--device", "cpu")
+def _(t, hub, mp):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    return _with(_restore(t, hub), "--device", "cuda")
+
+
+# -- weight files: found bad when they are opened, named, one line
+@case("a pickle as --weights", "model.ckpt", "minid convert", loads=True)
+def _(t, hub, mp):
+    torch.save({"w": torch.ones(2)}, t / "model.ckpt")
+    return _with(_generate(t, hub), "--weights", t / "model.ckpt")
+
+
+@case("a pickle named .safetensors as --weights", "model.safetensors", "pickle", loads=True)
+def _(t, hub, mp):
+    torch.save({"w": torch.ones(2)}, t / "model.safetensors")
+    return _with(_generate(t, hub), "--weights", t / "model.safetensors")
+
+
+@case("an empty file as --weights", "model.safetensors", loads=True)
+def _(t, hub, mp):
+    (t / "model.safetensors").write_bytes(b"")
+    return _with(_generate(t, hub), "--weights", t / "model.safetensors")
+
+
+@case("a missing --weights folder", "absent", "download", loads=True)
+def _(t, hub, mp):
+    return _with(_generate(t, hub), "--weights", t / "absent")
+
+
+def _copy_vae(t: Path, hub: Path, edit) -> Path:
+    copy = t / "hub"
+    shutil.copytree(hub, copy)
+    edit(copy / "vae" / "diffusion_pytorch_model.safetensors")
+    return copy
+
+
+def _half_byte_range(f: Path) -> None:
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    start, stop = header[key]["data_offsets"]
+    header[key]["data_offsets"] = [start, start + (stop - start) // 2]  # the same shape in half the bytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def _integer_tensor(f: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(f))
+    key = next(iter(state))
+    state[key] = (state[key] * 1000).to(torch.int32)
+    save_file(state, str(f))
+
+
+@case("a safetensors header whose byte ranges do not match the shapes", "diffusion_pytorch_model.safetensors",
+      "damaged header", loads=True)
+def _(t, hub, mp):
+    return _with(_generate(t, hub), "--weights", _copy_vae(t, hub, _half_byte_range))
+
+
+@case("weights stored as integers", "diffusion_pytorch_model.safetensors", "I32", loads=True)
+def _(t, hub, mp):
+    return _with(_generate(t, hub), "--weights", _copy_vae(t, hub, _integer_tensor))
+
+
+# -- convert and download
+@case("convert a file that is not a pickle", "x.ckpt", "not a PyTorch checkpoint")
+def _(t, hub, mp):
+    (t / "x.ckpt").write_text("hello, not a checkpoint")
+    return ["convert", t / "x.ckpt", t / "x.safetensors"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@case("convert a pickle that would run code", "evil.pt", "refused")
+def _(t, hub, mp):
+    torch.save({"a": _Evil()}, t / "evil.pt")
+    return ["convert", t / "evil.pt", t / "evil.safetensors"]
+
+
+@case("convert into an unwritable folder", "write")
+def _(t, hub, mp):
+    torch.save({"w": torch.ones(2)}, t / "x.pt")
+    return ["convert", t / "x.pt", _unwritable(t) / "x.safetensors"]
+
+
+@case("convert a missing file", "absent.pt", "not found")
+def _(t, hub, mp):
+    return ["convert", t / "absent.pt"]
+
+
+@case("download into an unwritable folder", "weights folder", "write")
+def _(t, hub, mp):
+    mp.delenv("HF_HUB_OFFLINE", raising=False)
+    return ["download", "--dest", _unwritable(t) / "w"]
+
+
+# -- eval
+@case("eval with a non-image in result/", "a.png", "image")
+def _(t, hub, mp):
+    for role in ("original", "edited"):
+        _png(t / "f" / role / "a.png")
+    (t / "f" / "result").mkdir()
+    (t / "f" / "result" / "a.png").write_text("not an image")
+    return ["eval", t / "f", "--out", t / "table", "--face-root", t / "no-packs"]
+
+
+@case("eval of a folder without original/", "original", "does not exist")
+def _(t, hub, mp):
+    (t / "f").mkdir()
+    return ["eval", t / "f", "--face-root", t / "no-packs"]
+
+
+# -- the face models
+@case("no face pack: what to do, in the CLI's words", "--download-faces", "--face-mask", "--mask-source attention")
+def _(t, hub, mp):
+    return _restore(t, hub, mask_source="landmarks", extra=["--face-root", t / "no-packs"])
+
+
+@case("no onnxruntime installed", "faces", "--mask-source attention")
+def _(t, hub, mp):
+    mp.setitem(sys.modules, "onnxruntime", None)
+    return _restore(t, hub, mask_source="landmarks")
+
+
+@case("--download-faces without a network", "buffalo_l", "network")
+def _(t, hub, mp):
+    storage = pytest.importorskip("insightface.utils.storage")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Max retries exceeded\n" + "  stack line\n" * 80)
+
+    mp.setattr(storage, "ensure_available", offline)
+    return _restore(t, hub, mask_source="landmarks", extra=["--face-root", t / "packs", "--download-faces"])
+
+
+# -- the command line itself
+@case("Ctrl-C during the run", "interrupted", rc=130)
+def _(t, hub, mp):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    mp.setattr(checkpoint, "load_stable_diffusion", interrupted)
+    return _restore(t, hub)
+
+
+@case("a required option missing", "--out")
+def _(t, hub, mp):
+    return _restore(t, hub, out=None)[:3] + ["--prompt-original", "a man"]
+
+
+@case("an unknown --inversion", "--inversion")
+def _(t, hub, mp):
+    return _restore(t, hub, inversion="ddim")
+
+
+@case("--pairs that do not parse", "--pairs")
+def _(t, hub, mp):
+    return _restore(t, hub, extra=["--multi-face", "--pairs", "0-1"])
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("cid", list(CLI))
+def test_a_bad_command_line_is_one_line_exit_2_before_any_compute(cid, tiny_hub, tmp_path, monkeypatch, capsys):
+    build, names, loads, expected_rc = CLI[cid]
+    loaded = []
+    real_load = checkpoint.load_stable_diffusion
+    monkeypatch.setattr(checkpoint, "load_stable_diffusion", lambda *a, **k: (loaded.append(1), real_load(*a, **k))[1])
+    argv = [str(a) for a in build(tmp_path, tiny_hub, monkeypatch)]
+    before = _snapshot(tmp_path)
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    # "minid: loading …" says which weights load (the cases that are about a weight file); the rest is the error
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("minid: loading")]
+    assert rc == expected_rc, f"exit code {rc}, expected {expected_rc}; stderr: {err}"
+    assert len(lines) == 1 and "Traceback" not in err, f"expected one line on stderr, got {len(lines)}: {err}"
+    for name in names:
+        assert name in lines[0], f"{name!r} is not named in: {lines[0]}"
+    for prefix in ("images.py:", "editedid.py:", "control.py:", "masks.load_mask:", "schedule.py:", "faces:"):
+        assert prefix not in lines[0], f"an internal prefix {prefix!r} in: {lines[0]}"
+    assert loads or not loaded, f"the models loaded before the error: {lines[0]}"
+    assert _snapshot(tmp_path) == before, f"files were created, changed or removed: {lines[0]}"
+
+
+def test_the_case_count():
+    assert len(CLI) >= 80, f"{len(CLI)} command-line cases"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Python API: the same checks, as ValueError / TypeError / FileNotFoundError / IsADirectoryError
+
+
+def _check(**over):
+    from minid.restore import RestoreConfig, RestorePair, check_pair
+    from minid.tokenizer import CLIPTokenizer
+
+    config = over.pop("config", None) or RestoreConfig(image_size=IMAGE_SIZE)
+    pair = dict(original=random_image(1), edited=random_image(2), prompt_original=PROMPT_O, prompt_edited=PROMPT_E,
+                id_words=["man"], element_words=["glasses"])
+    pair.update(over)
+    return check_pair(RestorePair(**pair), CLIPTokenizer.default(), config)
+
+
+def _configs():
+    from minid.editedid import EditedIDConfig
+    from minid.gating import GatingConfig
+    from minid.inversion import MixingConfig, NullTextConfig
+    from minid.plans import HybridSchedule
+    from minid.restore import RestoreConfig
+
+    nan = float("nan")
+    return {
+        "EditedIDConfig w0 0.7": (lambda: EditedIDConfig(mixing=MixingConfig(w0=0.7)), ValueError, "mixing.w0"),
+        "EditedIDConfig w0 -0.1": (lambda: EditedIDConfig(mixing=MixingConfig(w0=-0.1)), ValueError, "mixing.w0"),
+        "EditedIDConfig w0 nan": (lambda: EditedIDConfig(mixing=MixingConfig(w0=nan)), ValueError, "mixing.w0"),
+        "EditedIDConfig lr nan": (lambda: EditedIDConfig(mixing=MixingConfig(lr=nan)), ValueError, "mixing.lr"),
+        "EditedIDConfig guidance nan": (lambda: EditedIDConfig(guidance=nan), ValueError, "guidance"),
+        "EditedIDConfig guidance -1": (lambda: EditedIDConfig(guidance=-1.0), ValueError, "guidance"),
+        "EditedIDConfig guidance inf": (lambda: EditedIDConfig(guidance=float("inf")), ValueError, "guidance"),
+        "EditedIDConfig inner_steps -1": (lambda: EditedIDConfig(null_text=NullTextConfig(inner_steps=-1)),
+                                          ValueError, "null_text.inner_steps"),
+        "EditedIDConfig num_steps 0": (lambda: EditedIDConfig(solver=HybridSchedule(num_steps=0)), ValueError,
+                                       "solver.num_steps"),
+        "EditedIDConfig num_steps 2000": (lambda: EditedIDConfig(solver=HybridSchedule(num_steps=2000, dpm_start=1,
+                                                                                       dpm_end=2)),
+                                          ValueError, "solver.num_steps"),
+        "EditedIDConfig dpm_start > dpm_end": (lambda: EditedIDConfig(solver=HybridSchedule(dpm_start=6, dpm_end=5)),
+                                               ValueError, "dpm_start"),
+        "GatingConfig lambda_o nan": (lambda: GatingConfig(lambda_o=nan), ValueError, "lambda_o"),
+        "GatingConfig lambda_o 1.5": (lambda: GatingConfig(lambda_o=1.5), ValueError, "lambda_o"),
+        "GatingConfig mode xx": (lambda: GatingConfig(mode="xx"), ValueError, "mode"),
+        "RestoreConfig image_size 0": (lambda: RestoreConfig(image_size=0), ValueError, "image_size"),
+        "RestoreConfig image_size 12": (lambda: RestoreConfig(image_size=12), ValueError, "image_size"),
+        "RestoreConfig image_size 8": (lambda: RestoreConfig(image_size=8), ValueError, "image_size"),
+        "RestoreConfig image_size '512'": (lambda: RestoreConfig(image_size="512"), ValueError, "image_size"),
+    }
+
+
+def _pairs():
+    nan = float("nan")
+    folder = Path(__file__).resolve().parent
+    return {
+        "image tensor in 0-255": (lambda: _check(original=(random_image(1) + 1) * 127.5), ValueError, "0-255"),
+        "NaN image tensor": (lambda: _check(edited=torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), nan)), ValueError,
+                             "finite"),
+        "infinite image tensor": (lambda: _check(edited=random_image(2).index_fill(-1, torch.tensor([0]),
+                                                                                   float("inf"))),
+                                  ValueError, "finite"),
+        "uint8 image tensor": (lambda: _check(original=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)),
+                               ValueError, "float"),
+        "image None": (lambda: _check(original=None), TypeError, "file path, a PIL image"),
+        "numpy image": (lambda: _check(original=np.zeros((64, 64, 3), np.uint8)), TypeError, "ndarray"),
+        "bytes image": (lambda: _check(original=b"\x89PNG"), TypeError, "bytes"),
+        "1×1 PIL image": (lambda: _check(edited=Image.new("RGB", (1, 1))), ValueError, "1×1"),
+        "folder as image": (lambda: _check(original=folder), IsADirectoryError, "folder"),
+        "missing image file": (lambda: _check(original=folder / "absent.png"), FileNotFoundError, "absent.png"),
+        "identity word beyond token 75": (lambda: _check(prompt_original=f"a photo of a person {FILLER} man",
+                                                         prompt_edited=f"a photo of a man {FILLER}"),
+                                          ValueError, "beyond"),
+        "element word beyond token 75": (lambda: _check(prompt_edited=f"a photo of a man {FILLER} wearing glasses"),
+                                         ValueError, "beyond"),
+        "prompt with bytes that are not UTF-8": (lambda: _check(prompt_original="a man \udcff"), ValueError, "UTF-8"),
+        "empty prompt": (lambda: _check(prompt_edited="  "), ValueError, "prompt_edited"),
+        "lambda_o nan": (lambda: _check(lambda_o=nan), ValueError, "lambda_o"),
+        "numpy mask": (lambda: _check(face_mask=np.ones((64, 64))), TypeError, "mask"),
+        "NaN mask tensor": (lambda: _check(face_mask=torch.full((64, 64), nan)), ValueError, "finite"),
+    }
+
+
+def _loading(tiny_hub):
+    return {
+        "dtype 'fp17'": (lambda: checkpoint.load_stable_diffusion(tiny_hub, dtype="fp17"), ValueError, "fp17"),
+        "dtype torch.int8": (lambda: checkpoint.load_stable_diffusion(tiny_hub, dtype=torch.int8), TypeError, "dtype"),
+        "device 'tpu'": (lambda: checkpoint.load_stable_diffusion(tiny_hub, dtype=torch.float32, device="tpu"),
+                         ValueError, "tpu"),
+    }
+
+
+def _generating(tiny_sd):
+    from minid.generation import generate
+
+    return {
+        "generate size 0": (lambda: generate(tiny_sd, "a man", num_steps=1, size=0), ValueError, "size"),
+        "generate size 12": (lambda: generate(tiny_sd, "a man", num_steps=1, size=12), ValueError, "size"),
+        "generate guidance nan": (lambda: generate(tiny_sd, "a man", num_steps=1, size=64, guidance=float("nan")),
+                                  ValueError, "guidance"),
+        "generate steps 0": (lambda: generate(tiny_sd, "a man", num_steps=0, size=64), ValueError, "num_steps"),
+        "generate solver xx": (lambda: generate(tiny_sd, "a man", num_steps=1, size=64, solver="xx"), ValueError,
+                               "solver"),
+        "tokenizer: bytes that are not UTF-8": (lambda: tiny_sd.tokenizer(["a man \udcff"]), ValueError, "UTF-8"),
+    }
+
+
+API_IDS = list(_configs()) + list(_pairs()) + ["dtype 'fp17'", "dtype torch.int8", "device 'tpu'"] + [
+    "generate size 0", "generate size 12", "generate guidance nan", "generate steps 0", "generate solver xx",
+    "tokenizer: bytes that are not UTF-8"]
+
+
+@pytest.mark.parametrize("cid", API_IDS)
+def test_a_bad_api_call_raises_a_clear_error(cid, tiny_hub, tiny_sd):
+    table = {**_configs(), **_pairs(), **_loading(tiny_hub), **_generating(tiny_sd)}
+    call, kind, words = table[cid]
+    with pytest.raises(kind) as e:
+        call()
+    message = str(e.value)
+    assert type(e.value) is kind or kind is ValueError, f"{type(e.value).__name__}: {message}"
+    assert words in message and "\n" not in message, f"{words!r} not in the one-line message: {message}"
+    for prefix in ("images.py:", "masks.load_mask:", "control.py:"):
+        assert prefix not in message, message
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_hub):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        checkpoint.load_stable_diffusion(tiny_hub, dtype="fp32", device="cuda")
+
+
+def test_a_long_prompt_is_cut_off_with_a_note():
+    job = _check(prompt_original=f"{PROMPT_O} {FILLER}", prompt_edited=f"{PROMPT_E} {FILLER}")
+    notes = [n for n in job.notes if "75 tokens" in n]
+    assert len(notes) == 2 and "painting" in notes[0], f"notes: {job.notes}"
+
+
+def test_masks_are_inputs_of_the_run(tmp_path):
+    from minid.restore import RestoreConfig, RestorePair, check_pair
+    from minid.tokenizer import CLIPTokenizer
+
+    mask = _mask(tmp_path / "face.png")
+    job = check_pair(RestorePair(random_image(1), random_image(2), PROMPT_O, PROMPT_E, ["man"], ["glasses"],
+                                 face_mask=mask), CLIPTokenizer.default(), RestoreConfig(image_size=IMAGE_SIZE))
+    assert mask in job.sources, f"sources {job.sources}"
+    with pytest.raises(FileExistsError, match="input"):
+        images.save_image(random_image(3), mask, job.sources)
+
+
+def test_cli_and_config_share_the_limits():
+    """Each method flag's limits are the config's: a value just outside the flag's range is refused by both."""
+    from minid.editedid import NUMBER_LIMITS
+
+    for path, (kind, low, high, low_open) in NUMBER_LIMITS.items():
+        flag = next((f for f, (p, _, _) in cli.METHOD_FLAGS.items() if p == "method." + path), None)
+        if flag is None:
+            continue
+        parse = next(a.type for a in cli.build_parser()._subparsers._group_actions[0].choices["restore"]._actions
+                     if flag in a.option_strings)
+        outside = [low - 1] + ([high + 1] if high is not None else []) + ([low] if low_open else [])
+        for value in outside:
+            with pytest.raises(Exception):
+                parse(str(value))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: the modes a plain write gives
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_a_new_output_has_the_mode_of_a_plain_write(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = images.save_image(random_image(1), tmp_path / "out.png")
+        text = images.write_text_atomic(tmp_path / "out.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode, oct(path.stat().st_mode & 0o777)
+    assert text.stat().st_mode & 0o777 == mode, oct(text.stat().st_mode & 0o777)
+
+
+def test_an_overwritten_output_keeps_its_mode(tmp_path):
+    path = _png(tmp_path / "out.png")
+    path.chmod(0o640)
+    images.save_image(random_image(2), path)
+    assert path.stat().st_mode & 0o777 == 0o640, oct(path.stat().st_mode & 0o777)
+
+
+def test_convert_keeps_the_mode_of_what_it_overwrites(tmp_path):
+    from minid.weights import convert
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "x.pt")
+    convert(tmp_path / "x.pt", tmp_path / "x.safetensors", log=lambda s: None)
+    (tmp_path / "x.safetensors").chmod(0o640)
+    convert(tmp_path / "x.pt", tmp_path / "x.safetensors", overwrite=True, log=lambda s: None)
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_generate_shows_progress_and_overwrite_replaces(tiny_hub, tmp_path, capsys):
+    out = _png(tmp_path / "g.png", 5)
+    before = out.read_bytes()
+    rc = cli.main([str(a) for a in _generate(tmp_path, tiny_hub, "--steps", "2", "--overwrite", out=out)])
+    err = capsys.readouterr().err
+    assert rc == 0 and out.read_bytes() != before, err
+    assert "minid generate" in err and "step" in err, f"no progress bar: {err}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The install, the help, the first run
+
+
+def test_every_option_has_help_that_shows_its_default():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        if name in ("download", "convert", "keymap"):
+            continue
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            text = formatter._get_help_string(action)
+            assert action.help, f"minid {name} {action.option_strings[0]} has no help"
+            assert action.required or action.default is False or "default" in text.lower(), \
+                f"minid {name} {action.option_strings[0]}: the help does not show the default: {text}"
+
+
+@pytest.mark.parametrize("command", ["download", "convert", "keymap"])
+def test_the_weights_commands_say_minid_in_their_usage(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: minid {command}")
+
+
+def test_download_fetches_what_this_machine_runs():
+    from minid.weights import default_precision
+
+    assert default_precision() == ("fp16" if torch.cuda.is_available() else "fp32")
+
+
+def test_the_readme_keeps_two_setup_commands_and_says_how_to_get_cpu_torch():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    setup = readme[readme.index("## Set up and run"):readme.index("## Restoring your own images")]
+    commands = [line.strip() for line in setup.splitlines() if line.startswith("    ")]
+    assert commands == ['pip install -e . && minid demo', 'pip install -e ".[test]" && pytest'], commands
+    assert "download.pytorch.org/whl/cpu" in setup and "4.3 GB" in setup
+
+
+def test_the_faces_extra_installs_one_onnxruntime():
+    text = (ROOT / "pyproject.toml").read_text()
+    faces = re.search(r"^faces = \[(.*)\]$", text, re.M).group(1)
+    runtimes = re.findall(r'"(onnxruntime[-\w]*)', faces)
+    assert runtimes == ["onnxruntime"], f"faces extra runtimes: {runtimes}"
+
+
+def test_onnxruntime_is_not_offered_cuda_where_torch_sees_no_gpu(monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    from minid import faces
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert faces.choose_providers() == ["CPUExecutionProvider"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _dark(img: Image.Image, box) -> int:
+    return int((np.asarray(img.convert("L").crop(box)) < 128).sum())
+
+
+def test_the_w_schedule_plot_has_ticks_and_axis_titles():
+    from minid.report import plot_w_schedule
+
+    img = plot_w_schedule([0.04, 0.2, 0.33, 0.41, 0.46, 0.48])
+    w, h = img.size
+    assert _dark(img, (0, 30, 45, h - 40)) > 50, "no y tick labels left of the axis"
+    assert _dark(img, (50, h - 40, w, h)) > 100, "no x tick labels and title under the axis"
+    assert _dark(img, (0, 0, w, 25)) > 50, "no title"
+
+
+def test_tiles_are_labelled_and_the_attention_grid_says_its_scale():
+    from minid.report import labelled_row
+
+    tile = Image.new("RGB", (64, 64), (255, 255, 255))
+    grid = labelled_row([("man", tile), ("glasses", tile)], "each tile scaled to its own max")
+    assert grid.height == 64 + 20 + 20 and _dark(grid, (0, 0, grid.width, 20)) > 20, "no labels above the tiles"
+    assert _dark(grid, (0, 84, grid.width, grid.height)) > 20, "no caption"
