@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     import ray
 
     from minid.calibration import CalibrateConfig
-    from minid.cli import _with
+    from minid.options import with_fields as _with
     from minid.restore import RestoreConfig
 
     restore = _with(RestoreConfig(), {"method.solver.num_steps": args.steps,

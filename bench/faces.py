@@ -43,7 +43,7 @@ def smooth_image(seed: int, size: int) -> torch.Tensor:
 
 
 def time_batch(pipe, k: int, size: int, repeats: int, sync) -> list[float]:
-    from minid.restore import RestorePair
+    from minid.inputs import RestorePair
 
     pairs = [RestorePair(smooth_image(2 * i, size), smooth_image(2 * i + 1, size), P_O, P_E, ["man"], ["glasses"])
              for i in range(k)]

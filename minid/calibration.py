@@ -40,7 +40,8 @@ from minid.calibration_report import write_report
 from minid.calibration_rows import (BatchRunner, Work, model_identity, record, result_paths, row_config, row_key,
                                   sha256_file, weights_identity, write_error)
 from minid.manifest import Manifest, Row, read_manifest
-from minid.restore import RestoreConfig, RestorePair, check_pair
+from minid.restore import RestoreConfig
+from minid.inputs import RestorePair, check_pair
 
 RAY_HINT = 'pip install -e ".[scale]"  (or: pip install "ray[data]>=2.9")'
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from minid import images, metrics
-from minid.cli import _with
+from minid.options import with_fields
 from minid.manifest import Row
-from minid.restore import EditedID, RestoreConfig, RestorePair, analyze, check_pair, landmark_face_mask
+from minid.restore import EditedID, RestoreConfig
+from minid.inputs import RestorePair, analyze, check_pair, landmark_face_mask
 
 RECORD_FIELDS = ("id", "row", "status", "error", "error_kind", "original", "edited", "result", "intermediates",
                  "psnr_original", "psnr_edited", "id_sim_before", "id_sim_after", "w_schedule", "seconds",
@@ -58,7 +59,7 @@ class Work:
 
 def row_config(base: RestoreConfig, row: Row) -> RestoreConfig:
     """The row's method settings: the job's, with the row's override columns set (its checks apply)."""
-    return _with(base, dict(row.overrides)) if row.overrides else base
+    return with_fields(base, dict(row.overrides)) if row.overrides else base
 
 
 def result_paths(out: Path, row_id: str) -> tuple[Path, Path, Path]:

@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from minid.options import add_method_args, method_config, number_type
+
 
 class _Formatter(argparse.HelpFormatter):
     """Help that shows every option's default: appended as "(default: …)" unless the help already says it."""
@@ -35,29 +37,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _number(kind: type, low, high=None, low_open: bool = False, multiple: int | None = None):
-    """An argparse type: a number of `kind` in the limits (low excluded when `low_open`; a multiple of
-    `multiple`), NaN and infinities refused; argparse names the flag in the message."""
-    from minid.editedid import number_problem
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        problem = number_problem(value, kind, low, high, low_open)
-        if problem is None and multiple and value % multiple:
-            problem = f"must be a multiple of {multiple}"
-        if problem:
-            extra = f" (a multiple of {multiple})" if multiple and "multiple" not in problem else ""
-            raise argparse.ArgumentTypeError(f"{problem}{extra}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
-    return parse
 
 
 def _device_and_dtype(device: str | None, dtype: str | None):
@@ -102,94 +81,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                      "downloaded on first use)")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0, help="seed of every random draw")
-
-
-def _identity_schedule(text: str):
-    from minid.gating import IdentitySchedule
-
-    try:
-        return IdentitySchedule(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-# Every method option of the command line: flag -> (field of RestoreConfig, dotted through the nested configs,
-# type, help). The parser takes its defaults from the config, and `_method_config` builds the config from the
-# parsed flags through this one table.
-METHOD_FLAGS = {
-    "--steps": ("method.solver.num_steps", int, "inversion and reconstruction steps N"),
-    "--guidance": ("method.guidance", float, "classifier-free guidance scale s of reconstruction"),
-    "--w0": ("method.mixing.w0", float, "initial mixing weight w_0 of Stage 1 (Eq. 2)"),
-    "--w-lr": ("method.mixing.lr", float, "η, the step of w on the alignment loss normalised by D (default: from "
-                                          "N, the gap to 0.5 down to 5 % by the last free step: 0.066 at N = 6)"),
-    "--dpm-start": ("method.solver.dpm_start", int, "first DPM-Solver++ step τ_s (1-based, from noise)"),
-    "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e"),
-    "--dpm-spacing": ("method.solver.dpm_spacing", ("leading", "linspace", "trailing", "logSNR"),
-                      "timesteps of the DPM-Solver++ steps: diffusers' spacings, or uniform in λ"),
-    "--inversion": ("method.inversion", ("null-text", "direct", "negative-prompt"),
-                    "Stage 2: null-text optimisation (the paper), direct inversion or negative-prompt inversion"),
-    "--null-inner-steps": ("method.null_text.inner_steps", int, "null-text Adam updates per step at most"),
-    "--gating-mode": ("method.gating.mode", ("output", "map"),
-                      "Stage 3 gating: blend attention outputs, or maps (Eq. 7-8)"),
-    "--lambda-o": ("method.gating.lambda_o", float, "weight of O where the face and element masks overlap"),
-    "--identity-schedule": ("method.gating.identity", _identity_schedule,
-                            "IdGlow's schedule of O's share per step: constant, decay:S_START:S_END, "
-                            "window:A:B:S_IN:S_OUT (steps 1-based, [A, B)), or a product joined by '*'"),
-    "--ablation": ("method.ablation", ("none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement"),
-                   "switch a component off (paper Table 7)"),
-    "--image-size": ("image_size", int, "side the models work at (SD1.4: 512)"),
-}
-
-
-def _field(config, path: str):
-    for name in path.split("."):
-        config = getattr(config, name)
-    return config
-
-
-def _with(config, values: dict[str, object]):
-    """`config` with the fields at the dotted paths of `values` set, each nested frozen config rebuilt once
-    (so its checks see all of its new values together)."""
-    here, nested = {}, {}
-    for path, value in values.items():
-        head, _, rest = path.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            here[head] = value
-    here.update({head: _with(getattr(config, head), inner) for head, inner in nested.items()})
-    return dataclasses.replace(config, **here)
-
-
-def _add_method_args(p: argparse.ArgumentParser) -> None:
-    from minid.restore import RestoreConfig
-
-    from minid.editedid import NUMBER_LIMITS
-    from minid.restore import MIN_IMAGE_SIZE
-
-    defaults = RestoreConfig()
-    for flag, (path, kind, text) in METHOD_FLAGS.items():
-        choices = kind if isinstance(kind, tuple) else None
-        limits = NUMBER_LIMITS.get(path.removeprefix("method."))
-        if limits is not None:  # the config's limits, said in the flag's words before anything loads
-            kind = _number(*limits)
-        elif path == "image_size":
-            kind = _number(int, MIN_IMAGE_SIZE, multiple=8)
-        p.add_argument(flag, type=None if choices else kind, choices=choices, default=_field(defaults, path),
-                       help=f"{text} (default: %(default)s)")
-
-
-def _method_config(args):
-    from minid.restore import RestoreConfig
-
-    steps, start, end = args.steps, args.dpm_start, args.dpm_end
-    if not start <= end <= steps:  # in the flags' words, before the config says it in its fields'
-        raise ValueError(f"--dpm-start {start}, --dpm-end {end} and --steps {steps} must satisfy --dpm-start ≤ "
-                         f"--dpm-end ≤ --steps (DPM-Solver++ runs steps --dpm-start … --dpm-end of the --steps, "
-                         f"counted from 1 at pure noise; e.g. --dpm-start {max(1, steps - 1)} --dpm-end {steps})")
-    return _with(RestoreConfig(), {path: getattr(args, flag.lstrip("-").replace("-", "_"))
-                                   for flag, (path, _, _) in METHOD_FLAGS.items()})
+    p.add_argument("--seed", type=number_type(int, 0, 2**63 - 1), default=0, help="seed of every random draw")
 
 
 def _tokenizer(args):
@@ -213,7 +105,7 @@ def _check_word(tokenizer, prompt: str, word: str, flags: str) -> None:
 def _prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
     """{flag: prompt} → a ValueError naming the flag for a prompt that is not text; the notes of prompts
     longer than the text encoder reads (to print once every check has passed)."""
-    from minid.restore import prompt_note
+    from minid.inputs import prompt_note
 
     return [note for flag, prompt in prompts.items() if (note := prompt_note(tokenizer, prompt, flag))]
 
@@ -235,7 +127,7 @@ def cmd_demo(args) -> int:
     notes = _prompt_notes(tokenizer, {"--prompt and --element ('PROMPT wearing ELEMENT')": prompt_edited})
     _check_word(tokenizer, args.prompt, args.subject_word, "--subject-word")
     _check_word(tokenizer, prompt_edited, args.element_word, "--element-word")
-    config = _method_config(args)
+    config = method_config(args)
     _print_notes(notes)
     sd = _load(args)
     device = str(next(sd.unet.parameters()).device)
@@ -282,7 +174,8 @@ def _pairs(text: str | None):
 def cmd_restore(args) -> int:
     from minid import images, report
     from minid.multiface import restore_faces
-    from minid.restore import EditedID, RestorePair, check_pair, prompt_note
+    from minid.restore import EditedID
+    from minid.inputs import RestorePair, check_pair, prompt_note
 
     out = Path(args.out)
     mask_free = args.face_mask == "none"  # IdGlow's mask-free mode: identity through the tokens only
@@ -304,7 +197,7 @@ def cmd_restore(args) -> int:
             raise FileNotFoundError(f"{flag} {p}: file not found")
     if mask_free and args.regions:
         raise ValueError("--face-mask none (no spatial mask) and --regions (region masks) exclude each other")
-    config = _method_config(args)
+    config = method_config(args)
     if mask_free:
         config = dataclasses.replace(config, method=dataclasses.replace(config.method, mask_free=True))
     tokenizer = _tokenizer(args)
@@ -388,7 +281,7 @@ def cmd_calibrate(args) -> int:
         weights.download(checkpoint.DEFAULT_WEIGHTS, precision="fp32" if dtype == _torch().float32 else "fp16")
         args.weights = str(checkpoint.DEFAULT_WEIGHTS)
     measure = args.mask_source == "landmarks" or args.id_sim
-    config = CalibrateConfig(restore=_method_config(args), batch_size=args.batch, seed=args.seed,
+    config = CalibrateConfig(restore=method_config(args), batch_size=args.batch, seed=args.seed,
                              mask_source=args.mask_source, face_pack=args.face_pack if measure else None,
                              face_root=args.face_root, download_faces=args.download_faces,
                              save_intermediates=args.save_intermediates, engine=args.engine,
@@ -449,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate a portrait, edit it (identity drifts), restore it with EditedID")
     _add_model_args(p)
-    _add_method_args(p)
+    add_method_args(p)
     p.add_argument("--out", default="out/demo", help="folder for the images, masks, w schedule, maps")
     p.add_argument("--prompt", default="a photo of a man", help="the portrait's prompt")
     p.add_argument("--subject-word", default="man", help="the word of --prompt whose face drifts and is restored")
@@ -491,19 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", help="with --multi-face: which faces, as original:edited indices, e.g. 0:1,2:0")
     _add_face_args(p)
     _add_model_args(p)
-    _add_method_args(p)
+    add_method_args(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("calibrate", help="restore every pair of a dataset manifest (CSV or JSON Lines); resumable")
     p.add_argument("manifest", help="CSV or JSON Lines, one row per pair: original, edited, prompt_original, "
                                     "prompt_edited, id_words, element_words, … (paths relative to the manifest)")
     p.add_argument("--out", required=True, help="folder for results/<id>.png, results.jsonl/.csv, summary.json")
-    p.add_argument("--batch", type=_number(int, 1), default=1, help="K: consecutive manifest rows restored in one batch")
+    p.add_argument("--batch", type=number_type(int, 1), default=1, help="K: consecutive manifest rows restored in one batch")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process; ray: Ray Data actors (pip install -e \".[scale]\")")
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto); default: start Ray here")
-    p.add_argument("--num-workers", type=_number(int, 1), default=1, help="ray: actors, each with one copy of the model")
-    p.add_argument("--gpus-per-worker", type=_number(float, 0.0),
+    p.add_argument("--num-workers", type=number_type(int, 1), default=1, help="ray: actors, each with one copy of the model")
+    p.add_argument("--gpus-per-worker", type=number_type(float, 0.0),
                    help="ray: GPUs per actor (default: 1 with --device cuda or a GPU here, else 0)")
     p.add_argument("--save-intermediates", action="store_true",
                    help="also write each row's reconstructions, masks, w schedule and attention maps")
@@ -514,19 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure ID-Sim before and after with the face pack (always with --mask-source landmarks)")
     _add_face_args(p)
     _add_model_args(p)
-    _add_method_args(p)
+    add_method_args(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("generate", help="text to image with SD1.4")
     p.add_argument("--prompt", required=True, help="what to draw (SD1.4 reads its first 75 tokens)")
     p.add_argument("--out", required=True, help="output image, PNG or JPEG")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
-    p.add_argument("--steps", type=_number(int, 1, 1000), default=50, help="sampling steps, one UNet call each")
-    p.add_argument("--guidance", type=_number(float, 0.0, low_open=True), default=7.5,
+    p.add_argument("--steps", type=number_type(int, 1, 1000), default=50, help="sampling steps, one UNet call each")
+    p.add_argument("--guidance", type=number_type(float, 0.0, low_open=True), default=7.5,
                    help="classifier-free guidance scale")
     p.add_argument("--solver", choices=("ddim", "dpm", "hybrid"), default="ddim",
                    help="DDIM, DPM-Solver++ on every step, or EditedID's hybrid")
-    p.add_argument("--size", type=_number(int, 64, multiple=8), default=512,
+    p.add_argument("--size", type=number_type(int, 64, multiple=8), default=512,
                    help="side of the square image in pixels, a multiple of 8 of at least 64")
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)

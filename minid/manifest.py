@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from minid.cli import METHOD_FLAGS
+from minid.options import METHOD_FLAGS
 
 REQUIRED = ("original", "edited", "prompt_original", "prompt_edited", "id_words")
 OPTIONAL = ("id", "element_words", "face_mask", "element_mask", "lambda_o", "seed")

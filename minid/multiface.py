@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from minid import crops, images, masks, metrics
-from minid.restore import EditedID, RestorePair, RestoreResult, analyze, landmark_face_mask
+from minid.restore import EditedID, RestoreResult
+from minid.inputs import RestorePair, analyze, landmark_face_mask
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minid import checkpoint, cli, images
+from minid import checkpoint, cli, images, options
 from minid.images import tensor_to_pil
 from tiny_models import IMAGE_SIZE, random_image
 
@@ -544,7 +544,8 @@ def test_the_case_count():
 
 
 def _check(**over):
-    from minid.restore import RestoreConfig, RestorePair, check_pair
+    from minid.restore import RestoreConfig
+    from minid.inputs import RestorePair, check_pair
     from minid.tokenizer import CLIPTokenizer
 
     config = over.pop("config", None) or RestoreConfig(image_size=IMAGE_SIZE)
@@ -676,7 +677,8 @@ def test_a_long_prompt_is_cut_off_with_a_note():
 
 
 def test_masks_are_inputs_of_the_run(tmp_path):
-    from minid.restore import RestoreConfig, RestorePair, check_pair
+    from minid.restore import RestoreConfig
+    from minid.inputs import RestorePair, check_pair
     from minid.tokenizer import CLIPTokenizer
 
     mask = _mask(tmp_path / "face.png")
@@ -692,7 +694,7 @@ def test_cli_and_config_share_the_limits():
     from minid.editedid import NUMBER_LIMITS
 
     for path, (kind, low, high, low_open) in NUMBER_LIMITS.items():
-        flag = next((f for f, (p, _, _) in cli.METHOD_FLAGS.items() if p == "method." + path), None)
+        flag = next((f for f, (p, _, _) in options.METHOD_FLAGS.items() if p == "method." + path), None)
         if flag is None:
             continue
         parse = next(a.type for a in cli.build_parser()._subparsers._group_actions[0].choices["restore"]._actions

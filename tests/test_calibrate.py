@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from minid import cli, faces
 from minid.calibration import CalibrateConfig, calibrate
 from minid.calibration_rows import row_config, row_key
-from minid.cli import _with
+from minid.options import with_fields as _with
 from minid.images import tensor_to_pil
 from minid.manifest import ManifestError, read_manifest
 from minid.metrics import id_similarity

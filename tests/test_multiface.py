@@ -22,7 +22,8 @@ from minid.attention import Site
 from minid.editedid import EditedIDConfig
 from minid.inversion import NullTextConfig
 from minid.multiface import FacePatchConfig, restore_faces
-from minid.restore import EditedID, RestoreConfig, RestorePair, landmark_face_mask
+from minid.restore import EditedID, RestoreConfig
+from minid.inputs import RestorePair, landmark_face_mask
 from minid.plans import HybridSchedule
 from tiny_models import IMAGE_SIZE, random_image
 

@@ -1,0 +1,119 @@
+"""The method's options on the command line: one table (`METHOD_FLAGS`) from each flag to the field of
+`RestoreConfig` it sets, dotted through the nested configs; the parser takes its defaults and limits from the
+configs, and `method_config` builds the config from the parsed flags through the same table (`minid restore`,
+`minid demo`, `minid calibrate` and the calibration manifest's per-row overrides all use it)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def number_type(kind: type, low, high=None, low_open: bool = False, multiple: int | None = None):
+    """An argparse type: a number of `kind` in the limits (low excluded when `low_open`; a multiple of
+    `multiple`), NaN and infinities refused; argparse names the flag in the message."""
+    from minid.editedid import number_problem
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        problem = number_problem(value, kind, low, high, low_open)
+        if problem is None and multiple and value % multiple:
+            problem = f"must be a multiple of {multiple}"
+        if problem:
+            extra = f" (a multiple of {multiple})" if multiple and "multiple" not in problem else ""
+            raise argparse.ArgumentTypeError(f"{problem}{extra}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
+    return parse
+
+
+def _identity_schedule(text: str):
+    from minid.gating import IdentitySchedule
+
+    try:
+        return IdentitySchedule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# Every method option of the command line: flag -> (field of RestoreConfig, dotted through the nested configs,
+# type, help). The parser takes its defaults from the config, and `_method_config` builds the config from the
+# parsed flags through this one table.
+METHOD_FLAGS = {
+    "--steps": ("method.solver.num_steps", int, "inversion and reconstruction steps N"),
+    "--guidance": ("method.guidance", float, "classifier-free guidance scale s of reconstruction"),
+    "--w0": ("method.mixing.w0", float, "initial mixing weight w_0 of Stage 1 (Eq. 2)"),
+    "--w-lr": ("method.mixing.lr", float, "η, the step of w on the alignment loss normalised by D (default: from "
+                                          "N, the gap to 0.5 down to 5 % by the last free step: 0.066 at N = 6)"),
+    "--dpm-start": ("method.solver.dpm_start", int, "first DPM-Solver++ step τ_s (1-based, from noise)"),
+    "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e"),
+    "--dpm-spacing": ("method.solver.dpm_spacing", ("leading", "linspace", "trailing", "logSNR"),
+                      "timesteps of the DPM-Solver++ steps: diffusers' spacings, or uniform in λ"),
+    "--inversion": ("method.inversion", ("null-text", "direct", "negative-prompt"),
+                    "Stage 2: null-text optimisation (the paper), direct inversion or negative-prompt inversion"),
+    "--null-inner-steps": ("method.null_text.inner_steps", int, "null-text Adam updates per step at most"),
+    "--gating-mode": ("method.gating.mode", ("output", "map"),
+                      "Stage 3 gating: blend attention outputs, or maps (Eq. 7-8)"),
+    "--lambda-o": ("method.gating.lambda_o", float, "weight of O where the face and element masks overlap"),
+    "--identity-schedule": ("method.gating.identity", _identity_schedule,
+                            "IdGlow's schedule of O's share per step: constant, decay:S_START:S_END, "
+                            "window:A:B:S_IN:S_OUT (steps 1-based, [A, B)), or a product joined by '*'"),
+    "--ablation": ("method.ablation", ("none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement"),
+                   "switch a component off (paper Table 7)"),
+    "--image-size": ("image_size", int, "side the models work at (SD1.4: 512)"),
+}
+
+
+def field_of(config, path: str):
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def with_fields(config, values: dict[str, object]):
+    """`config` with the fields at the dotted paths of `values` set, each nested frozen config rebuilt once
+    (so its checks see all of its new values together)."""
+    here, nested = {}, {}
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            here[head] = value
+    here.update({head: with_fields(getattr(config, head), inner) for head, inner in nested.items()})
+    return dataclasses.replace(config, **here)
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    from minid.restore import RestoreConfig
+
+    from minid.editedid import NUMBER_LIMITS
+    from minid.restore import MIN_IMAGE_SIZE
+
+    defaults = RestoreConfig()
+    for flag, (path, kind, text) in METHOD_FLAGS.items():
+        choices = kind if isinstance(kind, tuple) else None
+        limits = NUMBER_LIMITS.get(path.removeprefix("method."))
+        if limits is not None:  # the config's limits, said in the flag's words before anything loads
+            kind = number_type(*limits)
+        elif path == "image_size":
+            kind = number_type(int, MIN_IMAGE_SIZE, multiple=8)
+        p.add_argument(flag, type=None if choices else kind, choices=choices, default=field_of(defaults, path),
+                       help=f"{text} (default: %(default)s)")
+
+
+def method_config(args):
+    from minid.restore import RestoreConfig
+
+    steps, start, end = args.steps, args.dpm_start, args.dpm_end
+    if not start <= end <= steps:  # in the flags' words, before the config says it in its fields'
+        raise ValueError(f"--dpm-start {start}, --dpm-end {end} and --steps {steps} must satisfy --dpm-start ≤ "
+                         f"--dpm-end ≤ --steps (DPM-Solver++ runs steps --dpm-start … --dpm-end of the --steps, "
+                         f"counted from 1 at pure noise; e.g. --dpm-start {max(1, steps - 1)} --dpm-end {steps})")
+    return with_fields(RestoreConfig(), {path: getattr(args, flag.lstrip("-").replace("-", "_"))
+                                   for flag, (path, _, _) in METHOD_FLAGS.items()})
