@@ -211,3 +211,37 @@ def landmark_face_mask(face, config: RestoreConfig, affine=None) -> tuple[torch.
     m = masks.feather(m, sigma)
     how = "the hull of its 106 landmarks" if dense is not None else "an ellipse on its 5 keypoints"
     return m[None, None], f"{how}, feathered (σ = {sigma:.3g} px)"
+
+
+def face_masks(job: CheckedPair, analyzer, config: RestoreConfig, tokenizer, name: str) -> None:
+    """M_O from the original's largest face when no face mask was given and an analyzer is: its landmark
+    mask, or its regions (`RestorePair.regions`: M_O, the kept-from-E mask, λ_O map, region words)."""
+    if job.regions and analyzer is None:
+        raise ValueError("regions need the face landmarks of the original: give a face analyzer "
+                         "(CLI: the face pack, --face-pack/--face-root or --download-faces)")
+    if job.mask_o is not None or analyzer is None:
+        return
+    found = analyze(analyzer, job.x_o, name)
+    job.face = max(found, key=lambda f: f.area)
+    if not job.regions:
+        job.mask_o, how = landmark_face_mask(job.face, config)
+        job.notes.append(f"face mask from the original's largest face ({len(found)} found): {how}")
+        return
+    from minid.gating import LocalTokens
+    from minid.regions import region_edits, region_masks
+
+    s = config.image_size
+    region_mask, how = region_masks(s, job.face.kps, job.face.landmarks_106, config.face_mask_feather * s)
+    p = job.pair
+    edits = region_edits(region_mask, job.regions, config.method.gating.lambda_o,
+                         (p.prompt_original, p.prompt_edited), tokenizer)
+    job.mask_o, job.keep_e, job.lambda_map = edits.face, edits.keep, edits.lambda_o
+    prompt_t = p.prompt_original if config.method.target == "original" else p.prompt_edited
+    for word, source, mask in edits.local:
+        prompt_s = p.prompt_original if source == "original" else p.prompt_edited
+        pairs = token_pairs(tokenizer, prompt_t, prompt_s, [word], "region")
+        job.text.tokens.local.append(LocalTokens(pairs, 0 if source == "original" else 1, mask))
+    chosen = ", ".join(f"{r}={c.source}" + ("" if c.lambda_o is None else f":{c.lambda_o}")
+                       for r, c in job.regions.items())
+    words = ", ".join(w for w, _, _ in edits.local) or "none"
+    job.notes.append(f"regions {chosen} ({how}); region words replaced inside their region: {words}")

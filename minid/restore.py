@@ -20,8 +20,7 @@ import torch
 from minid import images, metrics
 from minid.control import word_map
 from minid.editedid import EditedIDConfig, blend_mask, run
-from minid.inputs import (CheckedPair, RestorePair, analyze, check_pair, landmark_face_mask, token_pairs,
-                          word_positions)
+from minid.inputs import CheckedPair, RestorePair, check_pair, face_masks, word_positions
 from minid.inversion import NullTextStep
 from minid.schedule import NoiseSchedule
 
@@ -152,8 +151,8 @@ class EditedID:
         """
         job = check_pair(RestorePair(original, edited, prompt_original, prompt_edited, id_words, element_words,
                                    face_mask, element_mask, seed=seed, regions=regions), self.sd.tokenizer, self.config)
-        self._face_masks(job, analyzer, "the original image" + (f" {original}" if isinstance(original, (str, Path))
-                                                                else ""))
+        name = "the original image" + (f" {original}" if isinstance(original, (str, Path)) else "")
+        face_masks(job, analyzer, self.config, self.sd.tokenizer, name)
         result = self._run([job], progress)[0]
         if save_intermediates is not None:
             from minid.report import save_result
@@ -174,7 +173,7 @@ class EditedID:
         jobs = [check_pair(p, self.sd.tokenizer, self.config, f"pair {k}: " if len(pairs) > 1 else "")
                 for k, p in enumerate(pairs)]
         for k, job in enumerate(jobs):
-            self._face_masks(job, analyzer, f"the original image of pair {k}")
+            face_masks(job, analyzer, self.config, self.sd.tokenizer, f"the original image of pair {k}")
         results = self._run(jobs, progress)
         if save_intermediates is not None:
             from minid.report import save_result
@@ -182,39 +181,6 @@ class EditedID:
             for k, (job, result) in enumerate(zip(jobs, results)):
                 result.paths = save_result(result, Path(save_intermediates) / f"pair_{k}", inputs=job.sources)
         return results
-
-    def _face_masks(self, job: CheckedPair, analyzer, name: str) -> None:
-        """M_O from the original's largest face when no face mask was given and an analyzer is: its landmark
-        mask, or its regions (`RestorePair.regions`: M_O, the kept-from-E mask, λ_O map, region words)."""
-        if job.regions and analyzer is None:
-            raise ValueError("regions need the face landmarks of the original: give a face analyzer "
-                             "(CLI: the face pack, --face-pack/--face-root or --download-faces)")
-        if job.mask_o is not None or analyzer is None:
-            return
-        found = analyze(analyzer, job.x_o, name)
-        job.face = max(found, key=lambda f: f.area)
-        if not job.regions:
-            job.mask_o, how = landmark_face_mask(job.face, self.config)
-            job.notes.append(f"face mask from the original's largest face ({len(found)} found): {how}")
-            return
-        from minid.gating import LocalTokens
-        from minid.regions import region_edits, region_masks
-
-        s = self.config.image_size
-        region_mask, how = region_masks(s, job.face.kps, job.face.landmarks_106, self.config.face_mask_feather * s)
-        p = job.pair
-        edits = region_edits(region_mask, job.regions, self.config.method.gating.lambda_o,
-                             (p.prompt_original, p.prompt_edited), self.sd.tokenizer)
-        job.mask_o, job.keep_e, job.lambda_map = edits.face, edits.keep, edits.lambda_o
-        prompt_t = p.prompt_original if self.config.method.target == "original" else p.prompt_edited
-        for word, source, mask in edits.local:
-            prompt_s = p.prompt_original if source == "original" else p.prompt_edited
-            pairs = token_pairs(self.sd.tokenizer, prompt_t, prompt_s, [word], "region")
-            job.text.tokens.local.append(LocalTokens(pairs, 0 if source == "original" else 1, mask))
-        chosen = ", ".join(f"{r}={c.source}" + ("" if c.lambda_o is None else f":{c.lambda_o}")
-                           for r, c in job.regions.items())
-        words = ", ".join(w for w, _, _ in edits.local) or "none"
-        job.notes.append(f"regions {chosen} ({how}); region words replaced inside their region: {words}")
 
     # ---- the run ------------------------------------------------------------------------------------------
     def _run(self, jobs: list[CheckedPair], progress: bool) -> list[RestoreResult]:
