@@ -53,6 +53,7 @@ NUMBER_LIMITS = {
     "mixing.w_max": (float, 0.0, 0.5, False),
     "null_text.inner_steps": (int, 0, None, False),
     "null_text.lr": (float, 0.0, None, True),
+    "null_text.loss_scale": (float, 0.0, None, True),
     "gating.lambda_o": (float, 0.0, 1.0, False),
 }
 
@@ -279,7 +280,9 @@ def entangle(unet, plan: Plan, config: EditedIDConfig, d: Disentanglement, cond_
     z_t_start = d.z_T_o if (config.ablation == "baseline" or use_o) else d.z_T_e
     z = torch.cat([d.z_T_o, d.z_T_e, z_t_start])  # (3K, 4, h, w): rows O_1..O_K, E_1..E_K, T_1..T_K
     cond = torch.cat([cond_o, cond_e, cond_o if use_o else cond_e])
-    nulls = [torch.cat([no, ne, no if use_o else ne]) for no, ne in zip(d.null_o, d.null_e)]
+    # T's null-texts are its prompt's; the baseline (Table 7) runs P2P's fusion from z_T^O with O's null-texts
+    t_null_o = use_o or config.ablation == "baseline"
+    nulls = [torch.cat([no, ne, no if t_null_o else ne]) for no, ne in zip(d.null_o, d.null_e)]
     layout = BatchLayout(3 * k_pairs, cfg=True)
     lambda_maps = lambda_maps or [None] * k_pairs
     controller = GatingGroup([
@@ -290,7 +293,7 @@ def entangle(unet, plan: Plan, config: EditedIDConfig, d: Disentanglement, cond_
                        lambda_map=lambda_maps[k], local_tokens=tokens[k].local)
         for k in range(k_pairs)])
     m = None
-    if config.blend and not config.mask_free:
+    if config.blend and not config.mask_free and config.ablation != "baseline":  # the baseline has no blending
         m = blend_mask(mask_o, mask_e, side, config.blend_dilation, keep_e).to(z.device, z.dtype)
 
     n, k = len(plan.steps), k_pairs

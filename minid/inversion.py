@@ -76,8 +76,12 @@ class NullTextConfig:
     inner_steps: int = 10  # at most this many Adam updates of ∅_i per step
     lr: float = 1e-2  # Adam learning rate at the first step; decays as lr·(1 − i'/100)
     reference_steps: int = 50  # i' = i·reference_steps/N: the decay is scaled to the step count
-    epsilon: float = 1e-5  # early stop when the loss < epsilon + i·epsilon_growth
+    epsilon: float = 1e-5  # early stop when the loss < epsilon + i'·epsilon_growth, i' scaled as the lr's
     epsilon_growth: float = 2e-5
+    # The loss is multiplied by this while its gradient crosses the UNet (and the gradient divided by it after):
+    # an fp16 UNet's gradient of ∅ underflows without it (cosine to float64 0.93 at the first threshold, 0.99975
+    # with 2^16; bench/results/precision_cpu.md); exact in float32
+    loss_scale: float = 2.0 ** 16
     # "last": the authors' loop (null-text notebook): compute the loss, take the Adam step, then stop if that
     # loss was under the threshold; ∅_i is the last iterate. "best": check the loss before each update, stop
     # without applying it once under the threshold, and keep the ∅ with the lowest loss seen (one more loss
@@ -305,7 +309,7 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
         with torch.no_grad():
             e_c = unet(z, t, cond, controller=at_step(observer, i))
         lr = config.lr * (1.0 - i * config.reference_steps / n / 100.0)
-        threshold = config.epsilon + i * config.epsilon_growth
+        threshold = config.epsilon + i * config.reference_steps / n * config.epsilon_growth  # i scaled as the lr
         # fp32 master copies: Adam's small steps would be lost in a half-precision embedding
         master = torch.promote_types(null.dtype, torch.float32)
         params = [null[k:k + 1].to(master).clone().requires_grad_(True) for k in range(b)]
@@ -335,7 +339,10 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
                 break
             # Eq. 4: one loss summed over the images. autograd.grad (not backward) differentiates with respect
             # to the embeddings only, so UNet weights that require grad get no gradient computed or stored.
-            grads = torch.autograd.grad(loss_k.sum(), [params[k] for k in live])
+            # The loss is scaled while its gradient crosses the UNet, so that a half-precision UNet's small
+            # gradients do not underflow (exact in float32: a power of two), and unscaled on the embeddings.
+            grads = torch.autograd.grad(loss_k.sum() * config.loss_scale, [params[k] for k in live])
+            grads = [g / config.loss_scale for g in grads]
             for k in range(b):
                 params[k].grad = None  # Adam skips parameters without a gradient: the stopped images
             for k, g in zip(live, grads):

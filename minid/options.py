@@ -57,6 +57,8 @@ METHOD_FLAGS = {
     "--inversion": ("method.inversion", ("null-text", "direct", "negative-prompt"),
                     "Stage 2: null-text optimisation (the paper), direct inversion or negative-prompt inversion"),
     "--null-inner-steps": ("method.null_text.inner_steps", int, "null-text Adam updates per step at most"),
+    "--loss-scale": ("method.null_text.loss_scale", float,
+                     "null-text's loss is multiplied by this while its gradient crosses the UNet (fp16 needs it)"),
     "--gating-mode": ("method.gating.mode", ("output", "map"),
                       "Stage 3 gating: blend attention outputs, or maps (Eq. 7-8)"),
     "--lambda-o": ("method.gating.lambda_o", float, "weight of O where the face and element masks overlap"),

@@ -210,18 +210,18 @@ def test_without_entanglement_no_self_attention_row_is_replaced(tiny_sd):
     assert not torch.equal(gated[2], gated[1]), "the full method's gating must change T under the same masks"
 
 
-def test_the_baseline_runs_t_from_the_originals_z_T_with_e_s_prompt_and_null_text(tiny_sd):
+def test_the_baseline_runs_t_from_the_originals_z_T_with_e_s_prompt_and_o_s_null_text(tiny_sd):
     from minid.inversion import reconstruct
 
-    method = replace(METHOD, ablation="baseline", blend=False)
+    method = replace(METHOD, ablation="baseline")  # the baseline itself turns blending off
     plan = method.plan(NoiseSchedule.scaled_linear())
     d, c_o, c_e = _stage3_inputs(tiny_sd, seed=6)
     d.z_T_e = d.z_T_o + 0.5  # two separate inversions end apart
     full = torch.ones(1, 1, LATENT, LATENT)
     z = _entangle(tiny_sd, d, c_o, c_e, full, full, Tokens(), method, plan)
-    alone = reconstruct(tiny_sd.unet, plan, d.z_T_o, c_e, d.null_e, method.guidance)[-1]
+    alone = reconstruct(tiny_sd.unet, plan, d.z_T_o, c_e, d.null_o, method.guidance)[-1]
     err = (z[2:3] - alone).abs().max().item()
-    assert err < 1e-4, f"baseline T differs from E's prompt and null-texts run from z_T^O by {err}"
+    assert err < 1e-4, f"baseline T differs from E's prompt with O's null-texts run from z_T^O by {err}"
 
 
 def _stages_1_2(sd, method, seed=7):
