@@ -12,31 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from minid.options import add_method_args, method_config, number_type
-
-
-class _Formatter(argparse.HelpFormatter):
-    """Help that shows every option's default: appended as "(default: …)" unless the help already says it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text.lower() or not action.option_strings or action.default is argparse.SUPPRESS:
-            return text
-        if action.default is None:
-            return text if action.required else text + " (default: none)"
-        return text if action.default is False else text + " (default: %(default)s)"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `minid restore: error: argument --w0: … (minid restore --help)`,
-    exit code 2, the code of every user error of the command line."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+from minid.options import (Parser, add_face_args, add_method_args, add_model_args, method_config,
+                           number_type)
 
 
 def _device_and_dtype(device: str | None, dtype: str | None):
@@ -74,14 +51,6 @@ def _torch():
     import torch
 
     return torch
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="hub folder or single .safetensors file (default: weights/sd-v1-4, "
-                                     "downloaded on first use)")
-    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--seed", type=number_type(int, 0, 2**63 - 1), default=0, help="seed of every random draw")
 
 
 def _tokenizer(args):
@@ -322,26 +291,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _add_face_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--face-pack", default="buffalo_l",
-                   help="insightface model pack (detection, landmarks, ArcFace), or its folder")
-    p.add_argument("--face-root", help="folder of insightface model packs (default ~/.insightface or "
-                                       "$MINID_INSIGHTFACE_ROOT)")
-    p.add_argument("--download-faces", action="store_true", help="let insightface fetch the pack if missing")
-
-
 def cmd_checkpoint(argv: list[str]) -> int:
     from minid import weights
 
-    return weights.main(argv, prog="minid", parser_class=_Parser)
+    return weights.main(argv, prog="minid", parser_class=Parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="minid", description=__doc__.split("\n")[0])
+    parser = Parser(prog="minid", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="generate a portrait, edit it (identity drifts), restore it with EditedID")
-    _add_model_args(p)
+    add_model_args(p)
     add_method_args(p)
     p.add_argument("--out", default="out/demo", help="folder for the images, masks, w schedule, maps")
     p.add_argument("--prompt", default="a photo of a man", help="the portrait's prompt")
@@ -382,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-face", action="store_true",
                    help="restore every face: detect and pair faces in both images, restore all in one batch")
     p.add_argument("--pairs", help="with --multi-face: which faces, as original:edited indices, e.g. 0:1,2:0")
-    _add_face_args(p)
-    _add_model_args(p)
+    add_face_args(p)
+    add_model_args(p)
     add_method_args(p)
     p.set_defaults(func=cmd_restore)
 
@@ -405,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cross-attention maps of its identity words")
     p.add_argument("--id-sim", action="store_true",
                    help="measure ID-Sim before and after with the face pack (always with --mask-source landmarks)")
-    _add_face_args(p)
-    _add_model_args(p)
+    add_face_args(p)
+    add_model_args(p)
     add_method_args(p)
     p.set_defaults(func=cmd_calibrate)
 
@@ -421,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM, DPM-Solver++ on every step, or EditedID's hybrid")
     p.add_argument("--size", type=number_type(int, 64, multiple=8), default=512,
                    help="side of the square image in pixels, a multiple of 8 of at least 64")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="ID similarity and PSNR over a folder of (original, edited, result) triples")
@@ -429,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where metrics.csv and metrics.json go (default: the folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing metrics.csv and metrics.json (default: refuse)")
-    _add_face_args(p)
+    add_face_args(p)
     p.set_defaults(func=cmd_eval)
 
     for name, text in (("download", "fetch and verify the SD1.4 weights"),

@@ -1,7 +1,8 @@
-"""The method's options on the command line: one table (`METHOD_FLAGS`) from each flag to the field of
-`RestoreConfig` it sets, dotted through the nested configs; the parser takes its defaults and limits from the
-configs, and `method_config` builds the config from the parsed flags through the same table (`minid restore`,
-`minid demo`, `minid calibrate` and the calibration manifest's per-row overrides all use it)."""
+"""The command line's options: the parser every sub-command uses (one-line errors, defaults shown), the model
+and face-pack options they share, and the method's options: one table (`METHOD_FLAGS`) from each flag to the
+field of `RestoreConfig` it sets, dotted through the nested configs. The parser takes its defaults and limits
+from the configs, and `method_config` builds the config from the parsed flags through the same table
+(`minid restore`, `minid demo`, `minid calibrate` and the calibration manifest's per-row overrides)."""
 
 from __future__ import annotations
 
@@ -119,3 +120,43 @@ def method_config(args):
                          f"counted from 1 at pure noise; e.g. --dpm-start {max(1, steps - 1)} --dpm-end {steps})")
     return with_fields(RestoreConfig(), {path: getattr(args, flag.lstrip("-").replace("-", "_"))
                                    for flag, (path, _, _) in METHOD_FLAGS.items()})
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows every option's default: appended as "(default: …)" unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is None:
+            return text if action.required else text + " (default: none)"
+        return text if action.default is False else text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `minid restore: error: argument --w0: … (minid restore --help)`,
+    exit code 2, the code of every user error of the command line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="hub folder or single .safetensors file (default: weights/sd-v1-4, "
+                                     "downloaded on first use)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--seed", type=number_type(int, 0, 2**63 - 1), default=0, help="seed of every random draw")
+
+
+def add_face_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--face-pack", default="buffalo_l",
+                   help="insightface model pack (detection, landmarks, ArcFace), or its folder")
+    p.add_argument("--face-root", help="folder of insightface model packs (default ~/.insightface or "
+                                       "$MINID_INSIGHTFACE_ROOT)")
+    p.add_argument("--download-faces", action="store_true", help="let insightface fetch the pack if missing")
