@@ -44,8 +44,9 @@ Inversion = Literal["null-text", "direct", "negative-prompt"]
 # EditedIDConfig checks them; the command line checks its flags against the same limits, in the flags' words.
 NUMBER_LIMITS = {
     "solver.num_steps": (int, 1, 1000, False),  # one model call per step, at most one per training timestep
-    "solver.dpm_start": (int, 1, 1000, False),
-    "solver.dpm_end": (int, 1, 1000, False),
+    "solver.dpm_start": (int, -1000, 1000, False),  # 1-based from noise, or negative from the end (−1: step N)
+    "solver.dpm_end": (int, -1000, 1000, False),
+    "solver.clip_sample_range": (float, 0.0, None, True),
     "guidance": (float, 0.0, None, True),  # s > 0; 1 is the conditional prediction alone
     "mixing.w0": (float, 0.0, 0.5, False),  # Eq. 2 mixes w·O + (1 − w)·E; past 0.5 the roles swap
     "mixing.lr": (float, 0.0, None, False),
@@ -70,6 +71,8 @@ def number_problem(value, kind: type, low, high, low_open: bool) -> str | None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
     return None if ok else f"must be {words}"
+
+
 INVERSIONS = ("null-text", "direct", "negative-prompt")
 
 
@@ -91,8 +94,9 @@ class EditedIDConfig:
     # starts from z_T^E); "no_disentanglement" = DDIM only, no hybrid solver; "no_entanglement" = no
     # self-attention gating, cross-attention tokens only.
     ablation: Ablation = "none"
-    # Hybrid solver (Eq. 5-6): N steps, DPM-Solver++ on reconstruction steps τ_s..τ_e (1-based from noise),
-    # DDIM on the others, global timestep pre-setting; inversion mirrors it.
+    # Hybrid solver (Eq. 5-6): N steps, DPM-Solver++ on reconstruction steps τ_s..τ_e (1-based from noise,
+    # negative from the end: the last two by default), DDIM on the others, global timestep pre-setting;
+    # inversion mirrors it.
     solver: HybridSchedule = HybridSchedule()
     guidance: float = 7.5  # classifier-free guidance s of reconstruction (Stages 2 and 3)
     mixing: MixingConfig = MixingConfig()  # Stage 1 (Eq. 1-3)
@@ -128,9 +132,11 @@ class EditedIDConfig:
             if problem:
                 raise ValueError(f"EditedIDConfig.{path} {problem}, got {value!r}")
         s = self.solver
-        if not 1 <= s.dpm_start <= s.dpm_end <= s.num_steps:
+        start, end = s.window()
+        if not 1 <= start <= end <= s.num_steps:
             raise ValueError(f"EditedIDConfig.solver: the DPM-Solver++ steps must satisfy 1 ≤ dpm_start ≤ dpm_end ≤ "
-                             f"num_steps; got dpm_start {s.dpm_start}, dpm_end {s.dpm_end}, num_steps {s.num_steps}")
+                             f"num_steps, counting a negative value from the end (−1 = num_steps); got dpm_start "
+                             f"{s.dpm_start}, dpm_end {s.dpm_end}, num_steps {s.num_steps}")
 
     @property
     def num_steps(self) -> int:
@@ -153,7 +159,8 @@ class EditedIDConfig:
         """The solver and times of every reconstruction step (the inversion walks them backwards)."""
         if self.uses_hybrid:
             return hybrid_plan(schedule, self.solver)
-        return ddim_plan(schedule, self.solver.num_steps)
+        return ddim_plan(schedule, self.solver.num_steps, self.solver.ddim_spacing,
+                         clip_sample=self.solver.clip_sample, clip_sample_range=self.solver.clip_sample_range)
 
 
 # --------------------------------------------------------------------------------------------------------

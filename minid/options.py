@@ -51,8 +51,9 @@ METHOD_FLAGS = {
     "--w0": ("method.mixing.w0", float, "initial mixing weight w_0 of Stage 1 (Eq. 2)"),
     "--w-lr": ("method.mixing.lr", float, "η, the step of w on the alignment loss normalised by D (default: from "
                                           "N, the gap to 0.5 down to 5 % by the last free step: 0.066 at N = 6)"),
-    "--dpm-start": ("method.solver.dpm_start", int, "first DPM-Solver++ step τ_s (1-based, from noise)"),
-    "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e"),
+    "--dpm-start": ("method.solver.dpm_start", int, "first DPM-Solver++ step τ_s (1-based from noise; negative "
+                                                   "counts from the end, -1 = the last step)"),
+    "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e (as --dpm-start)"),
     "--dpm-spacing": ("method.solver.dpm_spacing", ("leading", "linspace", "trailing", "logSNR"),
                       "timesteps of the DPM-Solver++ steps: diffusers' spacings, or uniform in λ"),
     "--inversion": ("method.inversion", ("null-text", "direct", "negative-prompt"),
@@ -113,11 +114,17 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 def method_config(args):
     from minid.restore import RestoreConfig
 
-    steps, start, end = args.steps, args.dpm_start, args.dpm_end
-    if not start <= end <= steps:  # in the flags' words, before the config says it in its fields'
-        raise ValueError(f"--dpm-start {start}, --dpm-end {end} and --steps {steps} must satisfy --dpm-start ≤ "
-                         f"--dpm-end ≤ --steps (DPM-Solver++ runs steps --dpm-start … --dpm-end of the --steps, "
-                         f"counted from 1 at pure noise; e.g. --dpm-start {max(1, steps - 1)} --dpm-end {steps})")
+    from minid.plans import HybridSchedule
+
+    steps = args.steps
+    start, end = HybridSchedule(num_steps=steps, dpm_start=args.dpm_start, dpm_end=args.dpm_end).window()
+    if not 1 <= start <= end <= steps:  # in the flags' words, before the config says it in its fields'
+        resolved = "" if min(args.dpm_start, args.dpm_end) >= 0 else f" (here steps {start} and {end})"
+        raise ValueError(f"--dpm-start {args.dpm_start}, --dpm-end {args.dpm_end}{resolved} and --steps {steps} must "
+                         f"satisfy "
+                         f"1 ≤ --dpm-start ≤ --dpm-end ≤ --steps (DPM-Solver++ runs steps --dpm-start … --dpm-end "
+                         f"of the --steps, counted from 1 at pure noise, a negative value from the end; "
+                         f"e.g. --dpm-start -2 --dpm-end -1, the last two)")
     return with_fields(RestoreConfig(), {path: getattr(args, flag.lstrip("-").replace("-", "_"))
                                    for flag, (path, _, _) in METHOD_FLAGS.items()})
 

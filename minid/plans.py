@@ -45,20 +45,31 @@ class Plan:
     schedule: NoiseSchedule
     steps: tuple[PlanStep, ...]
     eta: float = 0.0  # DDIM η for the sampling direction (inversion is always deterministic)
+    # diffusers' DDIMScheduler(clip_sample=True): the DDIM steps (and their inversions) clamp x̂_0 to
+    # [−clip_sample_range, clip_sample_range]; SD1.4 does not (its latents exceed 1), so off by default
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
 
     @property
     def timesteps(self) -> list[int]:
         return [step.timestep for step in self.steps]
 
+    @property
+    def clip(self) -> float | None:
+        """The bound of the DDIM steps' x̂_0, None when they do not clip."""
+        return self.clip_sample_range if self.clip_sample else None
 
-def ddim_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", eta: float = 0.0) -> Plan:
+
+def ddim_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", eta: float = 0.0,
+              clip_sample: bool = False, clip_sample_range: float = 1.0) -> Plan:
     """DDIMScheduler's pass: timesteps from `ddim_timesteps`, each step from t to t − T//N (diffusers'
-    convention for every spacing; below 0 is the FINAL level, ᾱ = final_alphas_cumprod)."""
+    convention for every spacing; below 0 is the FINAL level, ᾱ = final_alphas_cumprod); `clip_sample`,
+    `clip_sample_range` as DDIMScheduler's (see `Plan`)."""
     T = schedule.num_train_timesteps
     ts = ddim_timesteps(num_steps, spacing, schedule.steps_offset, T)
     steps = tuple(PlanStep(DDIM, float(t), float(t - T // num_steps) if t - T // num_steps >= 0 else FINAL, t)
                   for t in ts)
-    return Plan(schedule, steps, eta)
+    return Plan(schedule, steps, eta, clip_sample, clip_sample_range)
 
 
 def dpm_solver_plan(schedule: NoiseSchedule, num_steps: int, spacing: str = "logSNR", order: int = 2,
@@ -146,8 +157,11 @@ class HybridSchedule:
     """
 
     num_steps: int = 6  # N, model calls per pass (the paper's 6)
-    dpm_start: int = 5  # τ_s: first step run by DPM-Solver++, 1-based, counted from pure noise
-    dpm_end: int = 6  # τ_e: last step run by DPM-Solver++; τ_s > τ_e gives DDIM only
+    # τ_s, τ_e: the first and last steps run by DPM-Solver++, 1-based, counted from pure noise; a negative
+    # value counts from the end (−1 is step N), so the default −2 … −1 is "the last two steps" for every N
+    # (at N = 6 the paper's 5 … 6). τ_s > τ_e (resolved) gives DDIM only.
+    dpm_start: int = -2
+    dpm_end: int = -1
     # "global": both full N-step sequences first, step i takes t_i from its solver's sequence and lands where
     # step i+1 starts (paper Eq. 6, no jump at the switch). "fragmented": each run of one solver uses that
     # solver's own sequence for its own number of steps, landing by its own rule (the paper's ablation,
@@ -164,10 +178,18 @@ class HybridSchedule:
     history: str = "pass"
     lower_order_final: bool = True  # diffusers' rule for passes of < 15 steps: cap the last two steps' orders
     final_order: int = 2  # the cap on the last step under lower_order_final (diffusers: 1); the one before: 2
+    clip_sample: bool = False  # clamp the DDIM steps' x̂_0 (diffusers' DDIMScheduler option; see `Plan`)
+    clip_sample_range: float = 1.0
+
+    def window(self) -> tuple[int, int]:
+        """(τ_s, τ_e) as step numbers 1 … N: a negative value counts from the end (−1 → N, −2 → N − 1), no
+        further back than step 1 (as a slice would: the last two of a 1-step pass is its one step)."""
+        n = self.num_steps
+        return tuple(max(k + n + 1, 1) if k < 0 else k for k in (self.dpm_start, self.dpm_end))
 
     def solvers(self) -> list[str]:
-        return [DPM_SOLVER if self.dpm_start <= i <= self.dpm_end else DDIM
-                for i in range(1, self.num_steps + 1)]
+        start, end = self.window()
+        return [DPM_SOLVER if start <= i <= end else DDIM for i in range(1, self.num_steps + 1)]
 
 
 def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule()) -> Plan:
@@ -203,7 +225,8 @@ def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule
                          "'fragmented'")
     return Plan(schedule, _with_orders(schedule, solvers, ts, ss, hybrid.dpm_order, hybrid.lower_order_final,
                                        final_order=hybrid.final_order, history=hybrid.history,
-                                       clean_order=hybrid.dpm_order))
+                                       clean_order=hybrid.dpm_order),
+                clip_sample=hybrid.clip_sample, clip_sample_range=hybrid.clip_sample_range)
 
 
 def _global_times(schedule: NoiseSchedule, solvers: list[str], sequences: dict[str, list[float]]) -> list[float]:

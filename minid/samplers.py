@@ -110,18 +110,20 @@ class SolverState:
 
 
 def ddim_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: NoiseSchedule, eta: float = 0.0,
-              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+              generator: Optional[torch.Generator] = None, clip: Optional[float] = None) -> torch.Tensor:
     """DDIM from t to s < t (Song et al. 2021, Eq. 12):
 
         z_s = α_s x̂_0 + sqrt(1 − ᾱ_s − σ_η²) ε + σ_η n,   n ~ N(0, I) from `generator`
         σ_η = η · sqrt((1 − ᾱ_s)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_s)                          (Eq. 16)
 
     η = 0 is the deterministic sampler (the first-order solver of the probability-flow ODE).
+    clip: x̂_0 clamped to [−clip, clip] (diffusers' clip_sample), the direction term keeping the model's ε
+    (diffusers' default, use_clipped_model_output=False); None leaves x̂_0 as predicted.
     """
     # 1. noise levels of the two ends (s may be FINAL or CLEAN after the last step)
     a_t, a_s = schedule.alphas_cumprod_at(t), schedule.alphas_cumprod_at(s)
-    # 2. predicted x_0 (Eq. 12, first term)
-    x0 = (z - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    # 2. predicted x_0 (Eq. 12, first term), clipped on request
+    x0 = _clipped((z - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t), clip)
     # 3. the noise added back (Eq. 16); zero for η = 0
     sigma_eta = eta * math.sqrt((1 - a_s) / (1 - a_t)) * math.sqrt(1 - a_t / a_s)
     # 4. "direction pointing to x_t" (Eq. 12, second term)
@@ -135,7 +137,7 @@ def ddim_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float, schedule: 
 
 
 def ddim_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float,
-                        schedule: NoiseSchedule) -> torch.Tensor:
+                        schedule: NoiseSchedule, clip: Optional[float] = None) -> torch.Tensor:
     """DDIM inversion: the η = 0 formula run from s up to t > s, z given at s:
 
         x̂_0 = (z_s − σ_s ε)/α_s,   z_t = α_t x̂_0 + σ_t ε
@@ -143,14 +145,19 @@ def ddim_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: float,
     ε is the model's prediction at the current, less noisy point z_s (the unknown z_t is replaced by z_s, the
     approximation every DDIM inversion makes; exact when ε does not depend on z). The loops tell the model the
     pair's noisier timestep t, as diffusers' DDIMInverseScheduler pipelines and null-text inversion do, so a
-    step and its inversion see the same label.
+    step and its inversion see the same label. `clip` as in `ddim_step` (DDIMInverseScheduler's clip_sample:
+    x̂_0 clamped, ε kept).
     """
     # 1. noise levels: current s, target t
     a_s, a_t = schedule.alphas_cumprod_at(s), schedule.alphas_cumprod_at(t)
-    # 2. predicted x_0 at the current point
-    x0 = (z - math.sqrt(1 - a_s) * eps) / math.sqrt(a_s)
+    # 2. predicted x_0 at the current point, clipped on request
+    x0 = _clipped((z - math.sqrt(1 - a_s) * eps) / math.sqrt(a_s), clip)
     # 3. re-noise to t with the same ε
     return math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
+
+
+def _clipped(x0: torch.Tensor, clip: Optional[float]) -> torch.Tensor:
+    return x0 if clip is None else x0.clamp(-clip, clip)
 
 
 # ---- DPM-Solver++ (multistep, data prediction) ---------------------------------------------------------
@@ -277,31 +284,37 @@ def dpm_solver_inversion_step(z: torch.Tensor, eps: torch.Tensor, t: float, s: f
 # ---- dispatch and the two loops ------------------------------------------------------------------------
 
 def hybrid_step(z: torch.Tensor, eps: torch.Tensor, step: PlanStep, schedule: NoiseSchedule, state: SolverState,
-                eta: float = 0.0, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, SolverState]:
+                eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                clip: Optional[float] = None) -> tuple[torch.Tensor, SolverState]:
     """The sampling step `step` names: DDIM or DPM-Solver++ from step.t to step.s. Returns the new z and the
-    state with this step's prediction (x̂_0(t), λ_t) remembered."""
+    state with this step's prediction (x̂_0(t), λ_t) remembered. `clip` (`Plan.clip`) clamps a DDIM step's x̂_0,
+    the remembered one too."""
+    x0 = x0_from_eps(z, eps, step.t, schedule)
     if step.solver == DDIM:
-        z_next = ddim_step(z, eps, step.t, step.s, schedule, eta=eta, generator=generator)
+        z_next = ddim_step(z, eps, step.t, step.s, schedule, eta=eta, generator=generator, clip=clip)
+        x0 = _clipped(x0, clip)
     else:
         z_next = dpm_solver_step(z, eps, step.t, step.s, schedule, state, order=step.order)
-    return z_next, state.remember(x0_from_eps(z, eps, step.t, schedule), schedule.lam(step.t))
+    return z_next, state.remember(x0, schedule.lam(step.t))
 
 
 def hybrid_inversion_step(z: torch.Tensor, eps: torch.Tensor, step: PlanStep, schedule: NoiseSchedule,
-                          state: SolverState) -> tuple[torch.Tensor, SolverState]:
+                          state: SolverState, clip: Optional[float] = None) -> tuple[torch.Tensor, SolverState]:
     """The inversion of `step`: the same solver, from step.s up to step.t, at `step.inversion_order`. Returns
-    the new z and the state with this step's prediction (x̂_0(s), λ_s) remembered.
+    the new z and the state with this step's prediction (x̂_0(s), λ_s) remembered (clipped as in `hybrid_step`).
 
     The multistep history of an explicit inversion step is the x̂_0 of the preceding INVERSION steps (`state`
     as `invert_loop` threads it), predicted at less noisy points than this one; a sampling step's history is
     at noisier points. So a step and its inversion are exact inverses when x̂_0 is constant along the path
     (ε constant: every difference D1, D2 vanishes and both reduce to DDIM), not in general at order ≥ 2.
     """
+    x0 = x0_from_eps(z, eps, step.s, schedule)
     if step.solver == DDIM:
-        z_next = ddim_inversion_step(z, eps, step.t, step.s, schedule)
+        z_next = ddim_inversion_step(z, eps, step.t, step.s, schedule, clip=clip)
+        x0 = _clipped(x0, clip)
     else:
         z_next = dpm_solver_inversion_step(z, eps, step.t, step.s, schedule, state, order=step.inversion_order)
-    return z_next, state.remember(x0_from_eps(z, eps, step.s, schedule), schedule.lam(step.s))
+    return z_next, state.remember(x0, schedule.lam(step.s))
 
 
 # The model function of both loops: model_fn(z, timestep, i, land) -> the model's output at z.
@@ -325,13 +338,13 @@ def sample_loop(model_fn: ModelFn, z: torch.Tensor, plan: Plan, callback: Option
         def land(eps, z=z, state=state, step=step):
             if plan.eta > 0:
                 raise ValueError("samplers.py: land() needs a deterministic plan (η = 0)")
-            return hybrid_step(z, eps, step, schedule, state)[0]
+            return hybrid_step(z, eps, step, schedule, state, clip=plan.clip)[0]
 
         # 1. the model at the current point
         output = model_fn(z, step.timestep, i, land)
         eps = eps_from_model_output(output, z, step.t, schedule, prediction_type)
         # 2. one step to step.s
-        z, state = hybrid_step(z, eps, step, schedule, state, eta=plan.eta, generator=generator)
+        z, state = hybrid_step(z, eps, step, schedule, state, eta=plan.eta, generator=generator, clip=plan.clip)
         # 3. the caller's look at the step, which may replace z
         if callback is not None:
             z = _replaced(callback(i, step.timestep, z, state.x0s[-1]), z)
@@ -347,13 +360,13 @@ def invert_loop(model_fn: ModelFn, z: torch.Tensor, plan: Plan, callback: Option
         step = plan.steps[i]
 
         def land(eps, z=z, state=state, step=step):
-            return hybrid_inversion_step(z, eps, step, schedule, state)[0]
+            return hybrid_inversion_step(z, eps, step, schedule, state, clip=plan.clip)[0]
 
         # 1. the model at the current point, which lies at step.s
         output = model_fn(z, step.timestep, i, land)
         eps = eps_from_model_output(output, z, step.s, schedule, prediction_type)
         # 2. one step up to step.t
-        z, state = hybrid_inversion_step(z, eps, step, schedule, state)
+        z, state = hybrid_inversion_step(z, eps, step, schedule, state, clip=plan.clip)
         # 3. the caller's look at the step, which may replace z
         if callback is not None:
             z = _replaced(callback(i, step.timestep, z, state.x0s[-1]), z)

@@ -19,19 +19,22 @@ def _largest_sigma_drop(plan) -> float:
     return max(SCHEDULE.sigma(s.t) - SCHEDULE.sigma(s.s) for s in plan.steps)
 
 
-@pytest.mark.parametrize("n", [6, 10])
-def test_the_default_plans_largest_sigma_drop_is_at_most_ddims(n):
-    # (At N = 20 with DPM-Solver++ on the last two steps it is not: 0.215 against 0.181 + 0.029; docs O1.)
+def test_the_default_plans_largest_sigma_drop_is_at_most_ddims():
     # DDIM's pass ends on the FINAL level, σ_0 = 0.029 of noise left; the hybrid's DPM-Solver++ steps go on to
-    # σ = 0. Counted down to the same level, no step of the default plan drops σ more than DDIM's largest.
-    method = EditedIDConfig(solver=HybridSchedule(num_steps=n, dpm_start=n - 1, dpm_end=n))
-    ours, ddim = _largest_sigma_drop(method.plan(SCHEDULE)), _largest_sigma_drop(ddim_plan(SCHEDULE, n))
+    # σ = 0. Counted down to the same level, no step of the default plan (DPM-Solver++ on the last two steps,
+    # "leading") drops σ more than DDIM's largest, from N = 2 to 12. From N = 13 on, diffusers' "leading" grid
+    # (step T//(N+1), one finer than DDIM's T//N) puts the last DPM-Solver++ time a few timesteps below DDIM's
+    # grid: its step to σ = 0 is up to 10 % longer than DDIM's longest (docs/editedid.md, O1).
     floor = SCHEDULE.sigma(FINAL)
-    assert ours <= ddim + floor, f"N={n}: the default plan drops σ by {ours:.3f} in one step, DDIM by {ddim:.3f}" \
-                                 f" (+ its final {floor:.3f})"
-    logsnr = _largest_sigma_drop(hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n, dpm_start=n - 1, dpm_end=n,
-                                                                       dpm_spacing="logSNR")))
-    assert n != 6 or logsnr > ddim + floor, "the λ-uniform plan's one long DDIM step is what the default avoids"
+    for n in range(2, 51):
+        method = EditedIDConfig(solver=HybridSchedule(num_steps=n))
+        ours, ddim = _largest_sigma_drop(method.plan(SCHEDULE)), _largest_sigma_drop(ddim_plan(SCHEDULE, n))
+        bound = ddim + floor if n <= 12 else 1.10 * (ddim + floor)
+        assert ours <= bound, f"N={n}: the default plan drops σ by {ours:.3f} in one step, DDIM by {ddim:.3f}" \
+                              f" (+ its final {floor:.3f})"
+        logsnr = _largest_sigma_drop(hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n, dpm_spacing="logSNR")))
+        assert n < 5 or logsnr > 1.25 * (ddim + floor), \
+            f"N={n}: the λ-uniform plan's one long DDIM step ({logsnr:.3f}) is what the default avoids"
 
 
 def _face_pair(model: GaussianMixtureModel, seed: int):
@@ -69,3 +72,16 @@ def test_the_normalised_step_does_not_depend_on_the_pairs_distance():
     assert near == pytest.approx(far, abs=1e-12), f"w paths differ: {near} vs {far}"
     eta = MixingConfig().step_size(6)
     assert eta == pytest.approx((1 - 0.05 ** 0.25) / 8) and near[1] == pytest.approx(0.04 + 8 * eta * 0.46)
+
+
+def test_the_dpm_solver_window_counts_from_the_end_by_default():
+    # −2 … −1: the last two steps for any N (A.8: DPM-Solver++ towards the end), the paper's 5 … 6 at N = 6
+    assert HybridSchedule().window() == (5, 6) and HybridSchedule(num_steps=20).window() == (19, 20)
+    assert hybrid_plan(SCHEDULE) == hybrid_plan(SCHEDULE, HybridSchedule(dpm_start=5, dpm_end=6))
+    assert HybridSchedule(num_steps=1).window() == (1, 1)  # no further back than step 1
+    assert HybridSchedule(num_steps=10, dpm_start=3, dpm_end=-3).solvers() == ["ddim"] * 2 + ["dpm_solver++"] * 6 \
+        + ["ddim"] * 2
+    with pytest.raises(ValueError, match="dpm_start"):
+        EditedIDConfig(solver=HybridSchedule(num_steps=6, dpm_start=0))
+    with pytest.raises(ValueError, match="dpm_start"):
+        EditedIDConfig(solver=HybridSchedule(num_steps=6, dpm_start=-1, dpm_end=-2))

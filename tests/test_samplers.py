@@ -93,6 +93,45 @@ def test_ddim_inversion_loop_matches_diffusers(z_start, spacing, n):
     assert err < 1e-6, f"DDIM inversion {spacing} {n} steps: max abs error {err:.2e} ≥ 1e-6"
 
 
+@pytest.mark.parametrize("clip_range", [1.0, 0.5])
+def test_ddim_clip_sample_matches_diffusers_in_both_directions(z_start, clip_range):
+    # diffusers clamps x̂_0 and keeps the model's ε for the direction (use_clipped_model_output=False)
+    n, z0 = 10, 3 * z_start  # |x̂_0| well above the range at every step
+    plan = ddim_plan(SCHEDULE, n, clip_sample=True, clip_sample_range=clip_range)
+    assert plan.clip == clip_range and ddim_plan(SCHEDULE, n).clip is None
+    for scheduler, loop, final_attr in ((diffusers.DDIMScheduler, sample_loop, "final_alpha_cumprod"),
+                                        (diffusers.DDIMInverseScheduler, invert_loop, "initial_alpha_cumprod")):
+        ref = _float64_schedule_into(scheduler(**SD, clip_sample=True, clip_sample_range=clip_range,
+                                               set_alpha_to_one=False, steps_offset=1), final_attr)
+        ref.set_timesteps(n)
+        z = z0.clone()
+        for t in ref.timesteps.tolist():
+            z = ref.step(toy_eps(z, t), t, z).prev_sample
+        ours = loop(toy_eps, z0.clone(), plan)
+        err = (ours - z).abs().max().item()
+        assert err < 1e-6, f"{scheduler.__name__} clip_sample_range={clip_range}: max abs error {err:.2e}"
+        unclipped = loop(toy_eps, z0.clone(), ddim_plan(SCHEDULE, n))
+        assert (ours - unclipped).abs().max() > 0.1, "the clip must act on these latents"
+
+
+def test_clip_sample_leaves_dpm_solver_steps_alone_and_reaches_the_hybrid_plan(z_start):
+    clip = dict(clip_sample=True, clip_sample_range=0.5)
+    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=6, **clip))
+    assert plan.clip == 0.5
+    z0 = 3 * z_start
+    unclipped = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=6))
+    # a DPM-Solver++-only plan with clip on: every step is DPM-Solver++, so nothing changes
+    dpm_only = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=6, dpm_start=1, dpm_end=6, **clip))
+    same = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=6, dpm_start=1, dpm_end=6))
+    assert torch.equal(sample_loop(toy_eps, z0, dpm_only), sample_loop(toy_eps, z0, same))
+    assert (sample_loop(toy_eps, z0, plan) - sample_loop(toy_eps, z0, unclipped)).abs().max() > 0.1
+    # the DDIM steps' remembered x̂_0 is the clipped one: what the callback sees lies in the range
+    seen = []
+    sample_loop(toy_eps, z0, plan, callback=lambda i, t, z, x0: seen.append((plan.steps[i].solver, x0)))
+    assert all(x0.abs().max() <= 0.5 for solver, x0 in seen if solver == DDIM)
+    assert any(x0.abs().max() > 0.5 for solver, x0 in seen if solver == DPM_SOLVER)
+
+
 # DPMSolverMultistepScheduler casts the latent to float32 inside `step` and keeps its sigmas in float32, so this
 # comparison is at float32 precision: ~1e-7 relative per step, accumulated over up to 50 steps.
 DPM_TOL = 1e-4
