@@ -6,8 +6,9 @@ is minid/toy.py's Gaussian mixture, whose ε is exact, so every error below is t
 (the conditional prompt only) in both passes and there is no null-text optimisation: what is measured is what
 Stage 2 would have to absorb.
 
-Metrics, per latent, then mean ± sd over the latents (Table 11's columns; the paper's scale factors were lost
-in extraction, so only the ordering is comparable):
+Metrics, per latent, then mean ± sd over the latents (Table 11's columns, `minid.validate.trajectory_metrics`,
+which `minid validate` computes on real latents; the paper's scale factors were lost in extraction, so only the
+ordering is comparable):
 - cumulative MSE: Σ_j mean((ẑ_j − z_j)²) over the levels j = 0 … N−1 of the plan, ẑ the reconstruction and
   z the inversion at the same level (the shared start j = N is 0), in units of 1e-3;
 - max jump: the largest per-step change RMS(ẑ_j − ẑ_{j+1}) along the reconstruction;
@@ -51,9 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unet_forward import cpu_model  # noqa: E402
 
 from minid.plans import HybridSchedule, Plan, ddim_plan, dpm_solver_plan, hybrid_plan  # noqa: E402
-from minid.samplers import invert_loop, sample_loop  # noqa: E402
+from minid.samplers import sample_loop  # noqa: E402
 from minid.schedule import CLEAN, DPM_SPACINGS, NoiseSchedule  # noqa: E402
 from minid.toy import GaussianMixtureModel  # noqa: E402
+from minid.validate import round_trip, trajectory_metrics  # noqa: E402
 
 
 def plans(schedule: NoiseSchedule, n: int) -> list[tuple[str, Plan, bool]]:
@@ -61,47 +63,25 @@ def plans(schedule: NoiseSchedule, n: int) -> list[tuple[str, Plan, bool]]:
     last_two = dict(num_steps=n, dpm_start=n - 1, dpm_end=n)
     rows = [("DDIM only", ddim_plan(schedule, n), False)]
     rows += [(f"DPM-Solver++ only, {sp}", dpm_solver_plan(schedule, n, sp), False) for sp in DPM_SPACINGS]
-    rows.append(("hybrid, fragmented", hybrid_plan(schedule, HybridSchedule(**last_two, timesteps="fragmented")),
-                 False))
+    fragmented = HybridSchedule(**last_two, timesteps="fragmented", dpm_spacing="logSNR")  # the paper's Fig. 3(3)
+    rows.append(("hybrid, fragmented", hybrid_plan(schedule, fragmented), False))
     rows += [(f"hybrid, global, {sp}", hybrid_plan(schedule, HybridSchedule(**last_two, dpm_spacing=sp)), False)
              for sp in DPM_SPACINGS]
-    rows.append(("hybrid, global, logSNR, exact t", hybrid_plan(schedule, HybridSchedule(**last_two)), True))
+    rows.append(("hybrid, global, logSNR, exact t",
+                 hybrid_plan(schedule, HybridSchedule(**last_two, dpm_spacing="logSNR")), True))
     return rows
 
 
-def round_trip(model: GaussianMixtureModel, plan: Plan, x0: torch.Tensor, context: torch.Tensor,
-               exact_t: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Inversion z_0 … z_N and reconstruction ẑ_N … ẑ_0 (guidance 1), both indexed by level j = 0 … N."""
-
-    def eps(z, timestep, i, land):
-        return model(z, plan.steps[i].t if exact_t else timestep, context)
-
-    inverted = [x0]
-    z_T = invert_loop(eps, x0, plan, callback=lambda i, t, z, x: inverted.append(z))
-    rec = [z_T]
-    sample_loop(eps, z_T, plan, callback=lambda i, t, z, x: rec.append(z))
-    return inverted, rec[::-1]
-
-
 def metrics(model, plan, x0, context, exact_t, exact_start, exact_end) -> dict[str, list[float]]:
-    inv, rec = round_trip(model, plan, x0, context, exact_t)
-    n = len(plan.steps)
-    b = x0.shape[0]
-    flat = lambda z: z.reshape(b, -1)  # noqa: E731
-    cum = sum(((flat(rec[j]) - flat(inv[j])) ** 2).mean(1) for j in range(n))  # (B,)
-    jumps = torch.stack([((flat(rec[j]) - flat(rec[j + 1])) ** 2).mean(1).sqrt() for j in range(n)])  # (N, B)
+    """Table 11's metrics of the round trip of x0 (minid.validate: the same as `minid validate` on real latents;
+    PSNR over the toy's data range), and the sample RMS against the exact flow."""
 
-    def eps(z, timestep, i, land):
+    def eps(z, timestep, i, land):  # guidance 1: the conditional prompt only
         return model(z, plan.steps[i].t if exact_t else timestep, context)
 
+    m = trajectory_metrics(*round_trip(eps, plan, x0), data_range=model.data_range)
     sampled = sample_loop(eps, exact_start, plan)
-    return {
-        "cum": (1e3 * cum).tolist(),
-        "jump": jumps.max(0).values.tolist(),
-        "l2": (flat(rec[0]) - flat(x0)).norm(dim=1).tolist(),
-        "psnr": [model.psnr(rec[0][k], x0[k]) for k in range(b)],
-        "sample": [float(((sampled - exact_end) ** 2).mean().sqrt())],
-    }
+    return {**m, "sample": [float(((sampled - exact_end) ** 2).mean().sqrt())]}
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
@@ -132,8 +112,8 @@ def measure(model: GaussianMixtureModel, n: int, samples: int, flow_steps: int,
         m = metrics(model, plan, x0, context, exact_t, z_start, z_end)
         times = ", ".join(f"{s.t:.0f}" if s.t == int(s.t) else f"{s.t:.1f}" for s in plan.steps)
         rows.append((name, m, times))
-        print(f"N={n:2d} {name:34s} cum {fmt(m['cum'])}  jump {fmt(m['jump'])}  L2 {fmt(m['l2'])}  "
-              f"PSNR {fmt(m['psnr'])}  sample RMS {fmt(m['sample'])}   [{times}]", flush=True)
+        print(f"N={n:2d} {name:34s} cum {fmt(m['cum_mse'])}  jump {fmt(m['max_jump'])}  L2 {fmt(m['final_l2'])}  "
+              f"PSNR {fmt(m['latent_psnr'])}  sample RMS {fmt(m['sample'])}   [{times}]", flush=True)
     return rows
 
 
@@ -157,7 +137,7 @@ def main() -> None:
     for n in args.steps:
         rows = measure(model, n, args.samples, args.flow_steps)
         lines = [f"### N = {n}", "", columns + " times t_i (model told round(t)) |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {fmt(m['cum'])} | {fmt(m['jump'])} | {fmt(m['l2'])} | {fmt(m['psnr'])} | "
+        lines += [f"| {name} | {fmt(m['cum_mse'])} | {fmt(m['max_jump'])} | {fmt(m['final_l2'])} | {fmt(m['latent_psnr'])} | "
                   f"{fmt(m['sample'])} | {times} |" for name, m, times in rows]
         sections.append("\n".join(lines))
 
@@ -171,7 +151,7 @@ def main() -> None:
             rows = measure(scaled, n, args.samples, args.flow_steps, keep)
             lines = [f"### Detail variances × {scale:g} (sd {math.sqrt(c.detail_min * scale):.3f} … "
                      f"{math.sqrt(c.detail_max * scale):.3f}), N = {n}", "", columns, "|---|---|---|---|---|---|"]
-            lines += [f"| {name} | {fmt(m['cum'])} | {fmt(m['jump'])} | {fmt(m['l2'])} | {fmt(m['psnr'])} | "
+            lines += [f"| {name} | {fmt(m['cum_mse'])} | {fmt(m['max_jump'])} | {fmt(m['final_l2'])} | {fmt(m['latent_psnr'])} | "
                       f"{fmt(m['sample'])} |" for name, m, times in rows]
             sections.append("\n".join(lines))
 

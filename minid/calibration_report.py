@@ -11,11 +11,11 @@ import csv
 import io
 import json
 import math
-import statistics
 from pathlib import Path
 
 from minid import images
-from minid.metrics import SAME_PERSON_THRESHOLD
+from minid.metrics import SAME_PERSON_THRESHOLD, column_stats
+from minid.report import json_safe
 
 CSV_COLUMNS = ("id", "row", "status", "error", "original", "edited", "result", "psnr_original", "psnr_edited",
                "id_sim_before", "id_sim_after", "w_schedule", "seconds", "batch", "key")
@@ -26,7 +26,7 @@ THUMB = 128  # side of the box each contact-sheet image is fitted into, px
 def write_report(out: Path, records: list[dict], ran: set[str], seconds: float) -> tuple[dict, dict[str, Path]]:
     """Write results.jsonl, results.csv, summary.json and the pictures into `out`; return the summary and paths."""
     paths = {"table": images.write_text_atomic(out / "results.jsonl",
-                                               "".join(json.dumps(_safe(r)) + "\n" for r in records)),
+                                               "".join(json.dumps(json_safe(r)) + "\n" for r in records)),
              "table_csv": images.write_text_atomic(out / "results.csv", _csv(records))}
     summary = summarize(records, ran, seconds)
     paths["summary"] = images.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
@@ -38,10 +38,6 @@ def write_report(out: Path, records: list[dict], ran: set[str], seconds: float) 
     if shown:
         paths["contact_sheet"] = images.save_image(contact_sheet(out, shown), out / "contact_sheet.png")
     return summary, paths
-
-
-def _safe(rec: dict) -> dict:
-    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in rec.items()}
 
 
 def _csv(records: list[dict]) -> str:
@@ -56,12 +52,6 @@ def _csv(records: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _stats(values: list) -> dict:
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return {"n": len(finite), "mean": statistics.fmean(finite) if finite else None,
-            "median": statistics.median(finite) if finite else None}
-
-
 def summarize(records: list[dict], ran: set[str], seconds: float) -> dict:
     """Counts, mean and median ID-Sim before → after (rows where both were measured) and reconstruction PSNR."""
     ok = [r for r in records if r["status"] == "ok"]
@@ -71,12 +61,12 @@ def summarize(records: list[dict], ran: set[str], seconds: float) -> dict:
         "rows": len(records), "ok": len(ok), "error": len(records) - len(ok),
         "ran": len(ran), "skipped": len(ok) - ran_ok,
         "seconds": round(seconds, 3), "rows_per_minute": round(len(ran) / seconds * 60, 3) if ran and seconds else None,
-        "id_sim_before": _stats([r["id_sim_before"] for r in both]),
-        "id_sim_after": _stats([r["id_sim_after"] for r in both]),
+        "id_sim_before": column_stats([r["id_sim_before"] for r in both]),
+        "id_sim_after": column_stats([r["id_sim_after"] for r in both]),
         "same_person_after": (sum(r["id_sim_after"] >= SAME_PERSON_THRESHOLD for r in both) / len(both)
                               if both else None),
-        "psnr_original": _stats([_float(r["psnr_original"]) for r in ok]),
-        "psnr_edited": _stats([_float(r["psnr_edited"]) for r in ok]),
+        "psnr_original": column_stats([_float(r["psnr_original"]) for r in ok]),
+        "psnr_edited": column_stats([_float(r["psnr_edited"]) for r in ok]),
         "errors": [{"id": r["id"], "error": r["error"]} for r in records if r["status"] != "ok"],
     }
 

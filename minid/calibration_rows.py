@@ -25,6 +25,7 @@ import torch
 
 from minid import images, metrics
 from minid.options import with_fields
+from minid.report import json_safe
 from minid.manifest import Row
 from minid.restore import EditedID, RestoreConfig
 from minid.inputs import RestorePair, analyze, check_pair, landmark_face_mask
@@ -233,7 +234,7 @@ class BatchRunner:
                      seconds=round(sum(timings.values()) / batch_rows, 4), timings=timings, batch=batch,
                      batch_rows=batch_rows, notes=result.notes + notes + sim_notes, key=work.key,
                      face_pack=self.face_source)
-        images.write_text_atomic(sidecar, json.dumps(_json_safe(rec), indent=1))
+        images.write_text_atomic(sidecar, json.dumps(json_safe(rec), indent=1))
         return rec
 
     def _error(self, work: Work, message: str, kind: str) -> dict:
@@ -246,16 +247,10 @@ class BatchRunner:
         ID-Sim), or None with a note where a face or an embedding is missing."""
         if self.analyzer is None:
             return None, None, []
-        faces = {}
-        for name, path in (("original", row.original), ("edited", row.edited), ("result", result)):
-            found = self.analyzer.analyze(images.to_rgb(images.open_image(path)[0]))
-            faces[name] = max(found, key=lambda f: f.area) if found else None
-        missing = [n for n, f in faces.items() if f is None or f.embedding is None]
-        sims = [None if {"original", name} & set(missing) else
-                float(metrics.id_similarity(faces["original"].embedding, faces[name].embedding))
-                for name in ("edited", "result")]
-        notes = [f"ID-Sim: no face or no embedding in the {n} image" for n in missing]
-        return sims[0], sims[1], notes
+        read = lambda path: images.to_rgb(images.open_image(path)[0])  # noqa: E731
+        sims, notes = metrics.id_similarities(self.analyzer, read(row.original),
+                                              {"edited": read(row.edited), "result": read(result)})
+        return sims["edited"], sims["result"], notes
 
 
 def write_error(out: Path, row: Row, rec: dict) -> None:
@@ -264,11 +259,7 @@ def write_error(out: Path, row: Row, rec: dict) -> None:
     png, sidecar, _ = result_paths(out, row.id)
     if png.exists() and not any(os.path.samefile(png, p) for p in row.files().values() if p.exists()):
         png.unlink()
-    text = json.dumps(_json_safe(rec), indent=1)
+    text = json.dumps(json_safe(rec), indent=1)
     if not (sidecar.is_file() and sidecar.read_text() == text):
         images.write_text_atomic(sidecar, text)
 
-
-def _json_safe(rec: dict) -> dict:
-    """inf PSNR (an exact reconstruction) as the string "inf": JSON has no infinity."""
-    return {k: ("inf" if isinstance(v, float) and v == float("inf") else v) for k, v in rec.items()}

@@ -1,4 +1,4 @@
-"""The `minid` command: demo, restore, calibrate, generate, eval, download, convert, keymap.
+"""The `minid` command: demo, restore, calibrate, validate, generate, eval, download, convert, keymap.
 
 Each sub-command is a thin layer over a library function; the heavy imports happen inside the command, so
 `minid --help` answers at once.
@@ -12,8 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from minid.options import (Parser, add_face_args, add_method_args, add_model_args, method_config,
-                           number_type)
+from minid import options
+from minid.options import Parser, method_config
 
 
 def _device_and_dtype(device: str | None, dtype: str | None):
@@ -262,6 +262,47 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from minid import images, report
+    from minid.restore import EditedID
+    from minid.validate import (VALIDATE_FILES, find_pairs, folder_notes, format_table, read_pairs, validate_pairs,
+                                write_report)
+
+    # Every check before any model loads: device; the pairs folder's layout and images; the output folder (never
+    # over an input; an existing file only with --overwrite); the numbers; prompts, words and images as the
+    # restore will check them (check_pair, in read_pairs).
+    _device_and_dtype(args.device, args.dtype)
+    found, missing = find_pairs(args.pairs)
+    inputs = [path for _, paths in found for path in paths.values()]
+    for path in inputs:
+        images.check_image_file(path)
+    out = args.out if args.out is not None else args.pairs
+    report.check_result_folder(out, inputs, overwrite=args.overwrite, what="--out", names=VALIDATE_FILES)
+    config = method_config(args)
+    tokenizer = _tokenizer(args)
+    words = dict(prompt_original=args.prompt_original, prompt_edited=args.prompt_edited, id_words=args.id_words,
+                 element_words=args.element_words, seed=args.seed)
+    notes = _prompt_notes(tokenizer, {"--prompt-original": args.prompt_original,
+                                      "--prompt-edited": args.prompt_edited})
+    read_pairs(args.pairs, tokenizer, config, **words)
+    analyzer, missing_pack = None, []
+    try:  # the face models: landmark face masks and ID-Sim; without them, neither (one note), not an error
+        analyzer = _face_analyzer(args)
+    except (ImportError, OSError) as e:
+        masks = "face masks from the cross-attention maps, " if args.mask_source == "landmarks" else ""
+        missing_pack = [f"no face models, so {masks}no ID-Sim: {e}"]
+    _print_notes(notes + missing_pack + folder_notes(missing, args.element_words))
+    sd = _load(args)
+    rows, summary = validate_pairs(EditedID(sd, config), args.pairs, **words, analyzer=analyzer,
+                                   mask_source=args.mask_source, min_psnr=args.min_psnr, notes=missing_pack)
+    paths = write_report(rows, summary, out, inputs)
+    print(format_table(rows, args.min_psnr))
+    print(f"minid validate: {summary['passing']} of {summary['pairs']} pairs reconstruct at ≥ {args.min_psnr:g} dB "
+          "(both images, after Stage 2)")
+    print("minid validate: wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from minid import images
     from minid.generation import generate
@@ -297,102 +338,28 @@ def cmd_checkpoint(argv: list[str]) -> int:
     return weights.main(argv, prog="minid", parser_class=Parser)
 
 
+# the sub-commands with options: name, help, the options (options.py), what runs
+COMMANDS = (
+    ("demo", "generate a portrait, edit it (identity drifts), restore it with EditedID", options.add_demo_args,
+     cmd_demo),
+    ("restore", "restore the original's face identity in an edited image", options.add_restore_args, cmd_restore),
+    ("calibrate", "restore every pair of a dataset manifest (CSV or JSON Lines); resumable",
+     options.add_calibrate_args, cmd_calibrate),
+    ("validate", "check the weights on (original, edited) pairs: Stage 2's reconstruction PSNR against 25 dB, "
+                 "the w schedule, Table 11's metrics, ID-Sim", options.add_validate_args, cmd_validate),
+    ("generate", "text to image with SD1.4", options.add_generate_args, cmd_generate),
+    ("eval", "ID similarity and PSNR over a folder of (original, edited, result) triples", options.add_eval_args,
+     cmd_eval),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="minid", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="generate a portrait, edit it (identity drifts), restore it with EditedID")
-    add_model_args(p)
-    add_method_args(p)
-    p.add_argument("--out", default="out/demo", help="folder for the images, masks, w schedule, maps")
-    p.add_argument("--prompt", default="a photo of a man", help="the portrait's prompt")
-    p.add_argument("--subject-word", default="man", help="the word of --prompt whose face drifts and is restored")
-    p.add_argument("--element", default="black glasses", help="what the edit adds: the edited prompt is "
-                                                               "'PROMPT wearing ELEMENT'")
-    p.add_argument("--element-word", default="glasses", help="the word of --element whose region the edit keeps")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace files of an earlier demo in --out (default: refuse to write over any file)")
-    p.add_argument("--paper-settings", action="store_true",
-                   help="on a CPU too: 20 generation steps and null-text inversion (hours at full size on a CPU)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("restore", help="restore the original's face identity in an edited image")
-    p.add_argument("--original", required=True, help="the photo whose identity is kept")
-    p.add_argument("--edited", required=True, help="the edited image whose face drifted")
-    p.add_argument("--prompt-original", required=True, help='e.g. "a photo of a man"')
-    p.add_argument("--prompt-edited", required=True, help='e.g. "a photo of a man wearing black glasses"')
-    p.add_argument("--id-words", nargs="+", required=True, help="identity words, e.g. man face")
-    p.add_argument("--element-words", nargs="*", default=[],
-                   help="edited elements, e.g. glasses (default: none; then --element-mask is needed)")
-    p.add_argument("--face-mask", help="PNG, white = face region of the original; 'none': IdGlow's mask-free mode "
-                                       "(identity through the cross-attention tokens only, no gating, no blending)")
-    p.add_argument("--regions", help="ConsistentID's fine-grained regions instead of a face mask, from the "
-                                     "original's landmarks: REGION=original|edited[:λ] joined by commas (regions "
-                                     "eyes, brows, nose, mouth, skin), e.g. eyes=original,mouth=edited, or a "
-                                     "JSON file")
-    p.add_argument("--element-mask", help="PNG, white = edited element region of the edited image")
-    p.add_argument("--out", required=True, help="output image, PNG or JPEG (never written over an input)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out and --save-intermediates files (default: refuse; inputs, masks "
-                        "included, are never written over)")
-    p.add_argument("--save-intermediates", metavar="DIR",
-                   help="write reconstructions, masks, the w schedule and attention maps here")
-    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
-                   help="face mask when --face-mask is not given: from the original's face landmarks (needs the "
-                        "face models) or from the cross-attention maps of the identity words (default: %(default)s)")
-    p.add_argument("--multi-face", action="store_true",
-                   help="restore every face: detect and pair faces in both images, restore all in one batch")
-    p.add_argument("--pairs", help="with --multi-face: which faces, as original:edited indices, e.g. 0:1,2:0")
-    add_face_args(p)
-    add_model_args(p)
-    add_method_args(p)
-    p.set_defaults(func=cmd_restore)
-
-    p = sub.add_parser("calibrate", help="restore every pair of a dataset manifest (CSV or JSON Lines); resumable")
-    p.add_argument("manifest", help="CSV or JSON Lines, one row per pair: original, edited, prompt_original, "
-                                    "prompt_edited, id_words, element_words, … (paths relative to the manifest)")
-    p.add_argument("--out", required=True, help="folder for results/<id>.png, results.jsonl/.csv, summary.json")
-    p.add_argument("--batch", type=number_type(int, 1), default=1, help="K: consecutive manifest rows restored in one batch")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local: this process; ray: Ray Data actors (pip install -e \".[scale]\")")
-    p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto); default: start Ray here")
-    p.add_argument("--num-workers", type=number_type(int, 1), default=1, help="ray: actors, each with one copy of the model")
-    p.add_argument("--gpus-per-worker", type=number_type(float, 0.0),
-                   help="ray: GPUs per actor (default: 1 with --device cuda or a GPU here, else 0)")
-    p.add_argument("--save-intermediates", action="store_true",
-                   help="also write each row's reconstructions, masks, w schedule and attention maps")
-    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
-                   help="face mask of a row without face_mask: the original's landmarks (face pack) or the "
-                        "cross-attention maps of its identity words")
-    p.add_argument("--id-sim", action="store_true",
-                   help="measure ID-Sim before and after with the face pack (always with --mask-source landmarks)")
-    add_face_args(p)
-    add_model_args(p)
-    add_method_args(p)
-    p.set_defaults(func=cmd_calibrate)
-
-    p = sub.add_parser("generate", help="text to image with SD1.4")
-    p.add_argument("--prompt", required=True, help="what to draw (SD1.4 reads its first 75 tokens)")
-    p.add_argument("--out", required=True, help="output image, PNG or JPEG")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
-    p.add_argument("--steps", type=number_type(int, 1, 1000), default=50, help="sampling steps, one UNet call each")
-    p.add_argument("--guidance", type=number_type(float, 0.0, low_open=True), default=7.5,
-                   help="classifier-free guidance scale")
-    p.add_argument("--solver", choices=("ddim", "dpm", "hybrid"), default="ddim",
-                   help="DDIM, DPM-Solver++ on every step, or EditedID's hybrid")
-    p.add_argument("--size", type=number_type(int, 64, multiple=8), default=512,
-                   help="side of the square image in pixels, a multiple of 8 of at least 64")
-    add_model_args(p)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("eval", help="ID similarity and PSNR over a folder of (original, edited, result) triples")
-    p.add_argument("folder", help="with original/, edited/ and result/ sub-folders of equally named images")
-    p.add_argument("--out", help="where metrics.csv and metrics.json go (default: the folder)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing metrics.csv and metrics.json (default: refuse)")
-    add_face_args(p)
-    p.set_defaults(func=cmd_eval)
-
+    for name, text, add_args, run in COMMANDS:
+        p = sub.add_parser(name, help=text)
+        add_args(p)
+        p.set_defaults(func=run)
     for name, text in (("download", "fetch and verify the SD1.4 weights"),
                        ("convert", "convert a pickle checkpoint to .safetensors"),
                        ("keymap", "print the hub -> single-file key map")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,6 +35,20 @@ def id_similarity(emb_a: Any, emb_b: Any) -> float | np.ndarray:
         raise ValueError("metrics.id_similarity: an embedding is all zeros; was the face found?")
     cos = (a * b).sum(-1) / (norm_a * norm_b)
     return float(cos) if cos.ndim == 0 else cos
+
+
+def id_similarities(analyzer: Any, original: Any, others: dict[str, Any]) -> tuple[dict[str, float | None], list[str]]:
+    """ID-Sim of the original's largest face with the largest face of each image of `others` ({name: image},
+    anything `analyzer.analyze` takes: PIL images, uint8 arrays): {name: cosine, or None where either face
+    or its embedding is missing}, and one note per image without a face or an embedding."""
+    faces = {}
+    for name, image in {"original": original, **others}.items():
+        found = analyzer.analyze(image)
+        faces[name] = max(found, key=lambda f: f.area) if found else None
+    missing = [n for n, f in faces.items() if f is None or f.embedding is None]
+    sims = {name: None if {"original", name} & set(missing) else
+            float(id_similarity(faces["original"].embedding, faces[name].embedding)) for name in others}
+    return sims, [f"ID-Sim: no face or no embedding in the {n} image" for n in missing]
 
 
 def psnr(a: Any, b: Any, data_range: float) -> float:
@@ -104,34 +119,43 @@ def _region_columns(images: dict[str, np.ndarray], faces_original: list) -> dict
     return {f"{r}_{s}": scores[r][s] for r in REGION_NAMES for s in ("psnr", "ssim")}
 
 
-def find_triples(folder: str | Path) -> tuple[list[tuple[str, dict[str, Path]]], list[str]]:
+def find_triples(folder: str | Path,
+                 roles: tuple[str, ...] = ROLES) -> tuple[list[tuple[str, dict[str, Path]]], list[str]]:
     """The (original, edited, result) image triples of an evaluation folder, and what is missing.
 
     Layout: three sub-folders `original/`, `edited/` and `result/` holding images with the same stem
-    (`original/0001.png`, `edited/0001.jpg`, `result/0001.png` form the triple "0001"); the stems of
-    `original/` drive the evaluation. Returns [(stem, {role: path})] sorted by stem, and one message per
-    stem that lacks an edited or result image.
+    (`original/0001.png`, `edited/0001.jpg`, `result/0001.png` form the triple "0001"); the stems of the
+    first role's folder drive the evaluation. `roles` names other sub-folders: ("original", "edited") gives
+    the pairs `minid validate` reads. Returns [(stem, {role: path})] sorted by stem, and one message per
+    stem that lacks an image of another role.
     """
     folder = Path(folder)
-    found: dict[str, dict[str, Path]] = {role: {} for role in ROLES}
-    for role in ROLES:
+    found: dict[str, dict[str, Path]] = {role: {} for role in roles}
+    for role in roles:
         sub = folder / role
         if not sub.is_dir():
             raise FileNotFoundError(
-                f"{sub} does not exist; an evaluation folder holds original/, edited/ and "
-                "result/ with images of the same name in each"
+                f"{sub} does not exist; the folder {folder} must hold {', '.join(r + '/' for r in roles)} with "
+                "images of the same name in each"
             )
         for path in sorted(sub.iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 found[role][path.stem] = path
     triples, missing = [], []
-    for stem in sorted(found["original"]):
-        lacking = [role for role in ROLES[1:] if stem not in found[role]]
+    for stem in sorted(found[roles[0]]):
+        lacking = [role for role in roles[1:] if stem not in found[role]]
         if lacking:
             missing.append(f"{stem}: no {' or '.join(lacking)} image")
         else:
-            triples.append((stem, {role: found[role][stem] for role in ROLES}))
+            triples.append((stem, {role: found[role][stem] for role in roles}))
     return triples, missing
+
+
+def column_stats(values: Sequence) -> dict:
+    """n, mean and median of the finite values of a table's column (None and NaN/inf left out; None when empty)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return {"n": len(finite), "mean": statistics.fmean(finite) if finite else None,
+            "median": statistics.median(finite) if finite else None}
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -2,7 +2,9 @@
 and face-pack options they share, and the method's options: one table (`METHOD_FLAGS`) from each flag to the
 field of `RestoreConfig` it sets, dotted through the nested configs. The parser takes its defaults and limits
 from the configs, and `method_config` builds the config from the parsed flags through the same table
-(`minid restore`, `minid demo`, `minid calibrate` and the calibration manifest's per-row overrides)."""
+(`minid restore`, `minid demo`, `minid calibrate`, `minid validate` and the calibration manifest's per-row
+overrides). Last, each sub-command's options (`add_restore_args`, …), which cli.py's `COMMANDS` attaches to
+the command that runs them."""
 
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ METHOD_FLAGS = {
     "--guidance": ("method.guidance", float, "classifier-free guidance scale s of reconstruction"),
     "--w0": ("method.mixing.w0", float, "initial mixing weight w_0 of Stage 1 (Eq. 2)"),
     "--w-lr": ("method.mixing.lr", float, "η, the step of w on the alignment loss normalised by D (default: from "
-                                          "N, the gap to 0.5 down to 5 % by the last free step: 0.066 at N = 6)"),
+                                          "N, the gap to 0.5 down to 5 %% by the last free step: 0.066 at N = 6)"),
     "--dpm-start": ("method.solver.dpm_start", int, "first DPM-Solver++ step τ_s (1-based from noise; negative "
                                                    "counts from the end, -1 = the last step)"),
     "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e (as --dpm-start)"),
@@ -108,7 +110,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
         elif path == "image_size":
             kind = number_type(int, MIN_IMAGE_SIZE, multiple=8)
         p.add_argument(flag, type=None if choices else kind, choices=choices, default=field_of(defaults, path),
-                       help=f"{text} (default: %(default)s)")
+                       help=text if "default" in text else f"{text} (default: %(default)s)")
 
 
 def method_config(args):
@@ -167,3 +169,126 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--face-root", help="folder of insightface model packs (default ~/.insightface or "
                                        "$MINID_INSIGHTFACE_ROOT)")
     p.add_argument("--download-faces", action="store_true", help="let insightface fetch the pack if missing")
+
+
+# ---- the options of each sub-command (cli.py runs them) ---------------------------------------------------
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    """The options of `minid demo`."""
+    add_model_args(p)
+    add_method_args(p)
+    p.add_argument("--out", default="out/demo", help="folder for the images, masks, w schedule, maps")
+    p.add_argument("--prompt", default="a photo of a man", help="the portrait's prompt")
+    p.add_argument("--subject-word", default="man", help="the word of --prompt whose face drifts and is restored")
+    p.add_argument("--element", default="black glasses", help="what the edit adds: the edited prompt is "
+                                                               "'PROMPT wearing ELEMENT'")
+    p.add_argument("--element-word", default="glasses", help="the word of --element whose region the edit keeps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of an earlier demo in --out (default: refuse to write over any file)")
+    p.add_argument("--paper-settings", action="store_true",
+                   help="on a CPU too: 20 generation steps and null-text inversion (hours at full size on a CPU)")
+
+
+def add_restore_args(p: argparse.ArgumentParser) -> None:
+    """The options of `minid restore`."""
+    p.add_argument("--original", required=True, help="the photo whose identity is kept")
+    p.add_argument("--edited", required=True, help="the edited image whose face drifted")
+    p.add_argument("--prompt-original", required=True, help='e.g. "a photo of a man"')
+    p.add_argument("--prompt-edited", required=True, help='e.g. "a photo of a man wearing black glasses"')
+    p.add_argument("--id-words", nargs="+", required=True, help="identity words, e.g. man face")
+    p.add_argument("--element-words", nargs="*", default=[],
+                   help="edited elements, e.g. glasses (default: none; then --element-mask is needed)")
+    p.add_argument("--face-mask", help="PNG, white = face region of the original; 'none': IdGlow's mask-free mode "
+                                       "(identity through the cross-attention tokens only, no gating, no blending)")
+    p.add_argument("--regions", help="ConsistentID's fine-grained regions instead of a face mask, from the "
+                                     "original's landmarks: REGION=original|edited[:λ] joined by commas (regions "
+                                     "eyes, brows, nose, mouth, skin), e.g. eyes=original,mouth=edited, or a "
+                                     "JSON file")
+    p.add_argument("--element-mask", help="PNG, white = edited element region of the edited image")
+    p.add_argument("--out", required=True, help="output image, PNG or JPEG (never written over an input)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out and --save-intermediates files (default: refuse; inputs, masks "
+                        "included, are never written over)")
+    p.add_argument("--save-intermediates", metavar="DIR",
+                   help="write reconstructions, masks, the w schedule and attention maps here")
+    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
+                   help="face mask when --face-mask is not given: from the original's face landmarks (needs the "
+                        "face models) or from the cross-attention maps of the identity words (default: %(default)s)")
+    p.add_argument("--multi-face", action="store_true",
+                   help="restore every face: detect and pair faces in both images, restore all in one batch")
+    p.add_argument("--pairs", help="with --multi-face: which faces, as original:edited indices, e.g. 0:1,2:0")
+    add_face_args(p)
+    add_model_args(p)
+    add_method_args(p)
+
+
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    """The options of `minid calibrate`."""
+    p.add_argument("manifest", help="CSV or JSON Lines, one row per pair: original, edited, prompt_original, "
+                                    "prompt_edited, id_words, element_words, … (paths relative to the manifest)")
+    p.add_argument("--out", required=True, help="folder for results/<id>.png, results.jsonl/.csv, summary.json")
+    p.add_argument("--batch", type=number_type(int, 1), default=1, help="K: consecutive manifest rows restored in one batch")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: Ray Data actors (pip install -e \".[scale]\")")
+    p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto); default: start Ray here")
+    p.add_argument("--num-workers", type=number_type(int, 1), default=1, help="ray: actors, each with one copy of the model")
+    p.add_argument("--gpus-per-worker", type=number_type(float, 0.0),
+                   help="ray: GPUs per actor (default: 1 with --device cuda or a GPU here, else 0)")
+    p.add_argument("--save-intermediates", action="store_true",
+                   help="also write each row's reconstructions, masks, w schedule and attention maps")
+    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
+                   help="face mask of a row without face_mask: the original's landmarks (face pack) or the "
+                        "cross-attention maps of its identity words")
+    p.add_argument("--id-sim", action="store_true",
+                   help="measure ID-Sim before and after with the face pack (always with --mask-source landmarks)")
+    add_face_args(p)
+    add_model_args(p)
+    add_method_args(p)
+
+
+def add_validate_args(p: argparse.ArgumentParser) -> None:
+    """The options of `minid validate`."""
+    p.add_argument("--pairs", required=True,
+                   help="folder with original/ and edited/ sub-folders of equally named images")
+    p.add_argument("--out", help="where validate.csv, .json, .md and .png go (default: the --pairs folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier validate in --out (default: refuse; inputs are never "
+                        "written over)")
+    p.add_argument("--prompt-original", default="a photo of a person", help="every original's prompt")
+    p.add_argument("--prompt-edited", default="a photo of a person", help="every edited image's prompt")
+    p.add_argument("--id-words", nargs="+", default=["person"], help="identity words, in both prompts")
+    p.add_argument("--element-words", nargs="*", default=[],
+                   help="edited elements, in --prompt-edited (default: none; then the face is restored and everything "
+                        "else is kept from the edit)")
+    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
+                   help="face mask: from the original's face landmarks (face models; without them, from attention) or "
+                        "from the cross-attention maps of the identity words")
+    p.add_argument("--min-psnr", type=number_type(float, 0.0), default=25.0,
+                   help="the PSNR, in dB, both reconstructions of a pair must reach (the paper's consistency bar)")
+    add_face_args(p)
+    add_model_args(p)
+    add_method_args(p)
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    """The options of `minid generate`."""
+    p.add_argument("--prompt", required=True, help="what to draw (SD1.4 reads its first 75 tokens)")
+    p.add_argument("--out", required=True, help="output image, PNG or JPEG")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    p.add_argument("--steps", type=number_type(int, 1, 1000), default=50, help="sampling steps, one UNet call each")
+    p.add_argument("--guidance", type=number_type(float, 0.0, low_open=True), default=7.5,
+                   help="classifier-free guidance scale")
+    p.add_argument("--solver", choices=("ddim", "dpm", "hybrid"), default="ddim",
+                   help="DDIM, DPM-Solver++ on every step, or EditedID's hybrid")
+    p.add_argument("--size", type=number_type(int, 64, multiple=8), default=512,
+                   help="side of the square image in pixels, a multiple of 8 of at least 64")
+    add_model_args(p)
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The options of `minid eval`."""
+    p.add_argument("folder", help="with original/, edited/ and result/ sub-folders of equally named images")
+    p.add_argument("--out", help="where metrics.csv and metrics.json go (default: the folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing metrics.csv and metrics.json (default: refuse)")
+    add_face_args(p)

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from minid import images, masks
 
+
+def json_safe(record: dict) -> dict:
+    """A record's infinite floats (the PSNR of an exact reconstruction) as the strings "inf" / "-inf": JSON has
+    no infinity."""
+    return {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in record.items()}
 
 def _font(size: int = 12):
     """PIL's built-in font at `size` px (scalable with FreeType, Pillow ≥ 10.1; else its fixed bitmap font)."""
@@ -39,9 +45,9 @@ def plot_identity_schedule(values: list[float], size: tuple[int, int] = (480, 30
 
 
 def plot_series(values: list[float], title: str, y_name: str, y_max: float, x_title: str,
-                size: tuple[int, int] = (480, 300)):
+                size: tuple[int, int] = (480, 300), bar: float | None = None):
     """A line plot drawn with PIL: step on x (1 … N), the value on y from 0 to `y_max`, with five y ticks,
-    grid lines and axis titles."""
+    grid lines and axis titles; `bar`: a horizontal green line at that value (a threshold to clear)."""
     from PIL import Image, ImageDraw
 
     w_px, h_px = size
@@ -65,6 +71,9 @@ def plot_series(values: list[float], title: str, y_name: str, y_max: float, x_ti
         draw.line([x, bottom, x, bottom + (5 if (i - 1) % every == 0 or i == n else 3)], fill=ink)
         if (i - 1) % every == 0 or i == n:
             draw.text((x, bottom + 7), str(i), fill=ink, font=small, anchor="mt")
+    if bar is not None:
+        y = bottom - min(max(bar / y_max, 0), 1) * (bottom - top)
+        draw.line([left, y, right, y], fill=(30, 140, 30), width=2)
     draw.rectangle([left, top, right, bottom], outline=ink)
     draw.text(((left + right) / 2, h_px - 6), x_title, fill=ink, font=small, anchor="mb")
     draw.text((6, top - 14), y_name, fill=ink, font=font)

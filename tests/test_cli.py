@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from minid import cli
+from minid.options import METHOD_FLAGS
 from minid.faces import FaceAnalyzer
 from minid.images import tensor_to_pil
 from minid.metrics import id_similarity
@@ -146,8 +148,22 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     text = capsys.readouterr().out
-    for command in ("demo", "restore", "generate", "eval", "download", "convert", "keymap"):
+    for command in ("demo", "restore", "calibrate", "validate", "generate", "eval", "download", "convert",
+                    "keymap"):
         assert command in text, f"{command} missing from --help"
+
+
+@pytest.mark.parametrize("command", ["demo", "restore", "calibrate", "validate", "generate", "eval"])
+def test_every_commands_help_prints_each_default_once(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    options = capsys.readouterr().out.split("options:")[-1]
+    entries = {" ".join(e.split()).split(" ")[0]: " ".join(e.split())  # one per option, its wrapped help joined
+               for e in re.split(r"\n(?=  -)", options) if e.strip().startswith("-")}
+    for flag in (METHOD_FLAGS if command in ("demo", "restore", "calibrate", "validate") else ()):
+        shown = entries[flag]
+        assert shown.count("default") == 1, f"minid {command} --help, {flag}: {shown!r}"
 
 
 def test_checkpoint_commands_are_forwarded(capsys):
