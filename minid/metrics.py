@@ -159,8 +159,7 @@ def column_stats(values: Sequence) -> dict:
 
 
 def _mean(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
+    return column_stats(values)["mean"]
 
 
 def evaluate_folder(
