@@ -173,6 +173,11 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
 
 # ---- the options of each sub-command (cli.py runs them) ---------------------------------------------------
 
+def add_mask_source_arg(p: argparse.ArgumentParser, text: str) -> None:
+    """--mask-source, where a face mask comes from when none is given; `text`: its help in the command's words."""
+    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks", help=text)
+
+
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     """The options of `minid demo`."""
     add_model_args(p)
@@ -211,9 +216,9 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
                         "included, are never written over)")
     p.add_argument("--save-intermediates", metavar="DIR",
                    help="write reconstructions, masks, the w schedule and attention maps here")
-    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
-                   help="face mask when --face-mask is not given: from the original's face landmarks (needs the "
-                        "face models) or from the cross-attention maps of the identity words (default: %(default)s)")
+    add_mask_source_arg(p, "face mask when --face-mask is not given: from the original's face landmarks (needs "
+                           "the face models) or from the cross-attention maps of the identity words (default: "
+                           "%(default)s)")
     p.add_argument("--multi-face", action="store_true",
                    help="restore every face: detect and pair faces in both images, restore all in one batch")
     p.add_argument("--pairs", help="with --multi-face: which faces, as original:edited indices, e.g. 0:1,2:0")
@@ -236,9 +241,8 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
                    help="ray: GPUs per actor (default: 1 with --device cuda or a GPU here, else 0)")
     p.add_argument("--save-intermediates", action="store_true",
                    help="also write each row's reconstructions, masks, w schedule and attention maps")
-    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
-                   help="face mask of a row without face_mask: the original's landmarks (face pack) or the "
-                        "cross-attention maps of its identity words")
+    add_mask_source_arg(p, "face mask of a row without face_mask: the original's landmarks (face pack) or the "
+                           "cross-attention maps of its identity words")
     p.add_argument("--id-sim", action="store_true",
                    help="measure ID-Sim before and after with the face pack (always with --mask-source landmarks)")
     add_face_args(p)
@@ -260,9 +264,8 @@ def add_validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--element-words", nargs="*", default=[],
                    help="edited elements, in --prompt-edited (default: none; then the face is restored and everything "
                         "else is kept from the edit)")
-    p.add_argument("--mask-source", choices=("landmarks", "attention"), default="landmarks",
-                   help="face mask: from the original's face landmarks (face models; without them, from attention) or "
-                        "from the cross-attention maps of the identity words")
+    add_mask_source_arg(p, "face mask: from the original's face landmarks (face models; without them, from "
+                           "attention) or from the cross-attention maps of the identity words")
     p.add_argument("--min-psnr", type=number_type(float, 0.0), default=25.0,
                    help="the PSNR, in dB, both reconstructions of a pair must reach (the paper's consistency bar)")
     add_face_args(p)
