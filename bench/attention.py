@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from minid.attention import masked_multi_source, token_replace
+from minid.kernels.dispatch import masked_multi_source, token_replace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = 8

@@ -53,7 +53,7 @@ def write_hub(root: Path) -> Path:
 
 
 def write_manifest(folder: Path, rows: int) -> Path:
-    from minid.images import tensor_to_pil
+    from minid.imaging.images import tensor_to_pil
 
     (folder / "images").mkdir(parents=True)
     lines = ["original,edited,prompt_original,prompt_edited,id_words,element_words"]
@@ -66,7 +66,7 @@ def write_manifest(folder: Path, rows: int) -> Path:
 
 
 def time_job(manifest: Path, hub: Path, config, work: Path) -> tuple[float, bytes]:
-    from minid.calibration import calibrate
+    from minid.dataset.job import calibrate
 
     out = Path(tempfile.mkdtemp(dir=work))
     t0 = time.perf_counter()
@@ -91,9 +91,9 @@ def main(argv=None) -> int:
 
     import ray
 
-    from minid.calibration import CalibrateConfig
-    from minid.options import with_fields as _with
-    from minid.restore import RestoreConfig
+    from minid.dataset.job import CalibrateConfig
+    from minid.restore.config import with_fields as _with
+    from minid.restore.config import RestoreConfig
 
     restore = _with(RestoreConfig(), {"method.solver.num_steps": args.steps,
                                       "method.solver.dpm_start": min(5, args.steps),

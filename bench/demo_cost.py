@@ -4,7 +4,7 @@
 
 Measures the time one image takes through the full-size SD1.4 UNet (a batch of two, the median of a few calls
 after a warm-up; random weights, the architecture of the published files), then multiplies it by the number of
-UNet images each demo path runs (`generation.demo_unet_images`, which a test checks against the calls the demo
+UNet images each demo path runs (`minid.app.demo.demo_unet_images`, which a test checks against the calls the demo
 really makes): the paper's settings (20 generation steps, null-text inversion at its most: 10 updates per step)
 and the CPU path the demo takes without a GPU (10 generation steps, direct inversion).
 Writes bench/results/demo_cost_<device>.md.
@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from minid.config import UNetConfig
-    from minid.editedid import EditedIDConfig
-    from minid.generation import demo_settings, demo_unet_images
-    from minid.unet import UNet
+    from minid.models.config import UNetConfig
+    from minid.method.editedid import EditedIDConfig
+    from minid.app.demo import demo_settings, demo_unet_images
+    from minid.models.unet import UNet
 
     torch.manual_seed(0)
     unet = UNet(UNetConfig()).eval().requires_grad_(False).to(args.device)

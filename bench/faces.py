@@ -43,7 +43,7 @@ def smooth_image(seed: int, size: int) -> torch.Tensor:
 
 
 def time_batch(pipe, k: int, size: int, repeats: int, sync) -> list[float]:
-    from minid.inputs import RestorePair
+    from minid.restore.inputs import RestorePair
 
     pairs = [RestorePair(smooth_image(2 * i, size), smooth_image(2 * i + 1, size), P_O, P_E, ["man"], ["glasses"])
              for i in range(k)]
@@ -70,10 +70,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from minid.editedid import EditedIDConfig
-    from minid.inversion import NullTextConfig
-    from minid.restore import EditedID, RestoreConfig
-    from minid.plans import HybridSchedule
+    from minid.method.editedid import EditedIDConfig
+    from minid.method.null_text import NullTextConfig
+    from minid.restore.pipeline import EditedID
+    from minid.restore.config import RestoreConfig
+    from minid.sampling.hybrid import HybridSchedule
 
     device = torch.device(args.device)
     sd, _ = minid_stack(args.full)

@@ -1,4 +1,4 @@
-"""Load time and peak memory of minid.checkpoint on full-size SD1.4 files (random values, published layouts).
+"""Load time and peak memory of minid.loading.checkpoint on full-size SD1.4 files (random values, published layouts).
 
 Each case runs in a fresh subprocess; its peak RSS (`resource.getrusage(...).ru_maxrss`) minus the RSS after
 the imports is the memory the load itself needed, compared with the size of the loaded weights.
@@ -31,8 +31,8 @@ STACK = ("unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch
 # Run in the subprocess: baseline after imports, the load, then peak RSS and timing as JSON on stdout.
 CHILD = r"""
 import json, resource, sys, time, torch
-from minid import checkpoint as C
-import minid.unet, minid.vae, minid.clip, minid.tokenizer
+from minid.loading import checkpoint as C
+import minid.models.unet, minid.models.vae, minid.models.clip, minid.models.tokenizer
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 what, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def main() -> None:
 
     import safetensors
 
-    header = ["# minid.checkpoint: load time and peak memory (CPU)", "",
+    header = ["# minid.loading.checkpoint: load time and peak memory (CPU)", "",
               f"{datetime.date.today().isoformat()}; {platform.platform()}; {platform.processor() or 'cpu'}, "
               f"{torch.get_num_threads()} threads; Python {platform.python_version()}, torch {torch.__version__}, "
               f"safetensors {safetensors.__version__}. Random values in the published layouts; each case in a "

@@ -21,7 +21,7 @@ checked at start-up), and records D_j and w_j per step.
 
 Fig. 14 (paper A.8): reconstruction PSNR of both images after Stage 1 and Stage 2 (null-text optimisation,
 `inversion.null_text_optimization`, guidance 7.5, Mokady's settings), against w_0 ∈ {0.02, 0.04, 0.06, 0.08,
-0.1, 0.3, 0.5} at 10 and 20 steps (and 6, the default), for pairs that differ only in a "face" region (minid/toy.py
+0.1, 0.3, 0.5} at 10 and 20 steps (and 6, the default), for pairs that differ only in a "face" region (minid/sampling/toy.py
 `edit_region`: a 3×3 patch of the 8×8 latent, all 4 channels, 14 % of the values, redrawn from the Gaussian
 conditional of the same component, same prompt) and for pairs that differ everywhere (two independent latents
 of two components, two prompts). The hybrid plan puts DPM-Solver++ on the last two steps.
@@ -49,11 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from unet_forward import cpu_model  # noqa: E402
 
-from minid.inversion import (MixingConfig, NullTextConfig, adaptive_mixing_inversion,  # noqa: E402
-                             null_text_optimization)
-from minid.plans import HybridSchedule, Plan, hybrid_plan  # noqa: E402
-from minid.samplers import invert_loop  # noqa: E402
-from minid.toy import GaussianMixtureModel  # noqa: E402
+from minid.imaging.metrics import psnr  # noqa: E402
+from minid.method.mixing import MixingConfig, adaptive_mixing_inversion  # noqa: E402
+from minid.method.null_text import NullTextConfig, null_text_optimization
+from minid.sampling.hybrid import HybridSchedule, hybrid_plan  # noqa: E402
+from minid.sampling.plans import Plan
+from minid.sampling.samplers import invert_loop  # noqa: E402
+from minid.sampling.toy import GaussianMixtureModel  # noqa: E402
 
 W0S = (0.02, 0.04, 0.06, 0.08, 0.1, 0.3, 0.5)  # Fig. 14's grid
 
@@ -180,8 +182,8 @@ def restore(model, plan, x_o, x_e, cond_o, cond_e, rule: MixingRule | None):
     res = null_text_optimization(model, plan, pivots, torch.cat([cond_o, cond_e]), model.null_prompt(), 7.5,
                                  NullTextConfig(), z_T=z_t)
     k = x_o.shape[0]
-    psnr_o = [model.psnr(res.z0[i], x_o[i]) for i in range(k)]
-    psnr_e = [model.psnr(res.z0[k + i], x_e[i]) for i in range(k)]
+    psnr_o = [psnr(res.z0[i], x_o[i], model.data_range) for i in range(k)]
+    psnr_e = [psnr(res.z0[k + i], x_e[i], model.data_range) for i in range(k)]
     return psnr_o, psnr_e, stage1
 
 
@@ -261,7 +263,7 @@ def main() -> None:
         f"{time.perf_counter() - start_time:.0f} s",
         f"- CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}",
-        f"- model: minid.toy.GaussianMixtureModel() (K = {model.num_components}, d = {model.dim}), {args.pairs} "
+        f"- model: minid.sampling.toy.GaussianMixtureModel() (K = {model.num_components}, d = {model.dim}), {args.pairs} "
         "pairs of each kind, float64; hybrid plan with DPM-Solver++ on the last two steps (logSNR); Stage 2: "
         "`null_text_optimization`, guidance 7.5, `NullTextConfig()`; PSNR over the toy's data range "
         f"{model.data_range:.3f}",

@@ -1,10 +1,10 @@
 """The whole EditedID restore: per-stage time and peak memory, minid vs a straightforward diffusers version.
 
-Both sides run the same algorithm with the same loops (`minid.editedid.EditedID`: the solver math, the
+Both sides run the same algorithm with the same loops (`minid.method.editedid.EditedID`: the solver math, the
 null-text optimisation, the masks, the blending are shared code) on the same random weights; what differs is
 the model stack and the attention:
 - minid: minid's CLIP, UNet and VAE; attention through the seam, edits with the fused ops of
-  `minid.attention` (chunked PyTorch on CPU, Triton on CUDA), which never write a self-attention map.
+  `minid.models.attention` (chunked PyTorch on CPU, Triton on CUDA), which never write a self-attention map.
 - reference: transformers' CLIPTextModel, diffusers' UNet2DConditionModel and AutoencoderKL holding the same
   state dicts, with attention processors that compute every attention map P = softmax(q kᵀ/√d) in memory and
   edit P itself (rows of T's self-attention map mixed from O/E/T, token columns copied between maps) before
@@ -47,7 +47,7 @@ P_E = "a photo of a man wearing black glasses"
 # ---- model stacks with shared random weights ---------------------------------------------------------------
 
 def configs(full: bool):
-    from minid.config import CLIPTextConfig, UNetConfig, VAEConfig
+    from minid.models.config import CLIPTextConfig, UNetConfig, VAEConfig
 
     if full:
         return (CLIPTextConfig.from_dict(json.loads((SD14_HUB / "text_encoder" / "config.json").read_text())),
@@ -74,11 +74,11 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def minid_stack(full: bool):
-    from minid.checkpoint import StableDiffusion
-    from minid.clip import CLIPTextModel
-    from minid.tokenizer import CLIPTokenizer
-    from minid.unet import UNet
-    from minid.vae import VAE
+    from minid.loading.checkpoint import StableDiffusion
+    from minid.models.clip import CLIPTextModel
+    from minid.models.tokenizer import CLIPTokenizer
+    from minid.models.unet import UNet
+    from minid.models.vae import VAE
 
     clip_cfg, unet_cfg, vae_cfg, size = configs(full)
     return StableDiffusion(tokenizer=CLIPTokenizer.default(),
@@ -110,8 +110,8 @@ class _RefVAE(torch.nn.Module):
 
 def naive_attention(q, k, v, site, controller):
     """Attention with the map in memory, and every edit made on the map (the reference's way)."""
-    from minid.control import AttentionStore
-    from minid.gating import EditedIDGating, GatingGroup
+    from minid.method.control import AttentionStore
+    from minid.method.gating import EditedIDGating, GatingGroup
 
     step = 0
     if isinstance(controller, functools.partial):  # `control.at_step`: the controller and the step it is at
@@ -189,7 +189,7 @@ class RefUNet(torch.nn.Module):
 
     def __init__(self, model, cfg):
         super().__init__()
-        from minid.attention import Site
+        from minid.models.attention import Site
 
         self.model = model
         self.cfg = cfg
@@ -224,7 +224,7 @@ def reference_stack(full: bool):
     import diffusers
     import transformers
 
-    from minid.checkpoint import StableDiffusion
+    from minid.loading.checkpoint import StableDiffusion
 
     sd, size = minid_stack(full)  # the weights to copy
     clip_cfg, unet_cfg, vae_cfg, _ = configs(full)
@@ -301,9 +301,10 @@ class StageMeter:
 
 
 def run_one(impl: str, device: str, full: bool, inner_steps: int, out_json: Path) -> None:
-    from minid.editedid import EditedIDConfig
-    from minid.inversion import NullTextConfig
-    from minid.restore import EditedID, RestoreConfig
+    from minid.method.editedid import EditedIDConfig
+    from minid.method.null_text import NullTextConfig
+    from minid.restore.pipeline import EditedID
+    from minid.restore.config import RestoreConfig
 
     torch.manual_seed(0)
     sd, size = (minid_stack if impl == "minid" else reference_stack)(full)

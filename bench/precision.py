@@ -7,7 +7,7 @@ one step so that the guided step lands on the pivot:
 
 and stops once L < 1e-5 + i·2e-5. Near the stop, the residual Step − pivot is ~3e-3 per value, a few fp16 ulps
 of a latent of size 1: rounding in the step or in ε can then turn the gradient. Measured here on the full-size
-SD1.4 UNet (minid.unet.UNet(UNetConfig())) with random weights (seeded: N(0, 1/fan_in) for matrices and convs,
+SD1.4 UNet (minid.models.unet.UNet(UNetConfig())) with random weights (seeded: N(0, 1/fan_in) for matrices and convs,
 N(0, 0.01) for vectors, as bench/unet_forward.py), batch 1, a small latent, on the CPU:
 
 1. the loss each policy computes at the exact optimum (true loss 0): the floor its rounding puts under
@@ -57,12 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from unet_forward import cpu_model  # noqa: E402
 
-from minid.config import UNetConfig  # noqa: E402
-from minid.inversion import NullTextConfig, null_text_optimization  # noqa: E402
-from minid.plans import DDIM, Plan, PlanStep, hybrid_plan  # noqa: E402
-from minid.samplers import SolverState, cfg, hybrid_step  # noqa: E402
-from minid.schedule import NoiseSchedule  # noqa: E402
-from minid.unet import UNet  # noqa: E402
+from minid.models.config import UNetConfig  # noqa: E402
+from minid.method.null_text import NullTextConfig, null_text_optimization  # noqa: E402
+from minid.sampling.plans import DDIM, Plan, PlanStep  # noqa: E402
+from minid.sampling.hybrid import hybrid_plan
+from minid.sampling.samplers import SolverState, cfg, hybrid_step  # noqa: E402
+from minid.sampling.schedule import NoiseSchedule  # noqa: E402
+from minid.models.unet import UNet  # noqa: E402
 
 GUIDANCE = 7.5
 LEVELS = (1e-3, 1e-4, 1e-5)  # initial losses: 100×, 10× and 1× the first step's threshold
@@ -296,7 +297,7 @@ def main() -> None:
         f"{time.perf_counter() - start_time:.0f} s",
         f"- CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- minid.unet.UNet(UNetConfig()), {params / 1e6:.0f} M parameters, N(0, 1/fan_in) weights (seed 0); latent "
+        f"- minid.models.unet.UNet(UNetConfig()), {params / 1e6:.0f} M parameters, N(0, 1/fan_in) weights (seed 0); latent "
         f"{s}×{s}, batch 1; context and ∅ N(0, 1) (1, 77, 768); guidance {GUIDANCE}; the step: DDIM "
         f"{plan.steps[0].t:g} → {plan.steps[0].s:.2f} (the default plan's 4th)",
         "- policies as in the bench/precision.py docstring; the reference is the same computation in float64",

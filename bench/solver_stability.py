@@ -2,11 +2,11 @@
 
 Every plan is run as Table 11 runs it: inversion of clean latents, then reconstruction from the end of the
 inversion, with the same plan backwards and forwards (docs/editedid.md, Samplers; paper Eq. 5-6). The model
-is minid/toy.py's Gaussian mixture, whose ε is exact, so every error below is the solvers' own. Guidance is 1
+is minid/sampling/toy.py's Gaussian mixture, whose ε is exact, so every error below is the solvers' own. Guidance is 1
 (the conditional prompt only) in both passes and there is no null-text optimisation: what is measured is what
 Stage 2 would have to absorb.
 
-Metrics, per latent, then mean ± sd over the latents (Table 11's columns, `minid.validate.trajectory_metrics`,
+Metrics, per latent, then mean ± sd over the latents (Table 11's columns, `minid.app.validate.trajectory_metrics`,
 which `minid validate` computes on real latents; the paper's scale factors were lost in extraction, so only the
 ordering is comparable):
 - cumulative MSE: Σ_j mean((ẑ_j − z_j)²) over the levels j = 0 … N−1 of the plan, ẑ the reconstruction and
@@ -51,11 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from unet_forward import cpu_model  # noqa: E402
 
-from minid.plans import HybridSchedule, Plan, ddim_plan, dpm_solver_plan, hybrid_plan  # noqa: E402
-from minid.samplers import sample_loop  # noqa: E402
-from minid.schedule import CLEAN, DPM_SPACINGS, NoiseSchedule  # noqa: E402
-from minid.toy import GaussianMixtureModel  # noqa: E402
-from minid.validate import round_trip, trajectory_metrics  # noqa: E402
+from minid.sampling.hybrid import HybridSchedule, hybrid_plan  # noqa: E402
+from minid.sampling.plans import Plan, ddim_plan, dpm_solver_plan
+from minid.sampling.samplers import sample_loop  # noqa: E402
+from minid.sampling.schedule import CLEAN, DPM_SPACINGS, NoiseSchedule  # noqa: E402
+from minid.sampling.toy import GaussianMixtureModel  # noqa: E402
+from minid.app.validate import round_trip, trajectory_metrics  # noqa: E402
 
 
 def plans(schedule: NoiseSchedule, n: int) -> list[tuple[str, Plan, bool]]:
@@ -73,7 +74,7 @@ def plans(schedule: NoiseSchedule, n: int) -> list[tuple[str, Plan, bool]]:
 
 
 def metrics(model, plan, x0, context, exact_t, exact_start, exact_end) -> dict[str, list[float]]:
-    """Table 11's metrics of the round trip of x0 (minid.validate: the same as `minid validate` on real latents;
+    """Table 11's metrics of the round trip of x0 (minid.app.validate: the same as `minid validate` on real latents;
     PSNR over the toy's data range), and the sample RMS against the exact flow."""
 
     def eps(z, timestep, i, land):  # guidance 1: the conditional prompt only
@@ -163,7 +164,7 @@ def main() -> None:
         f"{time.perf_counter() - start_time:.0f} s",
         f"- CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}",
-        f"- model: minid.toy.GaussianMixtureModel() (K = {model.num_components} components, d = {model.dim}, rank "
+        f"- model: minid.sampling.toy.GaussianMixtureModel() (K = {model.num_components} components, d = {model.dim}, rank "
         f"{model.config.rank} + diagonal detail variances {model.config.detail_min:g} … {model.config.detail_max:g}, "
         f"prompt strength {model.config.prompt_strength}), {args.samples} latents (seed 0), float64, "
         "guidance 1 both ways, no null-text",

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import diffusers
-from minid.config import UNetConfig
-from minid.unet import UNet
+from minid.models.config import UNetConfig
+from minid.models.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
 SD14_UNET_CONFIG = REPO / "tests" / "data" / "sd14" / "hub" / "unet" / "config.json"

@@ -18,7 +18,7 @@ probability distribution because the weights of the row sum to 1.
 Caution:
 - a source whose weights are zero over a whole query block is skipped (no loads, no matmuls). Masks are
   spatially coherent, so most blocks of a 64×64 layer read one or two sources, not three.
-- weights are fp32 (B, S, Nq), possibly broadcast over B with stride 0; the wrapper in minid/attention.py
+- weights are fp32 (B, S, Nq), possibly broadcast over B with stride 0; the wrapper in kernels/dispatch.py
   checks that rows sum to 1, the kernel does not.
 - all sources share B, h, N, d; keys and values of the sources may differ (that is the point).
 """

@@ -16,7 +16,7 @@ log-sum-exp of kernels/flash_attention.py), so P'[p, j] = exp(q_b[p] · k_b[toke
 Caution:
 - P' is NOT renormalised (as in prompt-to-prompt): its rows sum to 1 only when no token is replaced.
 - all branches share B, h, Nq, Nk, d (77 text tokens each); `src_token` indexes the source's own tokens,
-  so aligning words between two prompts is the caller's job (minid.tokenizer gives the positions).
+  so aligning words between two prompts is the caller's job (minid.models.tokenizer gives the positions).
 - the first pass computes each branch's full forward only for its LSE; for Nk = 77 that is cheap.
 """
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minid.tokenizer import DEFAULT_FOLDER as TOKENIZER_FILES
+from minid.models.tokenizer import DEFAULT_FOLDER as TOKENIZER_FILES
 
 # Without a GPU, the Triton kernels run in Triton's interpreter. Triton reads this when it is first imported
 # (which may happen inside a reference library), so it is set here, before any test module is collected.

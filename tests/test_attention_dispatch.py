@@ -1,4 +1,5 @@
-"""minid/attention.py: the seam, backend dispatch, argument checks and gradients through every path."""
+"""The attention seam (minid/models/attention.py) and the ops of kernels/dispatch.py: backend dispatch, argument
+checks and gradients through every path."""
 
 import os
 
@@ -11,8 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from minid.attention import (Site, attention, attention_with_map, masked_multi_source,  # noqa: E402
-                             token_replace)
+from minid.models.attention import Site, attention
+from minid.kernels.dispatch import attention_with_map, masked_multi_source, token_replace
 from minid.kernels.flash_attention import attention_reference  # noqa: E402
 from minid.kernels.multi_source import multi_source_reference  # noqa: E402
 from minid.kernels.runtime import triton_available  # noqa: E402
@@ -128,10 +129,10 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 def test_importing_minid_attention_does_not_import_triton():
     """Triton is imported at the first kernel launch, so TRITON_INTERPRET can still be set after these imports."""
-    result = run_python("import sys, minid.attention, minid.kernels.flash_attention, minid.kernels.multi_source, "
+    result = run_python("import sys, minid.models.attention, minid.kernels.dispatch, minid.kernels.flash_attention, minid.kernels.multi_source, "
                         "minid.kernels.token_replace; print('triton' in sys.modules)")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False", "minid.attention must import triton lazily"
+    assert result.stdout.strip() == "False", "minid.models.attention must import triton lazily"
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -139,7 +140,7 @@ def test_interpreter_variable_set_after_minid_import_still_works():
     """A process that imported minid (and the kernel modules) first can still run the kernels interpreted."""
     code = (
         "import os, torch\n"
-        "import minid.attention as a, minid.kernels.flash_attention, minid.kernels.multi_source\n"
+        "import minid.kernels.dispatch as a, minid.kernels.flash_attention, minid.kernels.multi_source\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "q = torch.randn(1, 2, 33, 8)\n"
         "out, _, _ = a.attention_with_map(q, q, q, want_map=False, backend='triton')\n"

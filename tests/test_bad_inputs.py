@@ -24,8 +24,14 @@ import pytest
 import torch
 from PIL import Image
 
-from minid import checkpoint, cli, images, options
-from minid.images import tensor_to_pil
+from minid.loading.files import write_text_atomic
+from minid.app import cli
+from minid.restore.config import METHOD_FLAGS
+
+from minid.imaging import images
+
+from minid.loading import checkpoint
+from minid.imaging.images import tensor_to_pil
 from tiny_models import IMAGE_SIZE, random_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -544,9 +550,9 @@ def test_the_case_count():
 
 
 def _check(**over):
-    from minid.restore import RestoreConfig
-    from minid.inputs import RestorePair, check_pair
-    from minid.tokenizer import CLIPTokenizer
+    from minid.restore.config import RestoreConfig
+    from minid.restore.inputs import RestorePair, check_pair
+    from minid.models.tokenizer import CLIPTokenizer
 
     config = over.pop("config", None) or RestoreConfig(image_size=IMAGE_SIZE)
     pair = dict(original=random_image(1), edited=random_image(2), prompt_original=PROMPT_O, prompt_edited=PROMPT_E,
@@ -556,11 +562,12 @@ def _check(**over):
 
 
 def _configs():
-    from minid.editedid import EditedIDConfig
-    from minid.gating import GatingConfig
-    from minid.inversion import MixingConfig, NullTextConfig
-    from minid.plans import HybridSchedule
-    from minid.restore import RestoreConfig
+    from minid.method.editedid import EditedIDConfig
+    from minid.method.gating import GatingConfig
+    from minid.method.mixing import MixingConfig
+    from minid.method.null_text import NullTextConfig
+    from minid.sampling.hybrid import HybridSchedule
+    from minid.restore.config import RestoreConfig
 
     nan = float("nan")
     return {
@@ -631,7 +638,7 @@ def _loading(tiny_hub):
 
 
 def _generating(tiny_sd):
-    from minid.generation import generate
+    from minid.sampling.text_to_image import generate
 
     return {
         "generate size 0": (lambda: generate(tiny_sd, "a man", num_steps=1, size=0), ValueError, "size"),
@@ -677,9 +684,9 @@ def test_a_long_prompt_is_cut_off_with_a_note():
 
 
 def test_masks_are_inputs_of_the_run(tmp_path):
-    from minid.restore import RestoreConfig
-    from minid.inputs import RestorePair, check_pair
-    from minid.tokenizer import CLIPTokenizer
+    from minid.restore.config import RestoreConfig
+    from minid.restore.inputs import RestorePair, check_pair
+    from minid.models.tokenizer import CLIPTokenizer
 
     mask = _mask(tmp_path / "face.png")
     job = check_pair(RestorePair(random_image(1), random_image(2), PROMPT_O, PROMPT_E, ["man"], ["glasses"],
@@ -691,10 +698,10 @@ def test_masks_are_inputs_of_the_run(tmp_path):
 
 def test_cli_and_config_share_the_limits():
     """Each method flag's limits are the config's: a value just outside the flag's range is refused by both."""
-    from minid.editedid import NUMBER_LIMITS
+    from minid.method.editedid import NUMBER_LIMITS
 
     for path, (kind, low, high, low_open) in NUMBER_LIMITS.items():
-        flag = next((f for f, (p, _, _) in options.METHOD_FLAGS.items() if p == "method." + path), None)
+        flag = next((f for f, (p, _, _) in METHOD_FLAGS.items() if p == "method." + path), None)
         if flag is None:
             continue
         parse = next(a.type for a in cli.build_parser()._subparsers._group_actions[0].choices["restore"]._actions
@@ -714,7 +721,7 @@ def test_a_new_output_has_the_mode_of_a_plain_write(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         path = images.save_image(random_image(1), tmp_path / "out.png")
-        text = images.write_text_atomic(tmp_path / "out.json", "{}")
+        text = write_text_atomic(tmp_path / "out.json", "{}")
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == mode, oct(path.stat().st_mode & 0o777)
@@ -729,7 +736,7 @@ def test_an_overwritten_output_keeps_its_mode(tmp_path):
 
 
 def test_convert_keeps_the_mode_of_what_it_overwrites(tmp_path):
-    from minid.weights import convert
+    from minid.loading.download import convert
 
     torch.save({"w": torch.ones(2)}, tmp_path / "x.pt")
     convert(tmp_path / "x.pt", tmp_path / "x.safetensors", log=lambda s: None)
@@ -775,7 +782,7 @@ def test_the_weights_commands_say_minid_in_their_usage(command, capsys):
 
 
 def test_download_fetches_what_this_machine_runs():
-    from minid.weights import default_precision
+    from minid.loading.download import default_precision
 
     assert default_precision() == ("fp16" if torch.cuda.is_available() else "fp32")
 
@@ -797,7 +804,7 @@ def test_the_faces_extra_installs_one_onnxruntime():
 
 def test_onnxruntime_is_not_offered_cuda_where_torch_sees_no_gpu(monkeypatch):
     ort = pytest.importorskip("onnxruntime")
-    from minid import faces
+    from minid.faces import analyzer as faces
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -813,7 +820,7 @@ def _dark(img: Image.Image, box) -> int:
 
 
 def test_the_w_schedule_plot_has_ticks_and_axis_titles():
-    from minid.report import plot_w_schedule
+    from minid.restore.report import plot_w_schedule
 
     img = plot_w_schedule([0.04, 0.2, 0.33, 0.41, 0.46, 0.48])
     w, h = img.size
@@ -823,7 +830,7 @@ def test_the_w_schedule_plot_has_ticks_and_axis_titles():
 
 
 def test_tiles_are_labelled_and_the_attention_grid_says_its_scale():
-    from minid.report import labelled_row
+    from minid.restore.report import labelled_row
 
     tile = Image.new("RGB", (64, 64), (255, 255, 255))
     grid = labelled_row([("man", tile), ("glasses", tile)], "each tile scaled to its own max")

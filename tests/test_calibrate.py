@@ -25,14 +25,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minid import cli, faces
-from minid.calibration import CalibrateConfig, calibrate
-from minid.calibration_rows import row_config, row_key
-from minid.options import with_fields as _with
-from minid.images import tensor_to_pil
-from minid.manifest import ManifestError, read_manifest
-from minid.metrics import id_similarity
-from minid.restore import RestoreConfig
+from minid.app import cli
+
+from minid.faces import analyzer as faces
+from minid.dataset.job import CalibrateConfig, calibrate
+from minid.dataset.rows import row_config, row_key
+from minid.restore.config import with_fields as _with
+from minid.imaging.images import tensor_to_pil
+from minid.dataset.manifest import ManifestError, read_manifest
+from minid.imaging.metrics import id_similarity
+from minid.restore.config import RestoreConfig
 from tiny_models import IMAGE_SIZE, random_image
 
 FAST = {"method.solver.num_steps": 2, "method.solver.dpm_start": 2, "method.solver.dpm_end": 2,
@@ -139,7 +141,7 @@ def test_rerun_skips_done_rows_and_recreates_only_a_deleted_result(first_run, da
 def test_killed_run_resumes_to_the_same_bytes(first_run, dataset, tiny_hub, tmp_path):
     """The command in a subprocess, killed (SIGKILL) as soon as its first result appears, then run again."""
     out, log = tmp_path / "out", tmp_path / "log.txt"
-    command = [sys.executable, "-m", "minid.cli", "calibrate", str(dataset), "--out", str(out), "--weights",
+    command = [sys.executable, "-m", "minid.app.cli", "calibrate", str(dataset), "--out", str(out), "--weights",
                str(tiny_hub), "--batch", "2", "--mask-source", "attention", "--device", "cpu", "--dtype", "fp32",
                *FAST_FLAGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -278,9 +280,9 @@ def test_ray_engine_without_ray_says_how_to_install_it(dataset, tmp_path, monkey
 
 def test_the_python_api_is_minid_calibrate():
     import minid
-    import minid.calibration
+    import minid.dataset.job
 
-    assert minid.calibrate is minid.calibration.calibrate and minid.calibrate is calibrate, minid.calibrate
+    assert minid.calibrate is minid.dataset.job.calibrate and minid.calibrate is calibrate, minid.calibrate
 
 
 def test_an_in_memory_model_gives_the_images_of_its_weights_on_disk(first_run, dataset, tiny_sd, tmp_path):
@@ -295,7 +297,7 @@ def test_an_in_memory_model_gives_the_images_of_its_weights_on_disk(first_run, d
 def test_a_failed_batch_is_recorded_and_run_again_next_time(dataset, tiny_sd, tmp_path, monkeypatch):
     """A batch that fails as a whole (here the first one, by an error raised in its place) is recorded for each
     of its rows; the job goes on, and the next run retries only those rows."""
-    from minid.restore import EditedID
+    from minid.restore.pipeline import EditedID
 
     restore_batch, calls = EditedID.restore_batch, []
 

@@ -1,4 +1,4 @@
-"""minid.checkpoint, minid.keymap and minid.weights: every published layout loads, names and shapes are checked,
+"""minid.loading.checkpoint, minid.loading.keymap and minid.loading.download: every published layout loads, names and shapes are checked,
 and the loaded models compute what diffusers/transformers compute with the same weights.
 
 Files are written with the published names, shapes and dtypes (layouts.json) and random values. Full-size
@@ -17,11 +17,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minid import checkpoint as C
-from minid import keymap as K
-from minid import weights as W
-from minid.config import CLIPTextConfig, UNetConfig, VAEConfig
-from minid.tokenizer import CLIPTokenizer
+from minid.loading import checkpoint as C
+from minid.loading import keymap as K
+from minid.loading import download as W
+from minid.loading.files import sha256_file
+from minid.models.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minid.models.tokenizer import CLIPTokenizer
 
 CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
 HUB = "hub_files"
@@ -122,7 +123,7 @@ def test_manifest_lists_every_file_the_loader_fetches(layouts, sd14_reference):
     for name, entry in layouts[HUB].items():
         assert files[name] == {"bytes": entry["bytes"], "sha256": entry["sha256"]}, name
     for name in W.HUB_SMALL_FILES:
-        assert files[name]["sha256"] == W.sha256_file(sd14_reference / "hub" / name), name
+        assert files[name]["sha256"] == sha256_file(sd14_reference / "hub" / name), name
 
 
 def test_keymap_text_lists_the_reversed_decoder():
@@ -392,7 +393,7 @@ def test_folder_with_a_file_missing(tiny_hub, tmp_path):
         (root / "vae" / name).unlink()
     with pytest.raises(C.CheckpointError, match="no vae weight file") as e:
         C.load_stable_diffusion(root, dtype=torch.float32)
-    assert "python -m minid.checkpoint download" in str(e.value) and "config.json" in str(e.value)
+    assert "minid download" in str(e.value) and "config.json" in str(e.value)
     shutil.rmtree(root / "tokenizer")
     with pytest.raises(C.CheckpointError, match="vocab.json"):
         C.load_stable_diffusion(root, tokenizer_folder=root / "tokenizer")
@@ -450,7 +451,7 @@ def remote(tmp_path):
     for name in W.hub_files("fp16"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(torch.randint(0, 256, (1000 + len(name),), dtype=torch.uint8).numpy().tobytes())
-    manifest = {"files": {n: {"bytes": (root / n).stat().st_size, "sha256": W.sha256_file(root / n)}
+    manifest = {"files": {n: {"bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)}
                           for n in W.hub_files("fp16")}}
     return root, manifest
 
@@ -504,7 +505,7 @@ def test_download_sha_mismatch_truncation_and_offline_missing(remote, tmp_path, 
     (dest / name).unlink()
     with pytest.raises(C.CheckpointError, match="sha256") as e:
         W.download(dest, manifest=manifest, fetch=fake_fetch(root, []), log=lambda s: None)
-    assert name in str(e.value) and "python -m minid.checkpoint download" in str(e.value)
+    assert name in str(e.value) and "minid download" in str(e.value)
     # Offline with the file missing: the error names the file and the command to run.
     (dest / name).unlink()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from minid import cli
-from minid.options import METHOD_FLAGS
-from minid.faces import FaceAnalyzer
-from minid.images import tensor_to_pil
-from minid.metrics import id_similarity
+from minid.app import cli
+from minid.restore.config import METHOD_FLAGS
+from minid.faces.analyzer import FaceAnalyzer
+from minid.imaging.images import tensor_to_pil
+from minid.imaging.metrics import id_similarity
 from tiny_faces import PACK, red_squares
 from tiny_models import IMAGE_SIZE, random_image
 
@@ -119,7 +119,7 @@ def test_eval_writes_the_table(tiny_face_pack, tmp_path, capsys):
     same = rows["same"]
     assert same["faces_original"] == 1 and same["note"] == "", same
     assert abs(same["id_sim_edited"] - 1) < 1e-9 and abs(same["id_sim_result"] - 1) < 1e-9, same
-    assert csv_rows["same"]["psnr_result_edited"] == "inf" and same["psnr_result_edited"] is None, same
+    assert csv_rows["same"]["psnr_result_edited"] == "inf" and same["psnr_result_edited"] == "inf", same
     # the edit: ID-Sim of the two faces as the analyzer sees them; the result is the original: ID-Sim 1, and its
     # PSNR to the edited image counts the k² face pixels whose green channel differs by 128
     analyzer = FaceAnalyzer.from_pack(PACK, root=tiny_face_pack)
@@ -177,7 +177,7 @@ FAST = ["--steps", "2", "--dpm-start", "2", "--dpm-end", "2", "--null-inner-step
 def test_restore_uses_landmark_masks_by_default(tiny_hub, tmp_path, monkeypatch, capsys):
     """No --face-mask: the face models are asked for, and the original's landmark mask is the face mask."""
     from test_multiface import StubAnalyzer, make_face
-    from minid import faces
+    from minid.faces import analyzer as faces
 
     x_o, x_e = random_image(1), random_image(2)
     c = IMAGE_SIZE / 2
@@ -219,7 +219,7 @@ def test_pairs_are_parsed_and_checked():
 
 def test_restore_multi_face_restores_each_paired_face(tiny_hub, tmp_path, monkeypatch, capsys):
     from test_multiface import CENTRES, StubAnalyzer, make_face, smooth_image
-    from minid import faces
+    from minid.faces import analyzer as faces
 
     x_o, x_e = smooth_image(1), smooth_image(2)
     people = [make_face(cx, cy) for cx, cy in CENTRES[:2]]

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minid.clip import CLIPTextModel
-from minid.config import CLIPTextConfig
-from minid.tokenizer import CLIPTokenizer
+from minid.models.clip import CLIPTextModel
+from minid.models.config import CLIPTextConfig
+from minid.models.tokenizer import CLIPTokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""minid.config: the published SD1.4 config.json files map onto the defaults without a warning; a key minid
+"""minid.models.config: the published SD1.4 config.json files map onto the defaults without a warning; a key minid
 does not know, or an option set to a value minid does not build, warns naming it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from minid.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minid.models.config import CLIPTextConfig, UNetConfig, VAEConfig
 
 CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
 

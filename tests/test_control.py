@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 
-from minid.attention import Site, default_attention
-from minid.control import AttentionStore, BatchLayout, Chain, PromptToPrompt, at_step, word_mask
-from minid.gating import EditedIDGating, GatingConfig, gating_weights
-from minid.tokenizer import CLIPTokenizer, prompt_alignment
+from minid.models.attention import Site, default_attention
+from minid.method.control import AttentionStore, BatchLayout, Chain, word_mask
+from minid.models.attention import at_step
+from minid.method.prompt_to_prompt import PromptToPrompt
+from minid.method.gating import EditedIDGating, GatingConfig, gating_weights
+from minid.models.tokenizer import CLIPTokenizer
+from minid.method.prompt_to_prompt import prompt_alignment
 
 SIDE = 4  # a 4×4 query grid
 N = SIDE * SIDE

@@ -1,16 +1,17 @@
 """The method's defaults decided on the exact-score testbed (docs/editedid.md, O1 and O2): the DPM-Solver++
-spacing and the normalised mixing rule, checked as properties of the plan and of Stage 1 on `minid.toy`."""
+spacing and the normalised mixing rule, checked as properties of the plan and of Stage 1 on `minid.sampling.toy`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minid.editedid import EditedIDConfig
-from minid.inversion import MixingConfig, adaptive_mixing_inversion
-from minid.plans import HybridSchedule, ddim_plan, hybrid_plan
-from minid.schedule import FINAL, NoiseSchedule
-from minid.toy import GaussianMixtureModel
+from minid.method.editedid import EditedIDConfig
+from minid.method.mixing import MixingConfig, adaptive_mixing_inversion
+from minid.sampling.hybrid import HybridSchedule, hybrid_plan
+from minid.sampling.plans import ddim_plan
+from minid.sampling.schedule import FINAL, NoiseSchedule
+from minid.sampling.toy import GaussianMixtureModel
 
 SCHEDULE = NoiseSchedule.scaled_linear()
 

@@ -9,16 +9,19 @@ import torch
 
 from dataclasses import replace
 
-from minid import editedid
-from minid.control import AttentionStore
-from minid.gating import GatingConfig
-from minid.editedid import Disentanglement, EditedIDConfig, Tokens
-from minid.generation import generate
-from minid.images import load_image, save_image
-from minid.inversion import NullTextConfig, invert
-from minid.restore import EditedID, RestoreConfig
-from minid.plans import DDIM, HybridSchedule, ddim_plan
-from minid.schedule import NoiseSchedule
+from minid.method import editedid
+from minid.method.control import AttentionStore
+from minid.method.gating import GatingConfig
+from minid.method.editedid import Disentanglement, EditedIDConfig, Tokens
+from minid.sampling.text_to_image import generate
+from minid.imaging.images import load_image, save_image
+from minid.method.null_text import NullTextConfig
+from minid.sampling.guided import invert
+from minid.restore.pipeline import EditedID
+from minid.restore.config import RestoreConfig
+from minid.sampling.plans import DDIM, ddim_plan
+from minid.sampling.hybrid import HybridSchedule
+from minid.sampling.schedule import NoiseSchedule
 from tiny_models import IMAGE_SIZE, random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,7 +214,7 @@ def test_without_entanglement_no_self_attention_row_is_replaced(tiny_sd):
 
 
 def test_the_baseline_runs_t_from_the_originals_z_T_with_e_s_prompt_and_o_s_null_text(tiny_sd):
-    from minid.inversion import reconstruct
+    from minid.sampling.guided import reconstruct
 
     method = replace(METHOD, ablation="baseline")  # the baseline itself turns blending off
     plan = method.plan(NoiseSchedule.scaled_linear())
@@ -334,7 +337,7 @@ def test_generate_is_deterministic_per_seed(tiny_sd):
 
 
 def test_demo_writes_original_edited_restored_and_the_diagnostics(tiny_sd, tmp_path):
-    from minid.generation import demo
+    from minid.app.demo import demo
 
     paths = demo(tiny_sd, tmp_path / "demo", size=IMAGE_SIZE, generate_steps=4, config=fast(), progress=False)
     for name in ("original", "edited", "restored", "comparison", "mask_face", "mask_element", "w_schedule_plot",
@@ -349,7 +352,7 @@ def test_demo_writes_original_edited_restored_and_the_diagnostics(tiny_sd, tmp_p
 def test_load_image_any_mode_and_size_and_paste_back(tmp_path, mode):
     from PIL import Image
 
-    from minid.crops import paste_back
+    from minid.imaging.crops import paste_back
 
     g = torch.Generator().manual_seed(0)
     rgb = (torch.rand(60, 100, 3, generator=g) * 255).to(torch.uint8).numpy()  # a 100×60 landscape picture
@@ -364,7 +367,7 @@ def test_load_image_any_mode_and_size_and_paste_back(tmp_path, mode):
     assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
     assert float(x.min()) >= -1 and float(x.max()) <= 1
     assert frame.original_size == (100, 60) and frame.box == (20, 0, 80, 60), "the crop is the centred square"
-    from minid.images import pil_to_tensor, to_rgb
+    from minid.imaging.images import pil_to_tensor, to_rgb
 
     before = pil_to_tensor(to_rgb(Image.open(path)))
     back = paste_back(before, -x, frame.affine, mask=torch.ones(32, 32))  # the negative: every pixel changes
@@ -395,7 +398,7 @@ def test_save_restored_pastes_the_square_back_into_the_edited_photo(tmp_path):
 
     from PIL import Image
 
-    from minid.images import check_output_path, save_restored
+    from minid.imaging.images import check_output_path, save_restored
 
     Image.new("RGB", (100, 60), (0, 0, 0)).save(tmp_path / "edited.png")
     result = SimpleNamespace(image=torch.ones(1, 3, 32, 32))  # a white square
@@ -440,7 +443,7 @@ def test_triton_kernels_and_the_pytorch_path_give_the_same_stage3_result(tiny_sd
 
 @pytest.mark.parametrize("inversion", ["direct", "null-text"])
 def test_the_demo_estimate_counts_the_unet_images_it_runs(tiny_sd, tmp_path, inversion):
-    from minid.generation import demo, demo_settings, demo_unet_images
+    from minid.app.demo import demo, demo_settings, demo_unet_images
 
     method = replace(METHOD, inversion=inversion)
     images_seen = []

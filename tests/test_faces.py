@@ -1,4 +1,4 @@
-"""Face geometry and pairing (minid.crops) and the ONNX plumbing of minid.faces.
+"""Face geometry and pairing (minid.imaging.crops) and the ONNX plumbing of minid.faces.analyzer.
 
 The ONNX tests run the tiny graphs of tests/tiny_faces.py (the `onnx_models` fixture), which have the
 input/output names and shapes of insightface's buffalo_l models: a "detector" that fires where the image is red,
@@ -18,8 +18,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minid import crops, faces
-from minid.crops import (
+from minid.faces import analyzer as faces
+
+from minid.imaging import crops
+from minid.imaging.crops import (
     ARCFACE_TEMPLATE,
     apply_affine,
     arcface_affine,
@@ -30,7 +32,7 @@ from minid.crops import (
     paste_back,
     square_around,
 )
-from minid.faces import (
+from minid.faces.analyzer import (
     ArcFace,
     FaceAnalyzer,
     FaceAnalyzerConfig,
@@ -324,7 +326,7 @@ def test_real_pack_embeds_a_face_consistently():
     face = analyzer.largest_face(image, name=sample)
     shifted = np.ascontiguousarray(np.pad(image, ((10, 0), (7, 0), (0, 0)), mode="edge"))
     again = analyzer.largest_face(shifted, name=sample)
-    from minid.metrics import id_similarity
+    from minid.imaging.metrics import id_similarity
 
     assert id_similarity(face.embedding, again.embedding) > 0.9
 

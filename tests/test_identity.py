@@ -10,15 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from minid import editedid, faces, masks
-from minid.attention import Site
-from minid.control import AttentionStore, BatchLayout
-from minid.editedid import Disentanglement, EditedIDConfig, Tokens
-from minid.gating import EditedIDGating, GatingConfig, IdentitySchedule, LocalTokens
-from minid.inversion import NullTextConfig
-from minid.regions import GROUPS_106, face_frame, landmark_groups, parse_regions, region_masks, region_scores
-from minid.restore import EditedID, RestoreConfig
-from minid.schedule import NoiseSchedule
+from minid.faces import analyzer as faces
+
+from minid.imaging import masks
+
+from minid.method import editedid
+from minid.models.attention import Site
+from minid.method.control import AttentionStore, BatchLayout
+from minid.method.editedid import Disentanglement, EditedIDConfig, Tokens
+from minid.method.gating import EditedIDGating, GatingConfig, IdentitySchedule, LocalTokens
+from minid.method.null_text import NullTextConfig
+from minid.faces.regions import GROUPS_106, face_frame, landmark_groups, parse_regions, region_masks, region_scores
+from minid.restore.pipeline import EditedID
+from minid.restore.config import RestoreConfig
+from minid.sampling.schedule import NoiseSchedule
 from tiny_models import IMAGE_SIZE, random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -246,7 +251,7 @@ def test_eval_reports_each_region(tmp_path):
 
     from PIL import Image
 
-    from minid.metrics import evaluate_folder
+    from minid.app.evaluate import evaluate_folder
 
     face = built_face(cx=64, cy=60, d_eye=40)
     face.embedding = np.ones(512)
@@ -257,8 +262,8 @@ def test_eval_reports_each_region(tmp_path):
     evaluate_folder(tmp_path, OneFace(face), progress=False)
     row = json.loads((tmp_path / "metrics.json").read_text())["rows"][0]
     for region in ("eyes", "brows", "nose", "mouth", "skin"):
-        assert row[f"{region}_psnr"] is None and row[f"{region}_ssim"] == pytest.approx(1.0), \
-            f"{region}: identical images give PSNR inf (null in JSON) and SSIM 1, got {row}"
+        assert row[f"{region}_psnr"] == "inf" and row[f"{region}_ssim"] == pytest.approx(1.0), \
+            f"{region}: identical images give PSNR inf ('inf' in JSON, as in the CSV) and SSIM 1, got {row}"
 
 
 def test_the_schedule_and_the_regions_are_saved_with_the_intermediates(tiny_sd, tmp_path):

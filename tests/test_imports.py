@@ -21,7 +21,7 @@ def _library_modules() -> list[str]:
 
 def test_every_module_is_found():
     names = _library_modules()
-    assert "minid.attention" in names and "minid.config" in names, f"module walk found only {names}"
+    assert "minid.models.attention" in names and "minid.models.config" in names, f"module walk found only {names}"
 
 
 def test_library_never_imports_the_reference_libraries():

@@ -7,12 +7,14 @@ import copy
 import pytest
 import torch
 
-from minid.inversion import (MixingConfig, NullTextConfig, adaptive_mixing_inversion, invert, null_text_optimization,
-                             reconstruct)
-from minid.samplers import cfg, ddim_step
-from minid.plans import HybridSchedule, ddim_plan, hybrid_plan
-from minid.samplers import invert_loop, sample_loop
-from minid.schedule import NoiseSchedule
+from minid.method.mixing import MixingConfig, adaptive_mixing_inversion
+from minid.method.null_text import NullTextConfig, null_text_optimization
+from minid.sampling.guided import invert, reconstruct
+from minid.sampling.samplers import cfg, ddim_step
+from minid.sampling.hybrid import HybridSchedule, hybrid_plan
+from minid.sampling.plans import ddim_plan
+from minid.sampling.samplers import invert_loop, sample_loop
+from minid.sampling.schedule import NoiseSchedule
 from tiny_models import random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from minid.attention import attention_with_map, masked_multi_source, token_replace  # noqa: E402
+from minid.kernels.dispatch import attention_with_map, masked_multi_source, token_replace  # noqa: E402
 from minid.kernels import chunked  # noqa: E402
 from minid.kernels.flash_attention import attention_reference  # noqa: E402
 from minid.kernels.multi_source import multi_source_reference  # noqa: E402

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from minid import masks
-from minid.crops import ARCFACE_TEMPLATE
+from minid.imaging import masks
+from minid.imaging.crops import ARCFACE_TEMPLATE
 
 
 def test_load_mask_any_mode_to_target_size(tmp_path):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minid.faces import Face
-from minid.metrics import SAME_PERSON_THRESHOLD, evaluate_folder, find_triples, id_similarity, psnr
+from minid.faces.analyzer import Face
+from minid.imaging.metrics import SAME_PERSON_THRESHOLD, id_similarity, psnr
+from minid.app.evaluate import evaluate_folder, find_triples
 
 
 def test_id_similarity_known_values():
@@ -84,7 +85,7 @@ def test_evaluate_folder_writes_csv_json_and_summary(tmp_path):
     assert rows["c"]["id_sim_result"] == "" and "no face in original" in rows["c"]["note"]
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["summary"]["missing"] == missing and len(payload["rows"]) == 3
-    assert payload["rows"][2]["psnr_result_edited"] is None  # identical black images: inf, stored as null
+    assert payload["rows"][2]["psnr_result_edited"] == "inf"  # identical black images: inf, as in the CSV
 
 
 def test_evaluate_folder_needs_the_three_subfolders(tmp_path):

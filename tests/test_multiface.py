@@ -15,16 +15,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minid import crops, faces, masks
-from minid.control import BatchLayout
-from minid.gating import EditedIDGating, GatingConfig, GatingGroup
-from minid.attention import Site
-from minid.editedid import EditedIDConfig
-from minid.inversion import NullTextConfig
-from minid.multiface import FacePatchConfig, restore_faces
-from minid.restore import EditedID, RestoreConfig
-from minid.inputs import RestorePair, landmark_face_mask
-from minid.plans import HybridSchedule
+from minid.faces import analyzer as faces
+
+from minid.imaging import crops, masks
+from minid.method.control import BatchLayout
+from minid.method.gating import EditedIDGating, GatingConfig, GatingGroup
+from minid.models.attention import Site
+from minid.method.editedid import EditedIDConfig
+from minid.method.null_text import NullTextConfig
+from minid.restore.multiface import FacePatchConfig, restore_faces
+from minid.restore.pipeline import EditedID
+from minid.restore.config import RestoreConfig
+from minid.restore.inputs import RestorePair, landmark_face_mask
+from minid.sampling.hybrid import HybridSchedule
 from tiny_models import IMAGE_SIZE, random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,7 +218,7 @@ def test_no_face_fails_early_naming_the_image(tiny_sd, photos, tmp_path):
         with pytest.raises(ValueError, match="pairs="):
             restore_faces(pipe, original, edited, far, P_O, P_E, ["man"], ["glasses"], progress=False)
         square = random_image(33)
-        from minid.images import save_image
+        from minid.imaging.images import save_image
 
         path = save_image(square, tmp_path / "portrait.png")
         with pytest.raises(ValueError, match="no face in the original image .*portrait.png"):

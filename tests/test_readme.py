@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from minid import cli, options
+from minid.app import cli
+from minid.restore.config import METHOD_FLAGS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
@@ -37,9 +38,9 @@ def test_the_restore_options_table_matches_the_parser():
             rows[m.group(1)] = (m.group(2).strip(), m.group(3))
     args = cli.build_parser().parse_args(["restore", "--original", "o.png", "--edited", "e.png", "--prompt-original",
                                           "a man", "--prompt-edited", "a man", "--id-words", "man", "--out", "r.png"])
-    defaults = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in options.METHOD_FLAGS}
-    assert set(rows) == set(options.METHOD_FLAGS), f"README lists {sorted(rows)}, the CLI has {sorted(options.METHOD_FLAGS)}"
+    defaults = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in METHOD_FLAGS}
+    assert set(rows) == set(METHOD_FLAGS), f"README lists {sorted(rows)}, the CLI has {sorted(METHOD_FLAGS)}"
     for flag, (default, field) in rows.items():
-        assert field == options.METHOD_FLAGS[flag][0], f"{flag}: README says field {field}, the CLI sets " \
-                                                   f"{options.METHOD_FLAGS[flag][0]}"
+        assert field == METHOD_FLAGS[flag][0], f"{flag}: README says field {field}, the CLI sets " \
+                                                   f"{METHOD_FLAGS[flag][0]}"
         assert default == str(defaults[flag]), f"{flag}: README says default {default}, the parser {defaults[flag]}"

@@ -10,12 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minid.plans import DDIM, DPM_SOLVER, HybridSchedule, ddim_plan, dpm_solver_plan, hybrid_plan
-from minid.samplers import (SolverState, cfg, ddim_inversion_step, ddim_step, dpm_solver_inversion_step,
+from minid.sampling.plans import DDIM, DPM_SOLVER, ddim_plan, dpm_solver_plan
+from minid.sampling.hybrid import HybridSchedule, hybrid_plan
+from minid.sampling.samplers import (SolverState, cfg, ddim_inversion_step, ddim_step, dpm_solver_inversion_step,
                             dpm_solver_step, eps_from_model_output, eps_from_v, eps_from_x0, hybrid_inversion_step,
                             hybrid_step, invert_loop, sample_loop, v_from_eps, x0_from_eps, x0_from_v)
-from minid.schedule import CLEAN, FINAL
-from minid.schedule import NoiseSchedule, ddim_timesteps, dpm_solver_times
+from minid.sampling.schedule import CLEAN, FINAL
+from minid.sampling.schedule import NoiseSchedule, ddim_timesteps, dpm_solver_times
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -223,7 +224,7 @@ def test_prediction_type_conversions(z_start):
     assert torch.allclose(v, SCHEDULE.alpha(t) * eps - SCHEDULE.sigma(t) * x0, atol=1e-12)
     assert torch.equal(eps_from_model_output(eps, z_start, t, SCHEDULE, "epsilon"), eps)
     assert torch.allclose(eps_from_model_output(v, z_start, t, SCHEDULE, "v_prediction"), eps, atol=1e-12)
-    with pytest.raises(ValueError, match="samplers.py"):
+    with pytest.raises(ValueError, match="prediction_type"):
         eps_from_model_output(eps, z_start, t, SCHEDULE, "sample")
 
 
@@ -349,7 +350,7 @@ def test_fragmented_hybrid_uses_each_solvers_own_sequence():
     assert [s.t for s in plan.steps[:4]] == [float(t) for t in ddim_timesteps(4)]  # 751, 501, 251, 1
     assert [s.t for s in plan.steps[4:]] == dpm_solver_times(SCHEDULE, 2)  # 999, 0
     assert plan.steps[3].s == FINAL and plan.steps[4].t == 999.0, "the fragmented schedule jumps at the switch"
-    with pytest.raises(ValueError, match="samplers.py"):
+    with pytest.raises(ValueError, match="timesteps="):
         hybrid_plan(SCHEDULE, HybridSchedule(timesteps="patchwork"))
 
 
@@ -388,7 +389,7 @@ def test_default_hybrid_orders():
     # the fragmented schedule jumps at the switch (lands on FINAL, restarts at 999): no history across it
     fragmented = hybrid_plan(SCHEDULE, HybridSchedule(timesteps="fragmented"))
     assert _orders(fragmented) == ["-"] * 4 + [1, 2], f"fragmented orders {_orders(fragmented)}"
-    with pytest.raises(ValueError, match="samplers.py"):
+    with pytest.raises(ValueError, match="history="):
         hybrid_plan(SCHEDULE, HybridSchedule(history="all"))
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minid.tokenizer import CLIPTokenizer
+from minid.models.tokenizer import CLIPTokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""The exact-score testbed (minid/toy.py): its ε is the score of its density, its ODE is the flow, and the
+"""The exact-score testbed (minid/sampling/toy.py): its ε is the score of its density, its ODE is the flow, and the
 EditedID stages run on it as on the UNet."""
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from minid.inversion import NullTextConfig, guided_eps, null_text_optimization
-from minid.metrics import psnr
-from minid.plans import ddim_plan
-from minid.samplers import invert_loop, sample_loop
-from minid.schedule import CLEAN
-from minid.toy import GaussianMixtureModel, ToyConfig
+from minid.method.null_text import NullTextConfig, null_text_optimization
+from minid.sampling.guided import guided_eps
+from minid.imaging.metrics import psnr
+from minid.sampling.plans import ddim_plan
+from minid.sampling.samplers import invert_loop, sample_loop
+from minid.sampling.schedule import CLEAN
+from minid.sampling.toy import GaussianMixtureModel, ToyConfig
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_the_unet_signature(model, data):
     assert torch.equal(model(z, torch.full((6,), 500), context), plain), "a (B,) timestep tensor as an int"
     assert torch.equal(model(z, 500, context[:1].expand(6, -1, -1)), model(z, 500, context[:1])), \
         "one embedding broadcasts over the batch"
-    with pytest.raises(ValueError, match="toy.py.*\\(B, 1, E=262\\), K = 6 logits, then d = 256 offsets"):
+    with pytest.raises(ValueError, match="\\(B, 1, E=262\\), K = 6 logits, then d = 256 offsets"):
         model(z, 500, torch.zeros(6, 77, 768, dtype=torch.float64))
 
 
@@ -178,5 +179,4 @@ def test_psnr_of_the_image_view(model, data):
     delta = 0.01
     expected = 10 * math.log10(model.data_range ** 2 / delta ** 2)
     assert model.image(x0) is x0
-    assert model.psnr(x0 + delta, x0) == pytest.approx(expected, abs=1e-9)
-    assert model.psnr(x0 + delta, x0) == psnr(x0 + delta, x0, model.data_range)
+    assert psnr(model.image(x0 + delta), model.image(x0), model.data_range) == pytest.approx(expected, abs=1e-9)

@@ -1,4 +1,4 @@
-"""minid.unet.UNet against diffusers.UNet2DConditionModel on the same random weights (fp32, CPU), the
+"""minid.models.unet.UNet against diffusers.UNet2DConditionModel on the same random weights (fp32, CPU), the
 attention seam (sites, pass-through, replacement), and the state-dict layout of the published file."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minid.attention import Site, default_attention
+from minid.models.attention import Site, default_attention
 from reference_parity import assert_matches_layout, compare, fullsize_pair, minid_from, randomize_
-from minid.config import UNetConfig
-from minid.unet import UNet
+from minid.models.config import UNetConfig
+from minid.models.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")
 

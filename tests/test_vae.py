@@ -1,4 +1,4 @@
-"""minid.vae.VAE against diffusers.AutoencoderKL on the same random weights (fp32, CPU), the posterior's
+"""minid.models.vae.VAE against diffusers.AutoencoderKL on the same random weights (fp32, CPU), the posterior's
 clamping and sampling, the latent scale, and the state-dict layout of the published fp16 file."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from reference_parity import assert_matches_layout, compare, fullsize_pair, minid_from, randomize_
-from minid.config import VAEConfig
-from minid.vae import VAE, DiagonalGaussian
+from minid.models.config import VAEConfig
+from minid.models.vae import VAE, DiagonalGaussian
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -14,18 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from minid import cli, options
-from minid.checkpoint import load_stable_diffusion
-from minid.editedid import EditedIDConfig
-from minid.faces import FaceAnalyzer
-from minid.images import load_image
-from minid.inputs import RestorePair
-from minid.inversion import invert, reconstruct
-from minid.metrics import id_similarity, psnr
-from minid.plans import ddim_plan
-from minid.restore import EditedID
-from minid.schedule import NoiseSchedule
-from minid.validate import round_trip, trajectory_metrics, validate_pairs
+from minid.app import cli, options
+from minid.loading.checkpoint import load_stable_diffusion
+from minid.method.editedid import EditedIDConfig
+from minid.faces.analyzer import FaceAnalyzer
+from minid.imaging.images import load_image
+from minid.restore.inputs import RestorePair
+from minid.sampling.guided import invert, reconstruct
+from minid.imaging.metrics import id_similarity, psnr
+from minid.sampling.plans import ddim_plan
+from minid.restore.pipeline import EditedID
+from minid.sampling.schedule import NoiseSchedule
+from minid.app.validate import round_trip, trajectory_metrics, validate_pairs
 from tiny_faces import PACK
 from tiny_models import IMAGE_SIZE
 

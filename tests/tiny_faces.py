@@ -9,7 +9,7 @@
 - a "landmark" net (106 points) with the constant output LANDMARK_RAW.
 
 `build_face_models()` makes the three graphs; `write_face_pack()` saves them as a model pack that
-`minid.faces.FaceAnalyzer.from_pack` (and so `minid eval`) loads. The fixtures `onnx_models` and
+`minid.faces.analyzer.FaceAnalyzer.from_pack` (and so `minid eval`) loads. The fixtures `onnx_models` and
 `tiny_face_pack` in conftest.py wrap them.
 """
 

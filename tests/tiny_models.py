@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from minid.checkpoint import StableDiffusion
-from minid.clip import CLIPTextModel
-from minid.config import CLIPTextConfig, UNetConfig, VAEConfig
-from minid.tokenizer import CLIPTokenizer
-from minid.unet import UNet
-from minid.vae import VAE
+from minid.loading.checkpoint import StableDiffusion
+from minid.models.clip import CLIPTextModel
+from minid.models.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minid.models.tokenizer import CLIPTokenizer
+from minid.models.unet import UNet
+from minid.models.vae import VAE
 
 IMAGE_SIZE = 64  # pixels; the tiny VAE downsamples by 8 like SD's, so latents are 8×8
 

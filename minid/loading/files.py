@@ -1,0 +1,81 @@
+"""Files on disk, written safely: atomic writes, a folder's writability checked before the work, JSON
+without non-finite floats, and a file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file (JSON, Markdown, CSV) atomically (`write_atomic`)."""
+    return write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def write_atomic(path: Path, write) -> Path:
+    """`write(f)` into a temporary file beside `path`, then rename it over `path`: atomic on one filesystem,
+    so readers see the old file or the new one, and an interruption leaves no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp makes the file 0600, and the mode survives the rename: give it what a plain open would
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(folder: str | Path, what: str = "output folder") -> None:
+    """Raise PermissionError/NotADirectoryError now if files cannot be created in `folder` (or, when it does not
+    exist yet, in the nearest folder above it that does), instead of after the compute."""
+    folder = Path(folder).absolute()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"cannot write into {folder}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".minid-write-check.", dir=probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write into the {what} {folder} ({e.strerror or e}); choose a folder you "
+                              "can write to") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def json_safe(record: dict) -> dict:
+    """A record's non-finite floats for JSON, which has neither: ±inf (the PSNR of an exact reconstruction) as
+    the strings "inf" / "-inf", as the CSV files write them; NaN (no value) as null."""
+    def safe(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None if math.isnan(v) else str(v)
+        return v
+
+    return {k: safe(v) for k, v in record.items()}
+
+
+def sha256_file(path: str | Path, block: int = 8 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()

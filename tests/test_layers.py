@@ -1,0 +1,126 @@
+"""The house's layers, read from the code's own imports (every `import` and `from … import`, those inside
+functions too): each package of minid imports only from the packages below it, never from one above, and
+the modules import each other without a circle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Reading order, lowest first. The SD core is kernels, models, sampling, loading.
+LAYERS = ("kernels", "models", "sampling", "loading", "imaging", "method", "faces", "restore", "dataset", "app")
+SD_CORE = ("kernels", "models", "sampling", "loading")
+
+
+def _modules() -> dict[str, Path]:
+    """module name -> file, for minid's packages and kernels/ (installed as minid.kernels)."""
+    found = {}
+    for path in sorted((ROOT / "minid").rglob("*.py")) + sorted((ROOT / "kernels").glob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[0] == "kernels":
+            parts = ["minid", *parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The minid modules that `name` imports, resolved to module names (a name imported from a package that
+    is a module of it counts as that module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            targets = [module] + [f"{module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target.startswith("minid.") and target != name:
+                out.add(target)
+    return out
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_belongs_to_a_layer():
+    loose = sorted(m for m in MODULES if m != "minid" and _layer(m) is None)
+    assert not loose, f"modules outside the layers {LAYERS}: {loose}"
+    assert len(MODULES) > 40, f"found only {len(MODULES)} modules: {sorted(MODULES)}"
+
+
+def test_no_import_reaches_a_higher_layer():
+    upward = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _layer(m) for t in targets
+                    if _layer(t) and LAYERS.index(_layer(t)) > LAYERS.index(_layer(m)))
+    assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
+
+
+@pytest.mark.parametrize("package", SD_CORE)
+def test_the_sd_core_stands_alone(package):
+    """A reader learns Stable Diffusion 1.4 from kernels, models, sampling and loading alone."""
+    bad = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _layer(m) == package for t in targets
+                 if _layer(t) not in SD_CORE)
+    assert not bad, "the SD core imports the method or what is built on it:\n" + "\n".join(bad)
+
+
+def test_the_library_never_imports_the_command_line():
+    bad = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _layer(m) != "app" for t in targets
+                 if _layer(t) == "app")
+    assert not bad, "library modules importing minid.app:\n" + "\n".join(bad)
+
+
+def test_no_import_circle():
+    """Depth-first search for a back edge in the module graph (function-local imports included)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(GRAPH.get(m, ())):
+            if t == "minid":
+                continue
+            if state.get(t) == 1:
+                return stack[stack.index(t):] + [t]
+            if t not in state:
+                found = visit(t)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            cycle = visit(module)
+            assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_check_finds_a_planted_upward_import(tmp_path):
+    """The reader of imports sees what it must: a method module importing the app is an upward arrow."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f():\n    from minid.app.cli import main\n    from minid.restore import config\n")
+    found = _imports("minid.method.planted", planted)
+    assert found == {"minid.app.cli", "minid.restore", "minid.restore.config"}, found
