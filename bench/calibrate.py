@@ -1,10 +1,12 @@
-"""Dataset calibration (paper: Conclusion; A.17): rows per minute of `minid.calibrate`, local engine vs ray.
+"""Dataset calibration (paper: Conclusion; A.17): rows per minute of `minid.calibrate`, local engine
+vs ray.
 
-One manifest of `--rows` pairs on the tiny random model of the tests (tests/tiny_models.py, 64² images),
-written as a hub folder, so that both engines load the same weights from disk. Each repeat runs the whole job
-into a fresh folder; the time is the `calibrate` call's wall time: the scan, loading the model (in each Ray
-actor) and every batch. The Ray instance is started once before the timings (`ray.init(num_cpus=2)`), as a
-cluster would be running already; its actors start inside each timed job. The table has medians.
+One manifest of `--rows` pairs on the tiny random model of the tests (tests/tiny_models.py, 64²
+images), written as a hub folder, so that both engines load the same weights from disk. Each repeat
+runs the whole job into a fresh folder; the time is the `calibrate` call's wall time: the scan,
+loading the model (in each Ray actor) and every batch. The Ray instance is started once before the
+timings (`ray.init(num_cpus=2)`), as a cluster would be running already; its actors start inside
+each timed job. The table has medians.
 
     python bench/calibrate.py        # writes bench/results/calibrate_cpu.md
 """
@@ -36,19 +38,28 @@ P_O, P_E = "a photo of a man", "a photo of a man wearing glasses"
 
 
 def write_hub(root: Path) -> Path:
-    """The tiny stack as a hub folder (config.json + safetensors per component), as tests/conftest.py does."""
+    """The tiny stack as a hub folder (config.json + safetensors per component), as
+    tests/conftest.py does."""
     from safetensors.torch import save_file
 
     sd = build_tiny_sd()
     unet_cfg = dataclasses.asdict(sd.unet.cfg)
     unet_cfg["attention_head_dim"] = unet_cfg.pop("num_heads")  # the published config's name for it
-    parts = {"unet": (sd.unet, unet_cfg, "diffusion_pytorch_model.safetensors"),
-             "vae": (sd.vae, dataclasses.asdict(sd.vae.cfg), "diffusion_pytorch_model.safetensors"),
-             "text_encoder": (sd.text_encoder, dataclasses.asdict(sd.text_encoder.cfg), "model.safetensors")}
+    parts = {
+        "unet": (sd.unet, unet_cfg, "diffusion_pytorch_model.safetensors"),
+        "vae": (sd.vae, dataclasses.asdict(sd.vae.cfg), "diffusion_pytorch_model.safetensors"),
+        "text_encoder": (
+            sd.text_encoder,
+            dataclasses.asdict(sd.text_encoder.cfg),
+            "model.safetensors",
+        ),
+    }
     for name, (model, config, file) in parts.items():
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text(json.dumps(config))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / name / file))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, str(root / name / file)
+        )
     return root
 
 
@@ -70,7 +81,9 @@ def time_job(manifest: Path, hub: Path, config, work: Path) -> tuple[float, byte
 
     out = Path(tempfile.mkdtemp(dir=work))
     t0 = time.perf_counter()
-    result = calibrate(manifest, out, config, weights=hub, dtype=torch.float32, device="cpu", progress=False)
+    result = calibrate(
+        manifest, out, config, weights=hub, dtype=torch.float32, device="cpu", progress=False
+    )
     seconds = time.perf_counter() - t0
     if result.summary["ok"] != result.summary["rows"]:
         raise RuntimeError(f"rows failed: {result.summary['errors']}")
@@ -80,7 +93,9 @@ def time_job(manifest: Path, hub: Path, config, work: Path) -> tuple[float, byte
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--batch", type=int, default=2, help="K, the same for every engine")
     parser.add_argument("--repeats", type=int, default=3)
@@ -92,53 +107,83 @@ def main(argv=None) -> int:
     import ray
 
     from minid.dataset.job import CalibrateConfig
-    from minid.restore.config import with_fields as _with
     from minid.restore.config import RestoreConfig
+    from minid.restore.config import with_fields as _with
 
-    restore = _with(RestoreConfig(), {"method.solver.num_steps": args.steps,
-                                      "method.solver.dpm_start": min(5, args.steps),
-                                      "method.solver.dpm_end": args.steps,
-                                      "method.null_text.inner_steps": args.null_inner_steps,
-                                      "image_size": IMAGE_SIZE})
+    restore = _with(
+        RestoreConfig(),
+        {
+            "method.solver.num_steps": args.steps,
+            "method.solver.dpm_start": min(5, args.steps),
+            "method.solver.dpm_end": args.steps,
+            "method.null_text.inner_steps": args.null_inner_steps,
+            "image_size": IMAGE_SIZE,
+        },
+    )
     local = CalibrateConfig(restore=restore, batch_size=args.batch)
     work = Path(tempfile.mkdtemp(prefix="minid-bench-calibrate-"))
     try:
         hub, manifest = write_hub(work / "hub"), write_manifest(work / "data", args.rows)
-        # One torch thread, as each Ray actor has (Ray sets OMP_NUM_THREADS to its one CPU): on this machine's
-        # two shared cores, more threads for tiny models thrash (tests/conftest.py, `one_thread`).
+        # One torch thread, as each Ray actor has (Ray sets OMP_NUM_THREADS to its one CPU): on this
+        # machine's two shared cores, more threads for tiny models thrash (tests/conftest.py,
+        # `one_thread`).
         torch.set_num_threads(1)
-        runs = {"local, 1 process × 1 thread": [time_job(manifest, hub, local, work) for _ in range(args.repeats)]}
+        runs = {
+            "local, 1 process × 1 thread": [
+                time_job(manifest, hub, local, work) for _ in range(args.repeats)
+            ]
+        }
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             ray_config = dataclasses.replace(local, engine="ray", num_workers=2)
-            runs["ray, 2 workers × 1 CPU"] = [time_job(manifest, hub, ray_config, work) for _ in range(args.repeats)]
+            runs["ray, 2 workers × 1 CPU"] = [
+                time_job(manifest, hub, ray_config, work) for _ in range(args.repeats)
+            ]
         finally:
             ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     reference = runs["local, 1 process × 1 thread"][0][1]
-    lines = ["# minid calibrate: rows per minute, local engine vs ray (cpu)", "",
-             f"{datetime.date.today()}, Python {platform.python_version()}, torch {torch.__version__}, "
-             f"ray {ray.__version__}, {platform.machine()} ({cpu_model()}), {os.cpu_count()} cores. Tiny random "
-             f"SD stack of tests/tiny_models.py loaded from a hub folder, {IMAGE_SIZE}² images, {args.rows} rows, batch K = "
-             f"{args.batch}, {args.steps} steps, {args.null_inner_steps} null-text updates per step at most; "
-             f"median of {args.repeats} whole jobs (scan, model loading, every batch) into fresh folders. The "
-             "Ray instance runs before the timings; its actors start, and load the model, inside each job.", "",
-             "| engine | job (s) | rows/min | runs (s) | images equal to the local run's |",
-             "|---|---:|---:|---|---|"]
+    lines = [
+        "# minid calibrate: rows per minute, local engine vs ray (cpu)",
+        "",
+        f"{datetime.date.today()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"ray {ray.__version__}, {platform.machine()} ({cpu_model()}), {os.cpu_count()} cores. "
+        f"Tiny random "
+        f"SD stack of tests/tiny_models.py loaded from a hub folder, {IMAGE_SIZE}² images, "
+        f"{args.rows} rows, batch K = "
+        f"{args.batch}, {args.steps} steps, {args.null_inner_steps} null-text updates per step at "
+        f"most; "
+        f"median of {args.repeats} whole jobs (scan, model loading, every batch) into fresh "
+        f"folders. The "
+        "Ray instance runs before the timings; its actors start, and load the model, inside each "
+        "job.",
+        "",
+        "| engine | job (s) | rows/min | runs (s) | images equal to the local run's |",
+        "|---|---:|---:|---|---|",
+    ]
     rates = {}
     for name, results in runs.items():
         med = statistics.median(t for t, _ in results)
         rates[name] = args.rows / med * 60
         same = "yes" if all(images == reference for _, images in results) else "no"
-        lines.append(f"| {name} | {med:.1f} | {rates[name]:.1f} | {', '.join(f'{t:.1f}' for t, _ in results)} "
-                     f"| {same} |")
+        lines.append(
+            f"| {name} | {med:.1f} | {rates[name]:.1f} | "
+            f"{', '.join(f'{t:.1f}' for t, _ in results)} "
+            f"| {same} |"
+        )
     local_rate, ray_rate = rates.values()
-    lines += ["", f"Ray with 2 workers: {ray_rate / local_rate:.2f}× the local engine's rows per minute on this "
-              "machine, whose 2 cores other jobs share. The Ray figure includes two actors' start and model load "
-              "in every job, a fixed cost that a longer job spreads thinner. Each actor runs one torch thread, as "
-              "the local run here, so the images are compared byte for byte."]
+    lines += [
+        "",
+        f"Ray with 2 workers: {ray_rate / local_rate:.2f}× the local engine's rows per minute on "
+        f"this "
+        "machine, whose 2 cores other jobs share. The Ray figure includes two actors' start and "
+        "model load "
+        "in every job, a fixed cost that a longer job spreads thinner. Each actor runs one torch "
+        "thread, as "
+        "the local run here, so the images are compared byte for byte.",
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,13 +1,14 @@
 """What `minid demo` costs on this machine at full size, before and after the CPU path.
 
-    python bench/demo_cost.py            # CPU: the SD1.4 UNet with random weights at 512² (64² latents)
+    python bench/demo_cost.py            # CPU: the SD1.4 UNet with random weights at 512² (64²
+                                         latents)
 
-Measures the time one image takes through the full-size SD1.4 UNet (a batch of two, the median of a few calls
-after a warm-up; random weights, the architecture of the published files), then multiplies it by the number of
-UNet images each demo path runs (`minid.app.demo.demo_unet_images`, which a test checks against the calls the demo
-really makes): the paper's settings (20 generation steps, null-text inversion at its most: 10 updates per step)
-and the CPU path the demo takes without a GPU (10 generation steps, direct inversion).
-Writes bench/results/demo_cost_<device>.md.
+Measures the time one image takes through the full-size SD1.4 UNet (a batch of two, the median of a
+few calls after a warm-up; random weights, the architecture of the published files), then multiplies
+it by the number of UNet images each demo path runs (`minid.app.demo.demo_unet_images`, which a test
+checks against the calls the demo really makes): the paper's settings (20 generation steps,
+null-text inversion at its most: 10 updates per step) and the CPU path the demo takes without a GPU
+(10 generation steps, direct inversion). Writes bench/results/demo_cost_<device>.md.
 """
 
 from __future__ import annotations
@@ -41,16 +42,18 @@ def seconds_per_image(unet, latent: int, repeats: int, device: str) -> list[floa
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=512, help="image side (latents are size/8)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from minid.models.config import UNetConfig
-    from minid.method.editedid import EditedIDConfig
     from minid.app.demo import demo_settings, demo_unet_images
+    from minid.method.editedid import EditedIDConfig
+    from minid.models.config import UNetConfig
     from minid.models.unet import UNet
 
     torch.manual_seed(0)
@@ -62,21 +65,41 @@ def main(argv=None) -> int:
         steps, method = demo_settings("cpu", EditedIDConfig(), paper_settings=paper)
         images = demo_unet_images(steps, method)
         rows.append((name, steps, method.inversion, images, sum(images.values()) * per_image))
-    where = (f"GPU {torch.cuda.get_device_name()}" if args.device == "cuda"
-             else f"{platform.machine()}, {torch.get_num_threads()} CPU threads")
-    lines = [f"# minid demo at full size: estimated time ({args.device})", "",
-             f"{datetime.date.today()}, torch {torch.__version__}, {where}; SD1.4 UNet (random weights), fp32, "
-             f"{args.size}² images ({args.size // 8}² latents).", "",
-             f"One image through the UNet: **{per_image:.2f} s** (median of {len(times)}: "
-             + ", ".join(f"{t:.2f}" for t in times) + " s per image, measured on batches of two).", "",
-             "| path | generation steps | Stage 2 | UNet images: generate / edit / align / disentangle / entangle | "
-             "estimated time |", "|---|---:|---|---|---:|"]
+    where = (
+        f"GPU {torch.cuda.get_device_name()}"
+        if args.device == "cuda"
+        else f"{platform.machine()}, {torch.get_num_threads()} CPU threads"
+    )
+    lines = [
+        f"# minid demo at full size: estimated time ({args.device})",
+        "",
+        f"{datetime.date.today()}, torch {torch.__version__}, {where}; SD1.4 UNet (random "
+        f"weights), fp32, "
+        f"{args.size}² images ({args.size // 8}² latents).",
+        "",
+        f"One image through the UNet: **{per_image:.2f} s** (median of {len(times)}: "
+        + ", ".join(f"{t:.2f}" for t in times)
+        + " s per image, measured on batches of two).",
+        "",
+        "| path | generation steps | Stage 2 | UNet images: generate / edit / align / disentangle "
+        "/ entangle | "
+        "estimated time |",
+        "|---|---:|---|---|---:|",
+    ]
     for name, steps, inversion, images, seconds in rows:
-        lines.append(f"| {name} | {steps} | {inversion} | " + " / ".join(str(v) for v in images.values())
-                     + f" | {seconds / 60:.0f} min |")
-    lines += ["", f"The CPU path takes {rows[0][4] / rows[1][4]:.1f}× less time. Null-text is counted at its most "
-              "(10 updates at every step, each a forward and a backward ≈ 3 forwards); its early stop can only make "
-              "it cheaper. The text encoder and the VAE are not counted (under a second each)."]
+        lines.append(
+            f"| {name} | {steps} | {inversion} | "
+            + " / ".join(str(v) for v in images.values())
+            + f" | {seconds / 60:.0f} min |"
+        )
+    lines += [
+        "",
+        f"The CPU path takes {rows[0][4] / rows[1][4]:.1f}× less time. Null-text is counted at its "
+        f"most "
+        "(10 updates at every step, each a forward and a backward ≈ 3 forwards); its early stop "
+        "can only make "
+        "it cheaper. The text encoder and the VAE are not counted (under a second each).",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or REPO / "bench" / "results" / f"demo_cost_{args.device}.md"

@@ -1,13 +1,14 @@
 """Several faces in one batch: the time of restoring K face patches at once vs one.
 
-`EditedID.restore_batch` (what `restore_faces` runs after cropping the patches) restores K (original, edited)
-patches in one batch through every stage: 2K latents in Stages 1-2, 3K branches × 2 guidance halves in
-Stage 3. The number of UNet calls does not grow with K; each call's work does. On a GPU a batch of 4 small
-patches fills the device about as fast as one, so the goal is time(4) ≤ 2 × time(1); on a CPU the compute
-grows with the batch and time(4) is closer to 4 × time(1) less the per-call overheads.
+`EditedID.restore_batch` (what `restore_faces` runs after cropping the patches) restores K
+(original, edited) patches in one batch through every stage: 2K latents in Stages 1-2, 3K branches ×
+2 guidance halves in Stage 3. The number of UNet calls does not grow with K; each call's work does.
+On a GPU a batch of 4 small patches fills the device about as fast as one, so the goal is time(4) ≤
+2 × time(1); on a CPU the compute grows with the batch and time(4) is closer to 4 × time(1) less the
+per-call overheads.
 
-Model: the small random UNet/VAE/CLIP of bench/pipeline.py, on the real CLIP tokenizer. Each K runs once as
-warm-up, then `--repeats` times; the table has the median.
+Model: the small random UNet/VAE/CLIP of bench/pipeline.py, on the real CLIP tokenizer. Each K runs
+once as warm-up, then `--repeats` times; the table has the median.
 
     python bench/faces.py --device cpu            # writes bench/results/faces_cpu.md
     python bench/faces.py --device cuda --size 512 --full
@@ -45,8 +46,12 @@ def smooth_image(seed: int, size: int) -> torch.Tensor:
 def time_batch(pipe, k: int, size: int, repeats: int, sync) -> list[float]:
     from minid.restore.inputs import RestorePair
 
-    pairs = [RestorePair(smooth_image(2 * i, size), smooth_image(2 * i + 1, size), P_O, P_E, ["man"], ["glasses"])
-             for i in range(k)]
+    pairs = [
+        RestorePair(
+            smooth_image(2 * i, size), smooth_image(2 * i + 1, size), P_O, P_E, ["man"], ["glasses"]
+        )
+        for i in range(k)
+    ]
     pipe.restore_batch(pairs, progress=False)  # warm-up: every batch shape seen once
     times = []
     for _ in range(repeats):
@@ -59,11 +64,17 @@ def time_batch(pipe, k: int, size: int, repeats: int, sync) -> list[float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--full", action="store_true", help="SD1.4's architecture (random weights), fp16 on CUDA")
+    parser.add_argument(
+        "--full", action="store_true", help="SD1.4's architecture (random weights), fp16 on CUDA"
+    )
     parser.add_argument("--size", type=int, default=128, help="side of each face patch in pixels")
-    parser.add_argument("--faces", type=int, nargs="+", default=[1, 4], help="batch sizes K to time")
+    parser.add_argument(
+        "--faces", type=int, nargs="+", default=[1, 4], help="batch sizes K to time"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--null-inner-steps", type=int, default=3)
@@ -72,8 +83,8 @@ def main(argv=None) -> int:
 
     from minid.method.editedid import EditedIDConfig
     from minid.method.null_text import NullTextConfig
-    from minid.restore.pipeline import EditedID
     from minid.restore.config import RestoreConfig
+    from minid.restore.pipeline import EditedID
     from minid.sampling.hybrid import HybridSchedule
 
     device = torch.device(args.device)
@@ -83,29 +94,49 @@ def main(argv=None) -> int:
         getattr(sd, name).to(device, dtype).requires_grad_(False)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     method = EditedIDConfig(
-        solver=HybridSchedule(num_steps=args.steps, dpm_start=min(5, args.steps), dpm_end=args.steps),
-        null_text=NullTextConfig(inner_steps=args.null_inner_steps, epsilon=0.0, epsilon_growth=0.0))  # no early
-    pipe = EditedID(sd, RestoreConfig(method, image_size=args.size))  # stop: every K does the same work
+        solver=HybridSchedule(
+            num_steps=args.steps, dpm_start=min(5, args.steps), dpm_end=args.steps
+        ),
+        # no early
+        null_text=NullTextConfig(
+            inner_steps=args.null_inner_steps, epsilon=0.0, epsilon_growth=0.0
+        ),
+    )
+    # stop: every K does the same work
+    pipe = EditedID(sd, RestoreConfig(method, image_size=args.size))
     rows = []
     for k in args.faces:
         times = time_batch(pipe, k, args.size, args.repeats, sync)
         rows.append((k, statistics.median(times), times))
-        print(f"K={k}: median {statistics.median(times):.2f} s  ({', '.join(f'{t:.2f}' for t in times)})")
+        print(
+            f"K={k}: median {statistics.median(times):.2f} s  "
+            f"({', '.join(f'{t:.2f}' for t in times)})"
+        )
     base = rows[0][1]
     model = "SD1.4 architecture" if args.full else "small UNet (64-128-128-128, 1 layer per block)"
-    lines = [f"# EditedID, K faces in one batch vs one ({args.device})", "",
-             f"{datetime.date.today()}, torch {torch.__version__}, {platform.machine()}, "
-             f"{torch.get_num_threads()} CPU threads; {model} with random weights, {args.size}² patches, "
-             f"{args.steps} steps, {args.null_inner_steps} null-text updates per step (no early stop), "
-             f"median of {args.repeats} runs after a warm-up, `EditedID.restore_batch`.", "",
-             "| faces K | time (s) | time / time(K=1) | per face (s) |", "|---:|---:|---:|---:|"]
+    lines = [
+        f"# EditedID, K faces in one batch vs one ({args.device})",
+        "",
+        f"{datetime.date.today()}, torch {torch.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} CPU threads; {model} with random weights, {args.size}² "
+        f"patches, "
+        f"{args.steps} steps, {args.null_inner_steps} null-text updates per step (no early stop), "
+        f"median of {args.repeats} runs after a warm-up, `EditedID.restore_batch`.",
+        "",
+        "| faces K | time (s) | time / time(K=1) | per face (s) |",
+        "|---:|---:|---:|---:|",
+    ]
     for k, med, _ in rows:
         lines.append(f"| {k} | {med:.2f} | {med / base:.2f} | {med / k:.2f} |")
     k_last, t_last, _ = rows[-1]
     verdict = "holds" if t_last <= 2 * base else "does not hold"
-    lines += ["", f"Goal time({k_last}) ≤ 2 × time(1): {verdict} here ({t_last / base:.2f}×). "
-              "The UNet is called as many times for every K; on a CPU each call's compute grows with the batch, "
-              "on a GPU a batch of small patches runs in about the time of one."]
+    lines += [
+        "",
+        f"Goal time({k_last}) ≤ 2 × time(1): {verdict} here ({t_last / base:.2f}×). "
+        "The UNet is called as many times for every K; on a CPU each call's compute grows with the "
+        "batch, "
+        "on a GPU a batch of small patches runs in about the time of one.",
+    ]
     out = args.out or REPO / "bench" / "results" / f"faces_{args.device}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -1,7 +1,9 @@
-"""Load time and peak memory of minid.loading.checkpoint on full-size SD1.4 files (random values, published layouts).
+"""Load time and peak memory of minid.loading.checkpoint on full-size SD1.4 files (random values,
+published layouts).
 
-Each case runs in a fresh subprocess; its peak RSS (`resource.getrusage(...).ru_maxrss`) minus the RSS after
-the imports is the memory the load itself needed, compared with the size of the loaded weights.
+Each case runs in a fresh subprocess; its peak RSS (`resource.getrusage(...).ru_maxrss`) minus the
+RSS after the imports is the memory the load itself needed, compared with the size of the loaded
+weights.
 
     python bench/load.py [--layouts tests/data/sd14/layouts.json] [--workdir /tmp/minid-bench-load]
 
@@ -25,10 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LAYOUTS = ROOT / "tests" / "data" / "sd14" / "layouts.json"
 UNET16 = "unet/diffusion_pytorch_model.fp16.safetensors"
 UNET32 = "unet/diffusion_pytorch_model.safetensors"
-STACK = ("unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
-         "text_encoder/model.fp16.safetensors")
+STACK = (
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "text_encoder/model.fp16.safetensors",
+)
 
-# Run in the subprocess: baseline after imports, the load, then peak RSS and timing as JSON on stdout.
+# Run in the subprocess: baseline after imports, the load, then peak RSS and timing as JSON on
+# stdout.
 CHILD = r"""
 import json, resource, sys, time, torch
 from minid.loading import checkpoint as C
@@ -53,9 +59,14 @@ def write_random(path: Path, layout: dict) -> None:
     from safetensors.torch import save_file
 
     dtypes = {"F32": torch.float32, "F16": torch.float16}
-    tensors = {name: (torch.arange(shape[-1]).expand(shape).contiguous() if dt == "I64"
-                      else torch.empty(shape, dtype=dtypes[dt]).uniform_(-1, 1))
-               for name, (shape, dt) in layout["tensors"].items()}
+    tensors = {
+        name: (
+            torch.arange(shape[-1]).expand(shape).contiguous()
+            if dt == "I64"
+            else torch.empty(shape, dtype=dtypes[dt]).uniform_(-1, 1)
+        )
+        for name, (shape, dt) in layout["tensors"].items()
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
 
@@ -68,7 +79,10 @@ def main() -> None:
     parser.add_argument("--write", nargs=2, metavar=("NAME", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
-        write_random(Path(args.write[1]), json.loads(Path(args.layouts).read_text())["hub_files"][args.write[0]])
+        write_random(
+            Path(args.write[1]),
+            json.loads(Path(args.layouts).read_text())["hub_files"][args.write[0]],
+        )
         return
     hub = Path(args.layouts).parent / "hub"
     work = Path(args.workdir)
@@ -76,32 +90,60 @@ def main() -> None:
     for name in (UNET32, *STACK):
         if not (work / name).is_file():
             print(f"writing {name} ...", flush=True)
-            # In a subprocess: Linux carries a parent's peak RSS into its children's ru_maxrss, so this
-            # process must stay small for the measurements below to be the children's own.
-            subprocess.run([sys.executable, __file__, "--write", name, str(work / name), "--layouts",
-                            args.layouts], check=True)
+            # In a subprocess: Linux carries a parent's peak RSS into its children's ru_maxrss, so
+            # this process must stay small for the measurements below to be the children's own.
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--write",
+                    name,
+                    str(work / name),
+                    "--layouts",
+                    args.layouts,
+                ],
+                check=True,
+            )
 
-    cases = [("fp16 UNet file -> fp16", "unet", work / UNET16, "float16"),
-             ("fp32 UNet file -> fp16", "unet", work / UNET32, "float16"),
-             ("fp16 stack (UNet+VAE+CLIP) -> fp16", "stack", work, "float16")]
+    cases = [
+        ("fp16 UNet file -> fp16", "unet", work / UNET16, "float16"),
+        ("fp32 UNet file -> fp16", "unet", work / UNET32, "float16"),
+        ("fp16 stack (UNet+VAE+CLIP) -> fp16", "stack", work, "float16"),
+    ]
     rows = []
     for title, what, path, dtype in cases:
-        out = subprocess.run([sys.executable, "-c", CHILD, what, str(path), dtype], check=True,
-                             capture_output=True, text=True, cwd=ROOT).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, what, str(path), dtype],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
         ratio = r["peak_kib"] * 1024 / r["weights"]
-        rows.append(f"| {title} | {r['weights'] / 2**30:.2f} | {r['seconds']:.2f} | "
-                    f"{r['peak_kib'] / 2**20:.2f} | {ratio:.2f} |")
+        rows.append(
+            f"| {title} | {r['weights'] / 2**30:.2f} | {r['seconds']:.2f} | "
+            f"{r['peak_kib'] / 2**20:.2f} | {ratio:.2f} |"
+        )
         print(rows[-1], flush=True)
 
     import safetensors
 
-    header = ["# minid.loading.checkpoint: load time and peak memory (CPU)", "",
-              f"{datetime.date.today().isoformat()}; {platform.platform()}; {platform.processor() or 'cpu'}, "
-              f"{torch.get_num_threads()} threads; Python {platform.python_version()}, torch {torch.__version__}, "
-              f"safetensors {safetensors.__version__}. Random values in the published layouts; each case in a "
-              "fresh process; peak RSS is ru_maxrss minus ru_maxrss after the imports. Files were in the page cache.",
-              "", "| case | weights GiB | load s | peak RSS GiB | peak / weights |", "|---|---|---|---|---|"]
+    header = [
+        "# minid.loading.checkpoint: load time and peak memory (CPU)",
+        "",
+        f"{datetime.date.today().isoformat()}; {platform.platform()}; "
+        f"{platform.processor() or 'cpu'}, "
+        f"{torch.get_num_threads()} threads; Python {platform.python_version()}, torch "
+        f"{torch.__version__}, "
+        f"safetensors {safetensors.__version__}. Random values in the published layouts; each case "
+        f"in a "
+        "fresh process; peak RSS is ru_maxrss minus ru_maxrss after the imports. Files were in the "
+        "page cache.",
+        "",
+        "| case | weights GiB | load s | peak RSS GiB | peak / weights |",
+        "|---|---|---|---|---|",
+    ]
     text = "\n".join(header + rows) + "\n"
     out = ROOT / "bench" / "results" / "load_cpu.md"
     out.parent.mkdir(parents=True, exist_ok=True)

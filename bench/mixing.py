@@ -1,30 +1,36 @@
-"""Stage 1's mixing weight on the exact-score testbed: the paper's A.8 Fig. 14 and the update rule (O2).
+"""Stage 1's mixing weight on the exact-score testbed: the paper's A.8 Fig. 14 and the update rule
+(O2).
 
-Stage 1 (docs/editedid.md, Stage 1; paper Eq. 1-3) mixes the two inversions with a weight w that one gradient
-step per inversion step drives from w_0 toward 0.5, and forces w = 0.5 at the last step. The library's rule
-(`inversion.adaptive_mixing_inversion`) steps on
+Stage 1 (docs/editedid.md, Stage 1; paper Eq. 1-3) mixes the two inversions with a weight w that one
+gradient step per inversion step drives from w_0 toward 0.5, and forces w = 0.5 at the last step.
+The library's rule (`inversion.adaptive_mixing_inversion`) steps on
 
-    L(w) = (1 − 2w)² D_j,   D_j = mean((ẑ^O_j − ẑ^E_j)²),   w ← clamp(w + 4η(1 − 2w) D_j, 0, 0.5)     (Eq. 1)
+    L(w) = (1 − 2w)² D_j,   D_j = mean((ẑ^O_j − ẑ^E_j)²),   w ← clamp(w + 4η(1 − 2w) D_j, 0, 0.5)
+    (Eq. 1)
 
-so the gap g = 0.5 − w shrinks by (1 − 8ηD_j) a step: the step is proportional to D_j, the size of the pair's
-difference. Candidates here make it independent of D's scale (docs/editedid.md, Open item O2):
+so the gap g = 0.5 − w shrinks by (1 − 8ηD_j) a step: the step is proportional to D_j, the size of
+the pair's difference. Candidates here make it independent of D's scale (docs/editedid.md, Open item
+O2):
 
     rule "raw"        the library's: L = (1 − 2w)² D_j
     rule "current"    L/D_j = (1 − 2w)²:  g ← (1 − 8η) g, whatever the pair
-    rule "first"      L/D_1:              g ← (1 − 8η D_j/D_1) g, the growth of D along the inversion kept
-    rule "reach"      "current" with η from N: g shrinks geometrically to ρ·g_0 at the last free step,
-                      8η = 1 − ρ^{1/(N−2)} (N = 6: η = 0.0414 for ρ = 0.2; N = 20: 0.0107)
+    rule "first"      L/D_1:              g ← (1 − 8η D_j/D_1) g, the growth of D along the
+                                          inversion kept
+    rule "reach"      "current" with η from N: g shrinks geometrically to ρ·g_0 at the last free
+                      step, 8η = 1 − ρ^{1/(N−2)} (N = 6: η = 0.0414 for ρ = 0.2; N = 20: 0.0107)
 
 `mixing_inversion` runs each of them with `samplers.invert_loop` and a callback, mirroring
-`inversion.adaptive_mixing_inversion` (with rule "raw" it reproduces the library's pivots to float64 rounding:
-checked at start-up), and records D_j and w_j per step.
+`inversion.adaptive_mixing_inversion` (with rule "raw" it reproduces the library's pivots to float64
+rounding: checked at start-up), and records D_j and w_j per step.
 
-Fig. 14 (paper A.8): reconstruction PSNR of both images after Stage 1 and Stage 2 (null-text optimisation,
-`inversion.null_text_optimization`, guidance 7.5, Mokady's settings), against w_0 ∈ {0.02, 0.04, 0.06, 0.08,
-0.1, 0.3, 0.5} at 10 and 20 steps (and 6, the default), for pairs that differ only in a "face" region (minid/sampling/toy.py
-`edit_region`: a 3×3 patch of the 8×8 latent, all 4 channels, 14 % of the values, redrawn from the Gaussian
-conditional of the same component, same prompt) and for pairs that differ everywhere (two independent latents
-of two components, two prompts). The hybrid plan puts DPM-Solver++ on the last two steps.
+Fig. 14 (paper A.8): reconstruction PSNR of both images after Stage 1 and Stage 2 (null-text
+optimisation, `inversion.null_text_optimization`, guidance 7.5, Mokady's settings), against w_0 ∈
+{0.02, 0.04, 0.06, 0.08,
+0.1, 0.3, 0.5} at 10 and 20 steps (and 6, the default), for pairs that differ only in a "face"
+region (minid/sampling/toy.py `edit_region`: a 3×3 patch of the 8×8 latent, all 4 channels, 14 % of
+the values, redrawn from the Gaussian conditional of the same component, same prompt) and for pairs
+that differ everywhere (two independent latents of two components, two prompts). The hybrid plan
+puts DPM-Solver++ on the last two steps.
 
     python bench/mixing.py [--pairs 6]
 
@@ -66,7 +72,8 @@ class MixingRule:
 
     rule: str = "raw"  # "raw", "current", "first" or "reach"
     lr: float = 0.05  # η ("raw", "current", "first"); ignored by "reach"
-    reach: float = 0.2  # ρ of "reach": the gap left at the last free step, as a fraction of 0.5 − w_0
+    # ρ of "reach": the gap left at the last free step, as a fraction of 0.5 − w_0
+    reach: float = 0.2
     w0: float = 0.04
     w_max: float = 0.5
 
@@ -85,15 +92,18 @@ class Mixing:
 
     pivots_o: list[torch.Tensor]
     pivots_e: list[torch.Tensor]
-    w: list[list[float]] = field(default_factory=list)  # per pair, the w each step mixed with (w_0 … 0.5)
-    d: list[list[float]] = field(default_factory=list)  # per pair, D_j = mean((ẑ^O_j − ẑ^E_j)²) at each step
+    # per pair, the w each step mixed with (w_0 … 0.5)
+    w: list[list[float]] = field(default_factory=list)
+    # per pair, D_j = mean((ẑ^O_j − ẑ^E_j)²) at each step
+    d: list[list[float]] = field(default_factory=list)
 
 
 def mixing_inversion(model, plan: Plan, z0_o, z0_e, cond_o, cond_e, rule: MixingRule) -> Mixing:
-    """Stage 1 (Eq. 1-3) with `rule`: each image takes its inversion step, the pair mixes with its current w,
-    then w takes one gradient step on the rule's loss; the last step mixes with 0.5 (Eq. 3). The loss of each
-    rule is (1 − 2w)² D_j / scale with scale 1 ("raw"), D_j ("current", "reach") or D_1 ("first"); the
-    gradient step is taken in closed form, ∂L/∂w = −4(1 − 2w) D_j / scale, as SGD would take it."""
+    """Stage 1 (Eq. 1-3) with `rule`: each image takes its inversion step, the pair mixes with its
+    current w, then w takes one gradient step on the rule's loss; the last step mixes with 0.5 (Eq.
+    3). The loss of each rule is (1 − 2w)² D_j / scale with scale 1 ("raw"), D_j ("current",
+    "reach") or D_1 ("first"); the gradient step is taken in closed form, ∂L/∂w = −4(1 − 2w) D_j /
+    scale, as SGD would take it."""
     k_pairs = z0_o.shape[0]
     cond = torch.cat([cond_o, cond_e])
     lr = rule.step_size(len(plan.steps))
@@ -112,11 +122,11 @@ def mixing_inversion(model, plan: Plan, z0_o, z0_e, cond_o, cond_e, rule: Mixing
             d = float(((zo[k] - ze[k]).double() ** 2).mean())
             w_j = 0.5 if last else w[k]
             if w_j == 0.5:
-                mo = 0.5 * zo[k:k + 1] + 0.5 * ze[k:k + 1]
+                mo = 0.5 * zo[k : k + 1] + 0.5 * ze[k : k + 1]
                 me = mo.clone()
             else:
-                mo = (1 - w_j) * zo[k:k + 1] + w_j * ze[k:k + 1]
-                me = (1 - w_j) * ze[k:k + 1] + w_j * zo[k:k + 1]
+                mo = (1 - w_j) * zo[k : k + 1] + w_j * ze[k : k + 1]
+                me = (1 - w_j) * ze[k : k + 1] + w_j * zo[k : k + 1]
             mixed_o.append(mo)
             mixed_e.append(me)
             out.w[k].append(w_j)
@@ -137,17 +147,26 @@ def mixing_inversion(model, plan: Plan, z0_o, z0_e, cond_o, cond_e, rule: Mixing
 
 
 def check_raw_rule_is_the_library(model, plan, z0_o, z0_e, cond_o, cond_e) -> float:
-    """Max abs difference of the pivots and w schedules of rule "raw" and `adaptive_mixing_inversion`."""
-    ours = mixing_inversion(model, plan, z0_o, z0_e, cond_o, cond_e, MixingRule("raw", 0.05, w0=0.04))
-    lib = adaptive_mixing_inversion(model, plan, z0_o, z0_e, cond_o, cond_e, MixingConfig(w0=0.04, lr=0.05, rule="raw"))
-    diff = max((a - b).abs().max().item() for a, b in zip(ours.pivots_o + ours.pivots_e, lib.pivots_o + lib.pivots_e))
+    """Max abs difference of the pivots and w schedules of rule "raw" and
+    `adaptive_mixing_inversion`."""
+    ours = mixing_inversion(
+        model, plan, z0_o, z0_e, cond_o, cond_e, MixingRule("raw", 0.05, w0=0.04)
+    )
+    lib = adaptive_mixing_inversion(
+        model, plan, z0_o, z0_e, cond_o, cond_e, MixingConfig(w0=0.04, lr=0.05, rule="raw")
+    )
+    diff = max(
+        (a - b).abs().max().item()
+        for a, b in zip(ours.pivots_o + ours.pivots_e, lib.pivots_o + lib.pivots_e)
+    )
     w_diff = max(abs(a - b) for wa, wb in zip(ours.w, lib.w_schedules) for a, b in zip(wa, wb))
     return max(diff, w_diff)
 
 
 def pairs(model: GaussianMixtureModel, kind: str, count: int, seed: int):
-    """(x_O, x_E, c_O, c_E) for `count` pairs: "face" (E = O with a 3×3 patch redrawn from the conditional of
-    the same component, same prompt) or "everywhere" (independent latents of two different components)."""
+    """(x_O, x_E, c_O, c_E) for `count` pairs: "face" (E = O with a 3×3 patch redrawn from the
+    conditional of the same component, same prompt) or "everywhere" (independent latents of two
+    different components)."""
     g = torch.Generator().manual_seed(seed)
     k = model.num_components
     comp_o = [i % k for i in range(count)]
@@ -156,7 +175,9 @@ def pairs(model: GaussianMixtureModel, kind: str, count: int, seed: int):
     if kind == "face":
         mask = torch.zeros(model.latent_shape, dtype=torch.bool)
         mask[:, 3:6, 3:6] = True
-        x_e = torch.cat([model.edit_region(x_o[i:i + 1], mask, int(drawn[i]), g) for i in range(count)])
+        x_e = torch.cat(
+            [model.edit_region(x_o[i : i + 1], mask, int(drawn[i]), g) for i in range(count)]
+        )
         return x_o, x_e, cond_o, cond_o.clone()
     cond_e = model.prompt([(c + 1 + i % (k - 1)) % k for i, c in enumerate(comp_o)])
     x_e, _ = model.sample(cond_e, g)
@@ -164,12 +185,18 @@ def pairs(model: GaussianMixtureModel, kind: str, count: int, seed: int):
 
 
 def restore(model, plan, x_o, x_e, cond_o, cond_e, rule: MixingRule | None):
-    """Stage 1 (rule, or separate inversions when None) then Stage 2; per-image PSNRs and the Stage 1 record."""
+    """Stage 1 (rule, or separate inversions when None) then Stage 2; per-image PSNRs and the Stage
+    1 record."""
     if rule is None:
         inv = []
         for x, c in ((x_o, cond_o), (x_e, cond_e)):
             piv = [x]
-            invert_loop(lambda z, t, i, land, c=c: model(z, t, c), x, plan, callback=lambda i, t, z, x0: piv.append(z))
+            invert_loop(
+                lambda z, t, i, land, c=c: model(z, t, c),
+                x,
+                plan,
+                callback=lambda i, t, z, x0: piv.append(z),
+            )
             inv.append(piv)
         stage1 = Mixing(inv[0], inv[1])
     else:
@@ -179,8 +206,16 @@ def restore(model, plan, x_o, x_e, cond_o, cond_e, rule: MixingRule | None):
         z_t = pivots[-1]
     else:
         z_t = None
-    res = null_text_optimization(model, plan, pivots, torch.cat([cond_o, cond_e]), model.null_prompt(), 7.5,
-                                 NullTextConfig(), z_T=z_t)
+    res = null_text_optimization(
+        model,
+        plan,
+        pivots,
+        torch.cat([cond_o, cond_e]),
+        model.null_prompt(),
+        7.5,
+        NullTextConfig(),
+        z_T=z_t,
+    )
     k = x_o.shape[0]
     psnr_o = [psnr(res.z0[i], x_o[i], model.data_range) for i in range(k)]
     psnr_e = [psnr(res.z0[k + i], x_e[i], model.data_range) for i in range(k)]
@@ -193,15 +228,25 @@ def mean(values):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=6, help="pairs of each kind (one per component)")
-    parser.add_argument("--steps", type=int, nargs="+", default=[6, 10, 20],
-                        help="N of the Fig. 14 grid (the paper's 10 and 20, and the default 6)")
+    parser.add_argument(
+        "--pairs", type=int, default=6, help="pairs of each kind (one per component)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[6, 10, 20],
+        help="N of the Fig. 14 grid (the paper's 10 and 20, and the default 6)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "mixing_cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start_time = time.perf_counter()
     model = GaussianMixtureModel()
-    data = {kind: pairs(model, kind, args.pairs, seed=1 + i) for i, kind in enumerate(("face", "everywhere"))}
+    data = {
+        kind: pairs(model, kind, args.pairs, seed=1 + i)
+        for i, kind in enumerate(("face", "everywhere"))
+    }
 
     def plan_for(n):
         return hybrid_plan(model.schedule, HybridSchedule(num_steps=n, dpm_start=n - 1, dpm_end=n))
@@ -211,9 +256,16 @@ def main() -> None:
     # SGD on autograd's ∂L/∂w vs the closed form −4(1 − 2w)D: the same up to float64 rounding
     assert check < 1e-12, f"the raw rule must reproduce the library, differs by {check:.1e}"
 
-    rules = [MixingRule("raw", 0.05), MixingRule("raw", 0.01), MixingRule("current", 0.02),
-             MixingRule("current", 0.04), MixingRule("current", 0.0625), MixingRule("first", 0.04),
-             MixingRule("reach", reach=0.2), MixingRule("reach", reach=0.05)]
+    rules = [
+        MixingRule("raw", 0.05),
+        MixingRule("raw", 0.01),
+        MixingRule("current", 0.02),
+        MixingRule("current", 0.04),
+        MixingRule("current", 0.0625),
+        MixingRule("first", 0.04),
+        MixingRule("reach", reach=0.2),
+        MixingRule("reach", reach=0.05),
+    ]
     sections = []
 
     # 1. the w schedules and D per step, w_0 = 0.04, N = 6, 10, 20
@@ -223,10 +275,13 @@ def main() -> None:
         for kind in ("face", "everywhere"):
             for rule in rules:
                 m = mixing_inversion(model, plan, *data[kind], rule)
-                lines.append(f"- N={n}, {kind}, {rule.name()}: D = "
-                             + ", ".join(f"{d:.3g}" for d in m.d[0]) + "; w = "
-                             + ", ".join(f"{w:.3f}" for w in m.w[0])
-                             + f"; jump at the last step {0.5 - m.w[0][-2]:.3f}")
+                lines.append(
+                    f"- N={n}, {kind}, {rule.name()}: D = "
+                    + ", ".join(f"{d:.3g}" for d in m.d[0])
+                    + "; w = "
+                    + ", ".join(f"{w:.3f}" for w in m.w[0])
+                    + f"; jump at the last step {0.5 - m.w[0][-2]:.3f}"
+                )
         lines.append("")
     print("\n".join(lines), flush=True)
     sections.append("\n".join(lines))
@@ -235,10 +290,15 @@ def main() -> None:
     for n in args.steps:
         plan = plan_for(n)
         for kind in ("face", "everywhere"):
-            header = ("| rule | " + " | ".join(f"w_0={w0:g}" for w0 in W0S) + " |")
+            header = "| rule | " + " | ".join(f"w_0={w0:g}" for w0 in W0S) + " |"
             differ = "only in the face" if kind == "face" else "everywhere"
-            lines = [f"## 2. Fig. 14, N = {n}, pairs that differ {differ}: PSNR O / E (dB), mean over pairs", "",
-                     header, "|---" * (len(W0S) + 1) + "|"]
+            lines = [
+                f"## 2. Fig. 14, N = {n}, pairs that differ {differ}: PSNR O / E (dB), mean over "
+                f"pairs",
+                "",
+                header,
+                "|---" * (len(W0S) + 1) + "|",
+            ]
             print("\n".join(lines), flush=True)
             base_o, base_e, _ = restore(model, plan, *data[kind], None)
             for rule in rules:
@@ -249,25 +309,34 @@ def main() -> None:
                     cells.append(f"{mean(po):.1f} / {mean(pe):.1f}")
                 lines.append(f"| {rule.name()} | " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
-            lines.append(f"| no alignment (separate inversions, own z_T) | {mean(base_o):.1f} / {mean(base_e):.1f}"
-                         + " |" * (len(W0S) - 1) + " |")
+            lines.append(
+                f"| no alignment (separate inversions, own z_T) | {mean(base_o):.1f} / "
+                f"{mean(base_e):.1f}" + " |" * (len(W0S) - 1) + " |"
+            )
             lines.append("")
             print("\n".join(lines[-2:]), flush=True)
             sections.append("\n".join(lines))
 
     import diffusers
+
     header = [
-        "# Stage 1 mixing weight on the exact-score testbed (paper A.8, Fig. 14; docs/editedid.md O2)",
+        "# Stage 1 mixing weight on the exact-score testbed (paper A.8, Fig. 14; docs/editedid.md "
+        "O2)",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; run time "
         f"{time.perf_counter() - start_time:.0f} s",
         f"- CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}",
-        f"- model: minid.sampling.toy.GaussianMixtureModel() (K = {model.num_components}, d = {model.dim}), {args.pairs} "
-        "pairs of each kind, float64; hybrid plan with DPM-Solver++ on the last two steps (logSNR); Stage 2: "
-        "`null_text_optimization`, guidance 7.5, `NullTextConfig()`; PSNR over the toy's data range "
+        f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python "
+        f"{platform.python_version()}",
+        f"- model: minid.sampling.toy.GaussianMixtureModel() (K = {model.num_components}, d = "
+        f"{model.dim}), {args.pairs} "
+        "pairs of each kind, float64; hybrid plan with DPM-Solver++ on the last two steps "
+        "(logSNR); Stage 2: "
+        "`null_text_optimization`, guidance 7.5, `NullTextConfig()`; PSNR over the toy's data "
+        "range "
         f"{model.data_range:.3f}",
-        f"- rule 'raw' reproduces `inversion.adaptive_mixing_inversion` (max abs difference {check:.1e})",
+        f"- rule 'raw' reproduces `inversion.adaptive_mixing_inversion` (max abs difference "
+        f"{check:.1e})",
         "",
     ]
     table = "\n".join(header) + "\n".join(sections) + "\n"

@@ -1,12 +1,14 @@
 """UNet forward time: minid vs diffusers, full SD1.4 architecture, same random weights, fp32, CPU.
 
-Both models are built in one process and share one set of weight tensors. For each batch size, each model
-runs `--warmup` times, then `--runs` rounds time one forward of each, alternating which goes first, under
-`torch.inference_mode()`. The table reports the medians and their ratio (minid / diffusers; below 1 is faster).
+Both models are built in one process and share one set of weight tensors. For each batch size, each
+model runs `--warmup` times, then `--runs` rounds time one forward of each, alternating which goes
+first, under `torch.inference_mode()`. The table reports the medians and their ratio (minid /
+diffusers; below 1 is faster).
 
     python bench/unet_forward.py [--latent 32] [--batches 1 2] [--runs 5]
 
-Writes bench/results/unet_forward_cpu.md (with torch/diffusers versions, CPU model, threads and date).
+Writes bench/results/unet_forward_cpu.md (with torch/diffusers versions, CPU model, threads and
+date).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import statistics
 import time
 from pathlib import Path
 
+import diffusers
 import torch
 
-import diffusers
 from minid.models.config import UNetConfig
 from minid.models.unet import UNet
 
@@ -42,17 +44,27 @@ def cpu_model() -> str:
 
 @torch.no_grad()
 def build_models() -> tuple[UNet, torch.nn.Module]:
-    """diffusers' UNet from SD1.4's config.json with N(0, 1/fan_in) weights; minid's UNet sharing them."""
+    """diffusers' UNet from SD1.4's config.json with N(0, 1/fan_in) weights; minid's UNet sharing
+    them."""
     config = json.loads(SD14_UNET_CONFIG.read_text()) if SD14_UNET_CONFIG.is_file() else {}
     cfg = UNetConfig.from_dict(config) if config else UNetConfig()
     with torch.device("meta"):
         ref = diffusers.UNet2DConditionModel(
-            sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-            down_block_types=cfg.down_block_types, up_block_types=cfg.up_block_types,
-            block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-            attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.cross_attention_dim,
-            norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps, flip_sin_to_cos=cfg.flip_sin_to_cos,
-            freq_shift=cfg.freq_shift, downsample_padding=cfg.downsample_padding)
+            sample_size=cfg.sample_size,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels,
+            down_block_types=cfg.down_block_types,
+            up_block_types=cfg.up_block_types,
+            block_out_channels=cfg.block_out_channels,
+            layers_per_block=cfg.layers_per_block,
+            attention_head_dim=cfg.num_heads,
+            cross_attention_dim=cfg.cross_attention_dim,
+            norm_num_groups=cfg.norm_num_groups,
+            norm_eps=cfg.norm_eps,
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+            downsample_padding=cfg.downsample_padding,
+        )
         ours = UNet(cfg)
     ref = ref.to_empty(device="cpu").eval()
     g = torch.Generator().manual_seed(0)
@@ -71,10 +83,18 @@ def time_once(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256² pixels)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes to time")
-    parser.add_argument("--runs", type=int, default=5, help="timed rounds per batch size (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per model before timing")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "unet_forward_cpu.md")
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 2], help="batch sizes to time"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=5, help="timed rounds per batch size (median reported)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed forwards per model before timing"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / "unet_forward_cpu.md"
+    )
     args = parser.parse_args()
 
     ours, ref = build_models()
@@ -97,18 +117,26 @@ def main() -> None:
                 for name, fn in order if r % 2 == 0 else order[::-1]:
                     times[name].append(time_once(fn))
             med = {k: statistics.median(v) for k, v in times.items()}
-            rows.append((batch, med["minid"], med["diffusers"], med["minid"] / med["diffusers"], err))
-            print(f"batch {batch}: minid {med['minid']:.3f} s, diffusers {med['diffusers']:.3f} s, "
-                  f"ratio {med['minid'] / med['diffusers']:.3f}, max abs diff {err:.1e}", flush=True)
+            rows.append(
+                (batch, med["minid"], med["diffusers"], med["minid"] / med["diffusers"], err)
+            )
+            print(
+                f"batch {batch}: minid {med['minid']:.3f} s, diffusers {med['diffusers']:.3f} s, "
+                f"ratio {med['minid'] / med['diffusers']:.3f}, max abs diff {err:.1e}",
+                flush=True,
+            )
 
     lines = [
         f"# UNet forward, SD1.4 architecture, fp32, CPU, latent {args.latent}×{args.latent}",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}; 1-minute load average"
-        f" {load_before:.1f} before and {os.getloadavg()[0]:.1f} after timing (other processes add noise)",
-        f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}",
-        f"- median of {args.runs} interleaved runs after {args.warmup} warm-up runs, `torch.inference_mode()`,"
+        f" {load_before:.1f} before and {os.getloadavg()[0]:.1f} after timing (other processes add "
+        f"noise)",
+        f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python "
+        f"{platform.python_version()}",
+        f"- median of {args.runs} interleaved runs after {args.warmup} warm-up runs, "
+        f"`torch.inference_mode()`,"
         f" same random weights (shared tensors)",
         "",
         "| batch | minid (s) | diffusers (s) | minid / diffusers | max abs diff |",

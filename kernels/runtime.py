@@ -1,32 +1,34 @@
 """When and how the Triton kernels of minid.kernels are built.
 
 Triton decides between compiling a kernel for the GPU and running it in its NumPy interpreter
-(`TRITON_INTERPRET=1`, how the tests run the kernels on CPU tensors) at the moment a function is wrapped by
-`triton.jit`. The kernels here are wrapped at their first launch instead of at import, so that
+(`TRITON_INTERPRET=1`, how the tests run the kernels on CPU tensors) at the moment a function is
+wrapped by `triton.jit`. The kernels here are wrapped at their first launch instead of at import, so
+that
 
-- a test module can set `TRITON_INTERPRET=1` even when another module imported minid (and these files)
-  earlier in the same process, and
+- a test module can set `TRITON_INTERPRET=1` even when another module imported minid (and these
+  files) earlier in the same process, and
 - the PyTorch references beside each kernel import on machines without Triton.
 
-Triton itself is imported at that first launch too: triton.language builds its own jit functions (tl.zeros,
-tl.max, ...) at import, compiled or interpreted according to the variable at that moment, so the kernel files
-name `tl` only in kernel bodies (and in string annotations, `from __future__ import annotations`).
+Triton itself is imported at that first launch too: triton.language builds its own jit functions
+(tl.zeros, tl.max, ...) at import, compiled or interpreted according to the variable at that moment,
+so the kernel files name `tl` only in kernel bodies (and in string annotations, `from __future__
+import annotations`).
 
-How a kernel finds `tl` and its helpers. `@lazy_jit` marks both kernels and the `@triton.jit` helpers they call
-(as tutorial 06 calls `_attn_fwd_inner`); it returns a `LazyKernel` that holds the plain Python function. At
-the first launch, `LazyKernel.jitted` gives `triton.jit` a copy of the function whose globals are a namespace
-of its own: the module's globals, with
+How a kernel finds `tl` and its helpers. `@lazy_jit` marks both kernels and the `@triton.jit`
+helpers they call (as tutorial 06 calls `_attn_fwd_inner`); it returns a `LazyKernel` that holds the
+plain Python function. At the first launch, `LazyKernel.jitted` gives `triton.jit` a copy of the
+function whose globals are a namespace of its own: the module's globals, with
 
 - `tl` bound to triton.language,
-- every `LazyKernel` the function names replaced by that helper's jitted function (built first, the same way,
-  so a helper may call helpers; each is built once and shared by all its callers), since Triton inlines a call
-  only to a jitted function, and
-- every int or float of the module the function names (`LOG2E`) wrapped in `tl.constexpr`, since Triton lets
-  a kernel read no other kind of global. The namespace is a snapshot taken at the first launch, which is what
-  a constexpr means.
+- every `LazyKernel` the function names replaced by that helper's jitted function (built first, the
+  same way, so a helper may call helpers; each is built once and shared by all its callers), since
+  Triton inlines a call only to a jitted function, and
+- every int or float of the module the function names (`LOG2E`) wrapped in `tl.constexpr`, since
+  Triton lets a kernel read no other kind of global. The namespace is a snapshot taken at the first
+  launch, which is what a constexpr means.
 
-The module itself is never written to: its `tl` stays None and its helper names stay `LazyKernel`s, so the
-result does not depend on which kernel launches first.
+The module itself is never written to: its `tl` stays None and its helper names stay `LazyKernel`s,
+so the result does not depend on which kernel launches first.
 """
 
 from __future__ import annotations
@@ -51,14 +53,18 @@ def interpreting() -> bool:
 
 
 def triton_can_run(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernels can take these tensors: CUDA tensors, or CPU tensors under the interpreter."""
+    """Whether the Triton kernels can take these tensors: CUDA tensors, or CPU tensors under the
+    interpreter."""
     if not triton_available():
         return False
-    return all(t.is_cuda for t in tensors) or (interpreting() and all(t.device.type == "cpu" for t in tensors))
+    return all(t.is_cuda for t in tensors) or (
+        interpreting() and all(t.device.type == "cpu" for t in tensors)
+    )
 
 
 class LazyKernel:
-    """A Triton kernel or helper function, handed to `triton.jit` at the first launch of a kernel that uses it.
+    """A Triton kernel or helper function, handed to `triton.jit` at the first launch of a kernel
+    that uses it.
 
     Launch a kernel as `kernel[grid](*args)`; a helper is called by name from a kernel body.
     """
@@ -84,10 +90,12 @@ class LazyKernel:
 
 
 def _kernel_namespace(fn, tl) -> dict:
-    """fn's module globals as a Triton kernel must see them: `tl` bound, helpers jitted, numbers constexpr."""
+    """fn's module globals as a Triton kernel must see them: `tl` bound, helpers jitted, numbers
+    constexpr."""
     namespace = dict(fn.__globals__)
     namespace["tl"] = tl
-    # co_names lists every global the code reads (with attribute names, which no global lookup asks for).
+    # co_names lists every global the code reads (with attribute names, which no global lookup asks
+    # for).
     for name in fn.__code__.co_names:
         value = namespace.get(name)
         if isinstance(value, LazyKernel):
@@ -98,7 +106,8 @@ def _kernel_namespace(fn, tl) -> dict:
 
 
 def _with_globals(fn, namespace: dict):
-    """A copy of fn that reads its globals from `namespace`; Triton reads the source through fn.__code__."""
+    """A copy of fn that reads its globals from `namespace`; Triton reads the source through
+    fn.__code__."""
     copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__qualname__ = fn.__qualname__
     copy.__annotations__ = fn.__annotations__  # the `tl.constexpr` marks of the parameters
@@ -108,19 +117,25 @@ def _with_globals(fn, namespace: dict):
 
 
 def _check_interpreter_mode(tl) -> None:
-    """triton.language's own jit functions (tl.zeros, tl.max, ...) are built when it is imported, compiled or
-    interpreted by TRITON_INTERPRET at that moment; a kernel interpreted with them compiled fails obscurely."""
+    """triton.language's own jit functions (tl.zeros, tl.max, ...) are built when it is imported,
+    compiled or interpreted by TRITON_INTERPRET at that moment; a kernel interpreted with them
+    compiled fails obscurely."""
     from triton.runtime.interpreter import InterpretedFunction
 
     if interpreting() != isinstance(tl.zeros, InterpretedFunction):
         raise RuntimeError(
-            f"minid/kernels/runtime.py: TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r} now but was "
-            f"different when triton.language was imported, so Triton's own functions and minid's kernels would "
-            f"disagree. Set TRITON_INTERPRET before anything imports triton (first lines of the test module).")
+            f"minid/kernels/runtime.py: TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r} "
+            f"now but was "
+            f"different when triton.language was imported, so Triton's own functions and minid's "
+            f"kernels would "
+            f"disagree. Set TRITON_INTERPRET before anything imports triton (first lines of the "
+            f"test module)."
+        )
 
 
 def lazy_jit(fn) -> LazyKernel:
-    """`@triton.jit`, deferred to the first launch: for kernels and for the helpers they call alike."""
+    """`@triton.jit`, deferred to the first launch: for kernels and for the helpers they call
+    alike."""
     return LazyKernel(fn)
 
 
@@ -135,10 +150,11 @@ def next_power_of_two(n: int) -> int:
 def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
     """(UPCAST, PRECISION) for the kernels' `tl.dot` calls on inputs of this dtype.
 
-    UPCAST: under the Triton 3.9 interpreter a `tl.dot` of bf16 tiles returns garbage (the interpreter holds
-    bf16 as uint16 and multiplies the integers), so there the kernels convert tiles to fp32 before each dot
-    (after rounding P to bf16, as the GPU path does). PRECISION: fp32 inputs use "ieee" so that fp32 is a true
-    reference on GPUs that would otherwise use TF32 (10-bit mantissa); fp16/bf16 ignore it.
+    UPCAST: under the Triton 3.9 interpreter a `tl.dot` of bf16 tiles returns garbage (the
+    interpreter holds bf16 as uint16 and multiplies the integers), so there the kernels convert
+    tiles to fp32 before each dot (after rounding P to bf16, as the GPU path does). PRECISION: fp32
+    inputs use "ieee" so that fp32 is a true reference on GPUs that would otherwise use TF32 (10-bit
+    mantissa); fp16/bf16 ignore it.
     """
     upcast = dtype == torch.bfloat16 and interpreting()
     precision = "ieee" if (dtype == torch.float32 or upcast) else "tf32"

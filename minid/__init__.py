@@ -1,5 +1,5 @@
-"""minid: Stable Diffusion 1.4 from scratch in PyTorch, Triton attention kernels that expose and replace
-attention maps, and EditedID identity restoration.
+"""minid: Stable Diffusion 1.4 from scratch in PyTorch, Triton attention kernels that expose and
+replace attention maps, and EditedID identity restoration.
 
 The top-level names load their modules on first use, so `import minid` stays light:
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-
 
 
 # name -> module that defines it

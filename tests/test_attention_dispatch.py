@@ -1,5 +1,5 @@
-"""The attention seam (minid/models/attention.py) and the ops of kernels/dispatch.py: backend dispatch, argument
-checks and gradients through every path."""
+"""The attention seam (minid/models/attention.py) and the ops of kernels/dispatch.py: backend
+dispatch, argument checks and gradients through every path."""
 
 import os
 
@@ -11,13 +11,13 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from minid.models.attention import Site, attention
 from minid.kernels.dispatch import attention_with_map, masked_multi_source, token_replace
 from minid.kernels.flash_attention import attention_reference  # noqa: E402
 from minid.kernels.multi_source import multi_source_reference  # noqa: E402
 from minid.kernels.runtime import triton_available  # noqa: E402
 from minid.kernels.token_replace import token_replace_reference  # noqa: E402
+
+from minid.models.attention import Site, attention
 
 SITE = Site(block="down", level=0, index=0, kind="self", height=8, width=8)
 
@@ -37,11 +37,15 @@ def grads_of(fn, tensors):
 def test_attention_without_controller_is_sdpa_and_differentiable():
     q, k, v = qkv(requires_grad=True)
     out = attention(q, k, v, SITE)
-    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v)), "attention() without a controller must be SDPA"
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v)), (
+        "attention() without a controller must be SDPA"
+    )
     ours = grads_of(lambda *t: attention(*t, site=SITE), (q, k, v))
     ref = grads_of(lambda *t: attention_reference(*t)[0], (q, k, v))
     for name, a, b in zip("qkv", ours, ref):
-        assert torch.allclose(a, b, atol=1e-10), f"d/d{name} differs from the reference by {(a - b).abs().max()}"
+        assert torch.allclose(a, b, atol=1e-10), (
+            f"d/d{name} differs from the reference by {(a - b).abs().max()}"
+        )
 
 
 def test_controller_replacement_goes_through_the_seam():
@@ -54,12 +58,15 @@ def test_controller_replacement_goes_through_the_seam():
         return out * 2
 
     out = attention(q, k, v, SITE, controller)
-    assert torch.allclose(out, 2 * attention_reference(q, k, v)[0]), "the controller's output must be returned"
+    assert torch.allclose(out, 2 * attention_reference(q, k, v)[0]), (
+        "the controller's output must be returned"
+    )
     assert seen[SITE].shape == (1, 64, 64), f"map shape {seen[SITE].shape}, expected (1, 64, 64)"
 
 
 def test_multi_source_and_token_replace_are_differentiable():
-    """Null-text optimisation backpropagates through edited attention: the default path must have exact grads."""
+    """Null-text optimisation backpropagates through edited attention: the default path must have
+    exact grads."""
     b, h, n, d = 1, 2, 40, 8
     tensors = [torch.randn(b, h, n, d, dtype=torch.float64, requires_grad=True) for _ in range(6)]
     weights = torch.rand(2, n, dtype=torch.float64)
@@ -69,10 +76,14 @@ def test_multi_source_and_token_replace_are_differentiable():
         return masked_multi_source([q0, q1], [k0, k1], [v0, v1], weights, mode="output")
 
     def ref(q0, k0, v0, q1, k1, v1):
-        return multi_source_reference([q0, q1], [k0, k1], [v0, v1], weights.expand(b, 2, n), mode="output")
+        return multi_source_reference(
+            [q0, q1], [k0, k1], [v0, v1], weights.expand(b, 2, n), mode="output"
+        )
 
     for a, r in zip(grads_of(ours, tensors), grads_of(ref, tensors)):
-        assert torch.allclose(a, r, atol=1e-10), f"multi-source grad differs by {(a - r).abs().max()}"
+        assert torch.allclose(a, r, atol=1e-10), (
+            f"multi-source grad differs by {(a - r).abs().max()}"
+        )
 
     branch = torch.tensor([-1, 0] * (n // 2))
     token = torch.arange(n).flip(0)
@@ -84,7 +95,9 @@ def test_multi_source_and_token_replace_are_differentiable():
         return token_replace_reference(q_t, k_t, v_t, [(q_s, k_s)], branch, token)
 
     for a, r in zip(grads_of(ours_tr, tensors[:5]), grads_of(ref_tr, tensors[:5])):
-        assert torch.allclose(a, r, atol=1e-10), f"token-replace grad differs by {(a - r).abs().max()}"
+        assert torch.allclose(a, r, atol=1e-10), (
+            f"token-replace grad differs by {(a - r).abs().max()}"
+        )
 
 
 def test_auto_backend_on_cpu_is_the_torch_path():
@@ -124,23 +137,31 @@ def test_bad_arguments_have_clear_errors():
 
 def run_python(code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_importing_minid_attention_does_not_import_triton():
-    """Triton is imported at the first kernel launch, so TRITON_INTERPRET can still be set after these imports."""
-    result = run_python("import sys, minid.models.attention, minid.kernels.dispatch, minid.kernels.flash_attention, minid.kernels.multi_source, "
-                        "minid.kernels.token_replace; print('triton' in sys.modules)")
+    """Triton is imported at the first kernel launch, so TRITON_INTERPRET can still be set after
+    these imports."""
+    result = run_python(
+        "import sys, minid.models.attention, minid.kernels.dispatch, "
+        "minid.kernels.flash_attention, minid.kernels.multi_source, "
+        "minid.kernels.token_replace; print('triton' in sys.modules)"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False", "minid.models.attention must import triton lazily"
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_interpreter_variable_set_after_minid_import_still_works():
-    """A process that imported minid (and the kernel modules) first can still run the kernels interpreted."""
+    """A process that imported minid (and the kernel modules) first can still run the kernels
+    interpreted."""
     code = (
         "import os, torch\n"
-        "import minid.kernels.dispatch as a, minid.kernels.flash_attention, minid.kernels.multi_source\n"
+        "import minid.kernels.dispatch as a, minid.kernels.flash_attention, "
+        "minid.kernels.multi_source\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "q = torch.randn(1, 2, 33, 8)\n"
         "out, _, _ = a.attention_with_map(q, q, q, want_map=False, backend='triton')\n"
@@ -149,4 +170,6 @@ def test_interpreter_variable_set_after_minid_import_still_works():
     )
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert float(result.stdout.strip()) < 1e-5, f"interpreted kernel differs from the torch path: {result.stdout}"
+    assert float(result.stdout.strip()) < 1e-5, (
+        f"interpreted kernel differs from the torch path: {result.stdout}"
+    )

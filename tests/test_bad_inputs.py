@@ -1,10 +1,11 @@
 """Bad inputs, through the command line and the Python API (issue 10: a new user's first hour).
 
-Every bad command line must end in exit code 2 (Ctrl-C: 130) with ONE line on stderr, no traceback, the flag or
-file named, before any model loads, with no file created, changed or removed (the case folder is hashed before
-and after: inputs, masks included, keep their bytes). Every bad API call raises the named exception type with
-the same words. The cases are the issue's, and one or more of each class they stand for; the last tests check
-the install, the help, the output modes and the pictures.
+Every bad command line must end in exit code 2 (Ctrl-C: 130) with ONE line on stderr, no traceback,
+the flag or file named, before any model loads, with no file created, changed or removed (the case
+folder is hashed before and after: inputs, masks included, keep their bytes). Every bad API call
+raises the named exception type with the same words. The cases are the issue's, and one or more of
+each class they stand for; the last tests check the install, the help, the output modes and the
+pictures.
 """
 
 from __future__ import annotations
@@ -23,21 +24,29 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from minid.loading.files import write_text_atomic
-from minid.app import cli
-from minid.restore.config import METHOD_FLAGS
-
-from minid.imaging import images
-
-from minid.loading import checkpoint
-from minid.imaging.images import tensor_to_pil
 from tiny_models import IMAGE_SIZE, random_image
+
+from minid.app import cli
+from minid.imaging import images
+from minid.imaging.images import tensor_to_pil
+from minid.loading import checkpoint
+from minid.loading.files import write_text_atomic
+from minid.restore.config import METHOD_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--device", "cpu", "--dtype", "fp32", "--seed", "0"]
-FAST = ["--steps", "2", "--dpm-start", "2", "--dpm-end", "2", "--null-inner-steps", "1", "--image-size",
-        str(IMAGE_SIZE)]
+FAST = [
+    "--steps",
+    "2",
+    "--dpm-start",
+    "2",
+    "--dpm-end",
+    "2",
+    "--null-inner-steps",
+    "1",
+    "--image-size",
+    str(IMAGE_SIZE),
+]
 PROMPT_O, PROMPT_E = "a photo of a man", "a photo of a man wearing glasses"
 # 20 × 5 words: past the 75 tokens the text encoder reads, with no "man" and no "glasses" in it
 FILLER = " ".join(["in a very detailed painting"] * 20)
@@ -52,24 +61,32 @@ def _png(path: Path, seed: int = 1, size: int = IMAGE_SIZE) -> Path:
 def _mask(path: Path, size: int = IMAGE_SIZE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     a = np.zeros((size, size), np.uint8)
-    a[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
+    a[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
     Image.fromarray(a).save(path)
     return path
 
 
 def _bomb(path: Path) -> Path:
     """A PNG that says it is 40000² pixels (PIL refuses to open it as a decompression bomb)."""
+
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
 def _unwritable(t: Path) -> Path:
-    """A folder no file can be created in: a read-only folder, or for root (who may write anywhere) /sys."""
+    """A folder no file can be created in: a read-only folder, or for root (who may write anywhere)
+    /sys."""
     if os.geteuid() == 0:
         if not Path("/sys").is_dir():
             pytest.skip("running as root without /sys: no unwritable folder to test with")
@@ -81,11 +98,19 @@ def _unwritable(t: Path) -> Path:
 
 
 def _restore(t: Path, hub: Path, out=None, extra=(), original=None, edited=None, **flags) -> list:
-    """A restore command line that would run on the tiny hub: `flags` replace its values (None drops one)."""
-    values = {"--original": original or _png(t / "o.png", 1), "--edited": edited or _png(t / "e.png", 2),
-              "--prompt-original": PROMPT_O, "--prompt-edited": PROMPT_E, "--id-words": "man",
-              "--element-words": "glasses", "--out": out or t / "r.png", "--weights": hub,
-              "--mask-source": "attention"}
+    """A restore command line that would run on the tiny hub: `flags` replace its values (None drops
+    one)."""
+    values = {
+        "--original": original or _png(t / "o.png", 1),
+        "--edited": edited or _png(t / "e.png", 2),
+        "--prompt-original": PROMPT_O,
+        "--prompt-edited": PROMPT_E,
+        "--id-words": "man",
+        "--element-words": "glasses",
+        "--out": out or t / "r.png",
+        "--weights": hub,
+        "--mask-source": "attention",
+    }
     for flag, value in flags.items():
         values["--" + flag.replace("_", "-")] = value
     argv = ["restore"]
@@ -96,8 +121,21 @@ def _restore(t: Path, hub: Path, out=None, extra=(), original=None, edited=None,
 
 
 def _generate(t: Path, hub: Path, *extra, out=None) -> list:
-    return ["generate", "--prompt", "a man", "--out", out or t / "g.png", "--weights", hub, "--steps", "1",
-            "--size", str(IMAGE_SIZE), *COMMON, *extra]
+    return [
+        "generate",
+        "--prompt",
+        "a man",
+        "--out",
+        out or t / "g.png",
+        "--weights",
+        hub,
+        "--steps",
+        "1",
+        "--size",
+        str(IMAGE_SIZE),
+        *COMMON,
+        *extra,
+    ]
 
 
 def _with(argv: list, flag: str, value) -> list:
@@ -106,9 +144,9 @@ def _with(argv: list, flag: str, value) -> list:
     return argv
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The command line: (build(t, hub, monkeypatch) -> argv, names the one line must contain, may load the
-# models (a bad weight file is found by loading it), exit code)
+# --------------------------------------------------------------------------------------------------
+# The command line: (build(t, hub, monkeypatch) -> argv, names the one line must contain, may load
+# the models (a bad weight file is found by loading it), exit code)
 
 CLI = {}
 
@@ -117,6 +155,7 @@ def case(cid: str, *names: str, loads: bool = False, rc: int = 2):
     def register(build):
         CLI[cid] = (build, names, loads, rc)
         return build
+
     return register
 
 
@@ -150,12 +189,16 @@ def _(t, hub, mp):
 @case("--save-intermediates would write over the --element-mask", "mask_element.png", "input")
 def _(t, hub, mp):
     m = _mask(t / "inter" / "mask_element.png")
-    return _restore(t, hub, extra=["--save-intermediates", t / "inter", "--element-mask", m, "--overwrite"])
+    return _restore(
+        t, hub, extra=["--save-intermediates", t / "inter", "--element-mask", m, "--overwrite"]
+    )
 
 
 @case("--out is a file --save-intermediates writes", "--out", "--save-intermediates")
 def _(t, hub, mp):
-    return _restore(t, hub, out=t / "inter" / "restored.png", extra=["--save-intermediates", t / "inter"])
+    return _restore(
+        t, hub, out=t / "inter" / "restored.png", extra=["--save-intermediates", t / "inter"]
+    )
 
 
 @case("generate --out exists", "--out", "--overwrite")
@@ -197,22 +240,36 @@ NUMBERS += [("restore", "--lambda-o", v) for v in ("nan", "1.5", "-0.5")]
 NUMBERS += [("restore", "--guidance", v) for v in ("nan", "0", "-1", "inf")]
 NUMBERS += [("restore", "--w-lr", v) for v in ("nan", "-1")]
 NUMBERS += [("restore", "--steps", v) for v in ("0", "2000", "1.5")]
-NUMBERS += [("restore", "--null-inner-steps", "-1"), ("restore", "--dpm-start", "0"), ("restore", "--dpm-end", "0"),
-            ("restore", "--seed", "-1")]
+NUMBERS += [
+    ("restore", "--null-inner-steps", "-1"),
+    ("restore", "--dpm-start", "0"),
+    ("restore", "--dpm-end", "0"),
+    ("restore", "--seed", "-1"),
+]
 NUMBERS += [("restore", "--image-size", v) for v in ("0", "12", "8", "-64")]
-NUMBERS += [("generate", "--guidance", "nan"), ("generate", "--steps", "0"), ("generate", "--steps", "2000")]
+NUMBERS += [
+    ("generate", "--guidance", "nan"),
+    ("generate", "--steps", "0"),
+    ("generate", "--steps", "2000"),
+]
 NUMBERS += [("generate", "--size", v) for v in ("0", "12", "8")]
 NUMBERS += [("demo", "--image-size", "12"), ("demo", "--w0", "nan")]
 for command, flag, value in NUMBERS:
+
     def build(t, hub, mp, command=command, flag=flag, value=value):
-        argv = {"restore": lambda: _restore(t, hub), "generate": lambda: _generate(t, hub),
-                "demo": lambda: ["demo", "--out", t / "demo", "--weights", hub, *FAST, *COMMON]}[command]()
+        argv = {
+            "restore": lambda: _restore(t, hub),
+            "generate": lambda: _generate(t, hub),
+            "demo": lambda: ["demo", "--out", t / "demo", "--weights", hub, *FAST, *COMMON],
+        }[command]()
         return _with(argv, flag, value) if flag in argv else argv + [flag, value]
 
     case(f"{command} {flag} {value}", flag)(build)
 
 
-@case("--dpm-start after --dpm-end (steps in the flags' words)", "--dpm-start", "--dpm-end", "--steps")
+@case(
+    "--dpm-start after --dpm-end (steps in the flags' words)", "--dpm-start", "--dpm-end", "--steps"
+)
 def _(t, hub, mp):
     return _with(_restore(t, hub), "--dpm-start", "7")
 
@@ -225,8 +282,12 @@ def _(t, hub, mp):
 # -- prompts and words: real text, within the 75 tokens the text encoder reads
 @case("identity word beyond token 75", "man", "75")
 def _(t, hub, mp):
-    return _restore(t, hub, prompt_original=f"a photo of a person {FILLER} man",
-                    prompt_edited=f"a photo of a man wearing glasses {FILLER}")
+    return _restore(
+        t,
+        hub,
+        prompt_original=f"a photo of a person {FILLER} man",
+        prompt_edited=f"a photo of a man wearing glasses {FILLER}",
+    )
 
 
 @case("element word beyond token 75", "glasses", "75")
@@ -251,7 +312,17 @@ def _(t, hub, mp):
 
 @case("demo --subject-word not in --prompt", "--subject-word")
 def _(t, hub, mp):
-    return ["demo", "--out", t / "demo", "--weights", hub, "--subject-word", "woman", *FAST, *COMMON]
+    return [
+        "demo",
+        "--out",
+        t / "demo",
+        "--weights",
+        hub,
+        "--subject-word",
+        "woman",
+        *FAST,
+        *COMMON,
+    ]
 
 
 # -- images and masks
@@ -386,13 +457,14 @@ def _copy_vae(t: Path, hub: Path, edit) -> Path:
 def _half_byte_range(f: Path) -> None:
     raw = f.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     key = next(k for k in header if k != "__metadata__")
     start, stop = header[key]["data_offsets"]
-    header[key]["data_offsets"] = [start, start + (stop - start) // 2]  # the same shape in half the bytes
+    # the same shape in half the bytes
+    header[key]["data_offsets"] = [start, start + (stop - start) // 2]
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
 
 
 def _integer_tensor(f: Path) -> None:
@@ -404,8 +476,12 @@ def _integer_tensor(f: Path) -> None:
     save_file(state, str(f))
 
 
-@case("a safetensors header whose byte ranges do not match the shapes", "diffusion_pytorch_model.safetensors",
-      "damaged header", loads=True)
+@case(
+    "a safetensors header whose byte ranges do not match the shapes",
+    "diffusion_pytorch_model.safetensors",
+    "damaged header",
+    loads=True,
+)
 def _(t, hub, mp):
     return _with(_generate(t, hub), "--weights", _copy_vae(t, hub, _half_byte_range))
 
@@ -467,7 +543,12 @@ def _(t, hub, mp):
 
 
 # -- the face models
-@case("no face pack: what to do, in the CLI's words", "--download-faces", "--face-mask", "--mask-source attention")
+@case(
+    "no face pack: what to do, in the CLI's words",
+    "--download-faces",
+    "--face-mask",
+    "--mask-source attention",
+)
 def _(t, hub, mp):
     return _restore(t, hub, mask_source="landmarks", extra=["--face-root", t / "no-packs"])
 
@@ -486,7 +567,9 @@ def _(t, hub, mp):
         raise ConnectionError("Max retries exceeded\n" + "  stack line\n" * 80)
 
     mp.setattr(storage, "ensure_available", offline)
-    return _restore(t, hub, mask_source="landmarks", extra=["--face-root", t / "packs", "--download-faces"])
+    return _restore(
+        t, hub, mask_source="landmarks", extra=["--face-root", t / "packs", "--download-faces"]
+    )
 
 
 # -- the command line itself
@@ -515,27 +598,48 @@ def _(t, hub, mp):
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("cid", list(CLI))
-def test_a_bad_command_line_is_one_line_exit_2_before_any_compute(cid, tiny_hub, tmp_path, monkeypatch, capsys):
+def test_a_bad_command_line_is_one_line_exit_2_before_any_compute(
+    cid, tiny_hub, tmp_path, monkeypatch, capsys
+):
     build, names, loads, expected_rc = CLI[cid]
     loaded = []
     real_load = checkpoint.load_stable_diffusion
-    monkeypatch.setattr(checkpoint, "load_stable_diffusion", lambda *a, **k: (loaded.append(1), real_load(*a, **k))[1])
+    monkeypatch.setattr(
+        checkpoint,
+        "load_stable_diffusion",
+        lambda *a, **k: (loaded.append(1), real_load(*a, **k))[1],
+    )
     argv = [str(a) for a in build(tmp_path, tiny_hub, monkeypatch)]
     before = _snapshot(tmp_path)
     rc = cli.main(argv)
     err = capsys.readouterr().err
-    # "minid: loading …" says which weights load (the cases that are about a weight file); the rest is the error
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("minid: loading")]
+    # "minid: loading …" says which weights load (the cases that are about a weight file); the rest
+    # is the error
+    lines = [
+        line for line in err.splitlines() if line.strip() and not line.startswith("minid: loading")
+    ]
     assert rc == expected_rc, f"exit code {rc}, expected {expected_rc}; stderr: {err}"
-    assert len(lines) == 1 and "Traceback" not in err, f"expected one line on stderr, got {len(lines)}: {err}"
+    assert len(lines) == 1 and "Traceback" not in err, (
+        f"expected one line on stderr, got {len(lines)}: {err}"
+    )
     for name in names:
         assert name in lines[0], f"{name!r} is not named in: {lines[0]}"
-    for prefix in ("images.py:", "editedid.py:", "control.py:", "masks.load_mask:", "schedule.py:", "faces:"):
+    for prefix in (
+        "images.py:",
+        "editedid.py:",
+        "control.py:",
+        "masks.load_mask:",
+        "schedule.py:",
+        "faces:",
+    ):
         assert prefix not in lines[0], f"an internal prefix {prefix!r} in: {lines[0]}"
     assert loads or not loaded, f"the models loaded before the error: {lines[0]}"
     assert _snapshot(tmp_path) == before, f"files were created, changed or removed: {lines[0]}"
@@ -545,18 +649,24 @@ def test_the_case_count():
     assert len(CLI) >= 80, f"{len(CLI)} command-line cases"
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The Python API: the same checks, as ValueError / TypeError / FileNotFoundError / IsADirectoryError
 
 
 def _check(**over):
+    from minid.models.tokenizer import CLIPTokenizer
     from minid.restore.config import RestoreConfig
     from minid.restore.inputs import RestorePair, check_pair
-    from minid.models.tokenizer import CLIPTokenizer
 
     config = over.pop("config", None) or RestoreConfig(image_size=IMAGE_SIZE)
-    pair = dict(original=random_image(1), edited=random_image(2), prompt_original=PROMPT_O, prompt_edited=PROMPT_E,
-                id_words=["man"], element_words=["glasses"])
+    pair = dict(
+        original=random_image(1),
+        edited=random_image(2),
+        prompt_original=PROMPT_O,
+        prompt_edited=PROMPT_E,
+        id_words=["man"],
+        element_words=["glasses"],
+    )
     pair.update(over)
     return check_pair(RestorePair(**pair), CLIPTokenizer.default(), config)
 
@@ -566,34 +676,89 @@ def _configs():
     from minid.method.gating import GatingConfig
     from minid.method.mixing import MixingConfig
     from minid.method.null_text import NullTextConfig
-    from minid.sampling.hybrid import HybridSchedule
     from minid.restore.config import RestoreConfig
+    from minid.sampling.hybrid import HybridSchedule
 
     nan = float("nan")
     return {
-        "EditedIDConfig w0 0.7": (lambda: EditedIDConfig(mixing=MixingConfig(w0=0.7)), ValueError, "mixing.w0"),
-        "EditedIDConfig w0 -0.1": (lambda: EditedIDConfig(mixing=MixingConfig(w0=-0.1)), ValueError, "mixing.w0"),
-        "EditedIDConfig w0 nan": (lambda: EditedIDConfig(mixing=MixingConfig(w0=nan)), ValueError, "mixing.w0"),
-        "EditedIDConfig lr nan": (lambda: EditedIDConfig(mixing=MixingConfig(lr=nan)), ValueError, "mixing.lr"),
-        "EditedIDConfig guidance nan": (lambda: EditedIDConfig(guidance=nan), ValueError, "guidance"),
-        "EditedIDConfig guidance -1": (lambda: EditedIDConfig(guidance=-1.0), ValueError, "guidance"),
-        "EditedIDConfig guidance inf": (lambda: EditedIDConfig(guidance=float("inf")), ValueError, "guidance"),
-        "EditedIDConfig inner_steps -1": (lambda: EditedIDConfig(null_text=NullTextConfig(inner_steps=-1)),
-                                          ValueError, "null_text.inner_steps"),
-        "EditedIDConfig num_steps 0": (lambda: EditedIDConfig(solver=HybridSchedule(num_steps=0)), ValueError,
-                                       "solver.num_steps"),
-        "EditedIDConfig num_steps 2000": (lambda: EditedIDConfig(solver=HybridSchedule(num_steps=2000, dpm_start=1,
-                                                                                       dpm_end=2)),
-                                          ValueError, "solver.num_steps"),
-        "EditedIDConfig dpm_start > dpm_end": (lambda: EditedIDConfig(solver=HybridSchedule(dpm_start=6, dpm_end=5)),
-                                               ValueError, "dpm_start"),
+        "EditedIDConfig w0 0.7": (
+            lambda: EditedIDConfig(mixing=MixingConfig(w0=0.7)),
+            ValueError,
+            "mixing.w0",
+        ),
+        "EditedIDConfig w0 -0.1": (
+            lambda: EditedIDConfig(mixing=MixingConfig(w0=-0.1)),
+            ValueError,
+            "mixing.w0",
+        ),
+        "EditedIDConfig w0 nan": (
+            lambda: EditedIDConfig(mixing=MixingConfig(w0=nan)),
+            ValueError,
+            "mixing.w0",
+        ),
+        "EditedIDConfig lr nan": (
+            lambda: EditedIDConfig(mixing=MixingConfig(lr=nan)),
+            ValueError,
+            "mixing.lr",
+        ),
+        "EditedIDConfig guidance nan": (
+            lambda: EditedIDConfig(guidance=nan),
+            ValueError,
+            "guidance",
+        ),
+        "EditedIDConfig guidance -1": (
+            lambda: EditedIDConfig(guidance=-1.0),
+            ValueError,
+            "guidance",
+        ),
+        "EditedIDConfig guidance inf": (
+            lambda: EditedIDConfig(guidance=float("inf")),
+            ValueError,
+            "guidance",
+        ),
+        "EditedIDConfig inner_steps -1": (
+            lambda: EditedIDConfig(null_text=NullTextConfig(inner_steps=-1)),
+            ValueError,
+            "null_text.inner_steps",
+        ),
+        "EditedIDConfig num_steps 0": (
+            lambda: EditedIDConfig(solver=HybridSchedule(num_steps=0)),
+            ValueError,
+            "solver.num_steps",
+        ),
+        "EditedIDConfig num_steps 2000": (
+            lambda: EditedIDConfig(solver=HybridSchedule(num_steps=2000, dpm_start=1, dpm_end=2)),
+            ValueError,
+            "solver.num_steps",
+        ),
+        "EditedIDConfig dpm_start > dpm_end": (
+            lambda: EditedIDConfig(solver=HybridSchedule(dpm_start=6, dpm_end=5)),
+            ValueError,
+            "dpm_start",
+        ),
         "GatingConfig lambda_o nan": (lambda: GatingConfig(lambda_o=nan), ValueError, "lambda_o"),
         "GatingConfig lambda_o 1.5": (lambda: GatingConfig(lambda_o=1.5), ValueError, "lambda_o"),
         "GatingConfig mode xx": (lambda: GatingConfig(mode="xx"), ValueError, "mode"),
-        "RestoreConfig image_size 0": (lambda: RestoreConfig(image_size=0), ValueError, "image_size"),
-        "RestoreConfig image_size 12": (lambda: RestoreConfig(image_size=12), ValueError, "image_size"),
-        "RestoreConfig image_size 8": (lambda: RestoreConfig(image_size=8), ValueError, "image_size"),
-        "RestoreConfig image_size '512'": (lambda: RestoreConfig(image_size="512"), ValueError, "image_size"),
+        "RestoreConfig image_size 0": (
+            lambda: RestoreConfig(image_size=0),
+            ValueError,
+            "image_size",
+        ),
+        "RestoreConfig image_size 12": (
+            lambda: RestoreConfig(image_size=12),
+            ValueError,
+            "image_size",
+        ),
+        "RestoreConfig image_size 8": (
+            lambda: RestoreConfig(image_size=8),
+            ValueError,
+            "image_size",
+        ),
+        "RestoreConfig image_size '512'": (
+            lambda: RestoreConfig(image_size="512"),
+            ValueError,
+            "image_size",
+        ),
     }
 
 
@@ -601,39 +766,86 @@ def _pairs():
     nan = float("nan")
     folder = Path(__file__).resolve().parent
     return {
-        "image tensor in 0-255": (lambda: _check(original=(random_image(1) + 1) * 127.5), ValueError, "0-255"),
-        "NaN image tensor": (lambda: _check(edited=torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), nan)), ValueError,
-                             "finite"),
-        "infinite image tensor": (lambda: _check(edited=random_image(2).index_fill(-1, torch.tensor([0]),
-                                                                                   float("inf"))),
-                                  ValueError, "finite"),
-        "uint8 image tensor": (lambda: _check(original=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)),
-                               ValueError, "float"),
+        "image tensor in 0-255": (
+            lambda: _check(original=(random_image(1) + 1) * 127.5),
+            ValueError,
+            "0-255",
+        ),
+        "NaN image tensor": (
+            lambda: _check(edited=torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), nan)),
+            ValueError,
+            "finite",
+        ),
+        "infinite image tensor": (
+            lambda: _check(edited=random_image(2).index_fill(-1, torch.tensor([0]), float("inf"))),
+            ValueError,
+            "finite",
+        ),
+        "uint8 image tensor": (
+            lambda: _check(original=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)),
+            ValueError,
+            "float",
+        ),
         "image None": (lambda: _check(original=None), TypeError, "file path, a PIL image"),
-        "numpy image": (lambda: _check(original=np.zeros((64, 64, 3), np.uint8)), TypeError, "ndarray"),
+        "numpy image": (
+            lambda: _check(original=np.zeros((64, 64, 3), np.uint8)),
+            TypeError,
+            "ndarray",
+        ),
         "bytes image": (lambda: _check(original=b"\x89PNG"), TypeError, "bytes"),
         "1×1 PIL image": (lambda: _check(edited=Image.new("RGB", (1, 1))), ValueError, "1×1"),
         "folder as image": (lambda: _check(original=folder), IsADirectoryError, "folder"),
-        "missing image file": (lambda: _check(original=folder / "absent.png"), FileNotFoundError, "absent.png"),
-        "identity word beyond token 75": (lambda: _check(prompt_original=f"a photo of a person {FILLER} man",
-                                                         prompt_edited=f"a photo of a man {FILLER}"),
-                                          ValueError, "beyond"),
-        "element word beyond token 75": (lambda: _check(prompt_edited=f"a photo of a man {FILLER} wearing glasses"),
-                                         ValueError, "beyond"),
-        "prompt with bytes that are not UTF-8": (lambda: _check(prompt_original="a man \udcff"), ValueError, "UTF-8"),
+        "missing image file": (
+            lambda: _check(original=folder / "absent.png"),
+            FileNotFoundError,
+            "absent.png",
+        ),
+        "identity word beyond token 75": (
+            lambda: _check(
+                prompt_original=f"a photo of a person {FILLER} man",
+                prompt_edited=f"a photo of a man {FILLER}",
+            ),
+            ValueError,
+            "beyond",
+        ),
+        "element word beyond token 75": (
+            lambda: _check(prompt_edited=f"a photo of a man {FILLER} wearing glasses"),
+            ValueError,
+            "beyond",
+        ),
+        "prompt with bytes that are not UTF-8": (
+            lambda: _check(prompt_original="a man \udcff"),
+            ValueError,
+            "UTF-8",
+        ),
         "empty prompt": (lambda: _check(prompt_edited="  "), ValueError, "prompt_edited"),
         "lambda_o nan": (lambda: _check(lambda_o=nan), ValueError, "lambda_o"),
         "numpy mask": (lambda: _check(face_mask=np.ones((64, 64))), TypeError, "mask"),
-        "NaN mask tensor": (lambda: _check(face_mask=torch.full((64, 64), nan)), ValueError, "finite"),
+        "NaN mask tensor": (
+            lambda: _check(face_mask=torch.full((64, 64), nan)),
+            ValueError,
+            "finite",
+        ),
     }
 
 
 def _loading(tiny_hub):
     return {
-        "dtype 'fp17'": (lambda: checkpoint.load_stable_diffusion(tiny_hub, dtype="fp17"), ValueError, "fp17"),
-        "dtype torch.int8": (lambda: checkpoint.load_stable_diffusion(tiny_hub, dtype=torch.int8), TypeError, "dtype"),
-        "device 'tpu'": (lambda: checkpoint.load_stable_diffusion(tiny_hub, dtype=torch.float32, device="tpu"),
-                         ValueError, "tpu"),
+        "dtype 'fp17'": (
+            lambda: checkpoint.load_stable_diffusion(tiny_hub, dtype="fp17"),
+            ValueError,
+            "fp17",
+        ),
+        "dtype torch.int8": (
+            lambda: checkpoint.load_stable_diffusion(tiny_hub, dtype=torch.int8),
+            TypeError,
+            "dtype",
+        ),
+        "device 'tpu'": (
+            lambda: checkpoint.load_stable_diffusion(tiny_hub, dtype=torch.float32, device="tpu"),
+            ValueError,
+            "tpu",
+        ),
     }
 
 
@@ -641,20 +853,52 @@ def _generating(tiny_sd):
     from minid.sampling.text_to_image import generate
 
     return {
-        "generate size 0": (lambda: generate(tiny_sd, "a man", num_steps=1, size=0), ValueError, "size"),
-        "generate size 12": (lambda: generate(tiny_sd, "a man", num_steps=1, size=12), ValueError, "size"),
-        "generate guidance nan": (lambda: generate(tiny_sd, "a man", num_steps=1, size=64, guidance=float("nan")),
-                                  ValueError, "guidance"),
-        "generate steps 0": (lambda: generate(tiny_sd, "a man", num_steps=0, size=64), ValueError, "num_steps"),
-        "generate solver xx": (lambda: generate(tiny_sd, "a man", num_steps=1, size=64, solver="xx"), ValueError,
-                               "solver"),
-        "tokenizer: bytes that are not UTF-8": (lambda: tiny_sd.tokenizer(["a man \udcff"]), ValueError, "UTF-8"),
+        "generate size 0": (
+            lambda: generate(tiny_sd, "a man", num_steps=1, size=0),
+            ValueError,
+            "size",
+        ),
+        "generate size 12": (
+            lambda: generate(tiny_sd, "a man", num_steps=1, size=12),
+            ValueError,
+            "size",
+        ),
+        "generate guidance nan": (
+            lambda: generate(tiny_sd, "a man", num_steps=1, size=64, guidance=float("nan")),
+            ValueError,
+            "guidance",
+        ),
+        "generate steps 0": (
+            lambda: generate(tiny_sd, "a man", num_steps=0, size=64),
+            ValueError,
+            "num_steps",
+        ),
+        "generate solver xx": (
+            lambda: generate(tiny_sd, "a man", num_steps=1, size=64, solver="xx"),
+            ValueError,
+            "solver",
+        ),
+        "tokenizer: bytes that are not UTF-8": (
+            lambda: tiny_sd.tokenizer(["a man \udcff"]),
+            ValueError,
+            "UTF-8",
+        ),
     }
 
 
-API_IDS = list(_configs()) + list(_pairs()) + ["dtype 'fp17'", "dtype torch.int8", "device 'tpu'"] + [
-    "generate size 0", "generate size 12", "generate guidance nan", "generate steps 0", "generate solver xx",
-    "tokenizer: bytes that are not UTF-8"]
+API_IDS = (
+    list(_configs())
+    + list(_pairs())
+    + ["dtype 'fp17'", "dtype torch.int8", "device 'tpu'"]
+    + [
+        "generate size 0",
+        "generate size 12",
+        "generate guidance nan",
+        "generate steps 0",
+        "generate solver xx",
+        "tokenizer: bytes that are not UTF-8",
+    ]
+)
 
 
 @pytest.mark.parametrize("cid", API_IDS)
@@ -665,7 +909,9 @@ def test_a_bad_api_call_raises_a_clear_error(cid, tiny_hub, tiny_sd):
         call()
     message = str(e.value)
     assert type(e.value) is kind or kind is ValueError, f"{type(e.value).__name__}: {message}"
-    assert words in message and "\n" not in message, f"{words!r} not in the one-line message: {message}"
+    assert words in message and "\n" not in message, (
+        f"{words!r} not in the one-line message: {message}"
+    )
     for prefix in ("images.py:", "masks.load_mask:", "control.py:"):
         assert prefix not in message, message
 
@@ -684,35 +930,50 @@ def test_a_long_prompt_is_cut_off_with_a_note():
 
 
 def test_masks_are_inputs_of_the_run(tmp_path):
+    from minid.models.tokenizer import CLIPTokenizer
     from minid.restore.config import RestoreConfig
     from minid.restore.inputs import RestorePair, check_pair
-    from minid.models.tokenizer import CLIPTokenizer
 
     mask = _mask(tmp_path / "face.png")
-    job = check_pair(RestorePair(random_image(1), random_image(2), PROMPT_O, PROMPT_E, ["man"], ["glasses"],
-                                 face_mask=mask), CLIPTokenizer.default(), RestoreConfig(image_size=IMAGE_SIZE))
+    job = check_pair(
+        RestorePair(
+            random_image(1),
+            random_image(2),
+            PROMPT_O,
+            PROMPT_E,
+            ["man"],
+            ["glasses"],
+            face_mask=mask,
+        ),
+        CLIPTokenizer.default(),
+        RestoreConfig(image_size=IMAGE_SIZE),
+    )
     assert mask in job.sources, f"sources {job.sources}"
     with pytest.raises(FileExistsError, match="input"):
         images.save_image(random_image(3), mask, job.sources)
 
 
 def test_cli_and_config_share_the_limits():
-    """Each method flag's limits are the config's: a value just outside the flag's range is refused by both."""
+    """Each method flag's limits are the config's: a value just outside the flag's range is refused
+    by both."""
     from minid.method.editedid import NUMBER_LIMITS
 
     for path, (kind, low, high, low_open) in NUMBER_LIMITS.items():
         flag = next((f for f, (p, _, _) in METHOD_FLAGS.items() if p == "method." + path), None)
         if flag is None:
             continue
-        parse = next(a.type for a in cli.build_parser()._subparsers._group_actions[0].choices["restore"]._actions
-                     if flag in a.option_strings)
+        parse = next(
+            a.type
+            for a in cli.build_parser()._subparsers._group_actions[0].choices["restore"]._actions
+            if flag in a.option_strings
+        )
         outside = [low - 1] + ([high + 1] if high is not None else []) + ([low] if low_open else [])
         for value in outside:
             with pytest.raises(Exception):
                 parse(str(value))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Outputs: the modes a plain write gives
 
 
@@ -748,13 +1009,15 @@ def test_convert_keeps_the_mode_of_what_it_overwrites(tmp_path):
 def test_generate_shows_progress_and_overwrite_replaces(tiny_hub, tmp_path, capsys):
     out = _png(tmp_path / "g.png", 5)
     before = out.read_bytes()
-    rc = cli.main([str(a) for a in _generate(tmp_path, tiny_hub, "--steps", "2", "--overwrite", out=out)])
+    rc = cli.main(
+        [str(a) for a in _generate(tmp_path, tiny_hub, "--steps", "2", "--overwrite", out=out)]
+    )
     err = capsys.readouterr().err
     assert rc == 0 and out.read_bytes() != before, err
     assert "minid generate" in err and "step" in err, f"no progress bar: {err}"
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The install, the help, the first run
 
 
@@ -770,8 +1033,10 @@ def test_every_option_has_help_that_shows_its_default():
                 continue
             text = formatter._get_help_string(action)
             assert action.help, f"minid {name} {action.option_strings[0]} has no help"
-            assert action.required or action.default is False or "default" in text.lower(), \
-                f"minid {name} {action.option_strings[0]}: the help does not show the default: {text}"
+            assert action.required or action.default is False or "default" in text.lower(), (
+                f"minid {name} {action.option_strings[0]}: the help does not show the default: "
+                f"{text}"
+            )
 
 
 @pytest.mark.parametrize("command", ["download", "convert", "keymap"])
@@ -789,9 +1054,11 @@ def test_download_fetches_what_this_machine_runs():
 
 def test_the_readme_keeps_two_setup_commands_and_says_how_to_get_cpu_torch():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    setup = readme[readme.index("## Set up and run"):readme.index("## Restoring your own images")]
+    setup = readme[readme.index("## Set up and run") : readme.index("## Restoring your own images")]
     commands = [line.strip() for line in setup.splitlines() if line.startswith("    ")]
-    assert commands == ['pip install -e . && minid demo', 'pip install -e ".[test]" && pytest'], commands
+    assert commands == ["pip install -e . && minid demo", 'pip install -e ".[test]" && pytest'], (
+        commands
+    )
     assert "download.pytorch.org/whl/cpu" in setup and "4.3 GB" in setup
 
 
@@ -806,12 +1073,14 @@ def test_onnxruntime_is_not_offered_cuda_where_torch_sees_no_gpu(monkeypatch):
     ort = pytest.importorskip("onnxruntime")
     from minid.faces import analyzer as faces
 
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert faces.choose_providers() == ["CPUExecutionProvider"]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pictures
 
 
@@ -834,5 +1103,7 @@ def test_tiles_are_labelled_and_the_attention_grid_says_its_scale():
 
     tile = Image.new("RGB", (64, 64), (255, 255, 255))
     grid = labelled_row([("man", tile), ("glasses", tile)], "each tile scaled to its own max")
-    assert grid.height == 64 + 20 + 20 and _dark(grid, (0, 0, grid.width, 20)) > 20, "no labels above the tiles"
+    assert grid.height == 64 + 20 + 20 and _dark(grid, (0, 0, grid.width, 20)) > 20, (
+        "no labels above the tiles"
+    )
     assert _dark(grid, (0, 84, grid.width, grid.height)) > 20, "no caption"

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_faces import PACK, red_squares
+from tiny_models import IMAGE_SIZE, random_image
 
 from minid.app import cli
-from minid.restore.config import METHOD_FLAGS
 from minid.faces.analyzer import FaceAnalyzer
 from minid.imaging.images import tensor_to_pil
 from minid.imaging.metrics import id_similarity
-from tiny_faces import PACK, red_squares
-from tiny_models import IMAGE_SIZE, random_image
+from minid.restore.config import METHOD_FLAGS
 
 
 def _png(tensor: torch.Tensor, path: Path) -> Path:
@@ -32,8 +32,22 @@ COMMON = ["--device", "cpu", "--dtype", "fp32", "--seed", "0"]
 
 def test_generate_writes_an_image_of_the_asked_size(tiny_hub, tmp_path):
     out = tmp_path / "gen.png"
-    rc = cli.main(["generate", "--prompt", "a photo of a man", "--out", str(out), "--weights", str(tiny_hub),
-                   "--steps", "2", "--size", str(IMAGE_SIZE), *COMMON])
+    rc = cli.main(
+        [
+            "generate",
+            "--prompt",
+            "a photo of a man",
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_hub),
+            "--steps",
+            "2",
+            "--size",
+            str(IMAGE_SIZE),
+            *COMMON,
+        ]
+    )
     assert rc == 0 and out.is_file(), f"exit code {rc}, file written: {out.is_file()}"
     assert Image.open(out).size == (IMAGE_SIZE, IMAGE_SIZE), f"size {Image.open(out).size}"
 
@@ -44,12 +58,42 @@ def test_restore_writes_the_result_at_the_edited_image_size(tiny_hub, tmp_path, 
     edited_t = torch.nn.functional.interpolate(random_image(2), size=(IMAGE_SIZE, IMAGE_SIZE + 16))
     edited = _png(edited_t, tmp_path / "edited.png")
     out = tmp_path / "restored.png"
-    rc = cli.main(["restore", "--original", str(original), "--edited", str(edited),
-                   "--prompt-original", "a photo of a man", "--prompt-edited", "a photo of a man wearing glasses",
-                   "--id-words", "man", "--element-words", "glasses", "--out", str(out),
-                   "--weights", str(tiny_hub), "--steps", "2", "--dpm-start", "2", "--dpm-end", "2",
-                   "--null-inner-steps", "1", "--image-size", str(IMAGE_SIZE), "--mask-source", "attention",
-                   "--save-intermediates", str(tmp_path / "inter"), *COMMON])
+    rc = cli.main(
+        [
+            "restore",
+            "--original",
+            str(original),
+            "--edited",
+            str(edited),
+            "--prompt-original",
+            "a photo of a man",
+            "--prompt-edited",
+            "a photo of a man wearing glasses",
+            "--id-words",
+            "man",
+            "--element-words",
+            "glasses",
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_hub),
+            "--steps",
+            "2",
+            "--dpm-start",
+            "2",
+            "--dpm-end",
+            "2",
+            "--null-inner-steps",
+            "1",
+            "--image-size",
+            str(IMAGE_SIZE),
+            "--mask-source",
+            "attention",
+            "--save-intermediates",
+            str(tmp_path / "inter"),
+            *COMMON,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert Image.open(out).size == (IMAGE_SIZE + 16, IMAGE_SIZE), f"size {Image.open(out).size}"
     written = {p.name for p in (tmp_path / "inter").iterdir()}
@@ -62,9 +106,26 @@ def test_restore_refuses_to_write_over_an_input_before_loading_anything(tmp_path
     original = _png(random_image(1), tmp_path / "original.png")
     edited = _png(random_image(2), tmp_path / "edited.png")
     before = edited.read_bytes()
-    rc = cli.main(["restore", "--original", str(original), "--edited", str(edited), "--prompt-original", "a man",
-                   "--prompt-edited", "a man", "--id-words", "man", "--out", str(edited),
-                   "--weights", str(tmp_path / "no-such-weights"), *COMMON])
+    rc = cli.main(
+        [
+            "restore",
+            "--original",
+            str(original),
+            "--edited",
+            str(edited),
+            "--prompt-original",
+            "a man",
+            "--prompt-edited",
+            "a man",
+            "--id-words",
+            "man",
+            "--out",
+            str(edited),
+            "--weights",
+            str(tmp_path / "no-such-weights"),
+            *COMMON,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "input" in err, f"exit code {rc}, stderr: {err}"
     assert edited.read_bytes() == before, "the input image was modified"
@@ -74,32 +135,64 @@ def test_restore_names_a_file_that_is_not_an_image(tmp_path, capsys):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     good = _png(random_image(2), tmp_path / "edited.png")
-    rc = cli.main(["restore", "--original", str(bad), "--edited", str(good), "--prompt-original", "a man",
-                   "--prompt-edited", "a man", "--id-words", "man", "--out", str(tmp_path / "o.png"),
-                   "--weights", str(tmp_path), *COMMON])
+    rc = cli.main(
+        [
+            "restore",
+            "--original",
+            str(bad),
+            "--edited",
+            str(good),
+            "--prompt-original",
+            "a man",
+            "--prompt-edited",
+            "a man",
+            "--id-words",
+            "man",
+            "--out",
+            str(tmp_path / "o.png"),
+            "--weights",
+            str(tmp_path),
+            *COMMON,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "notes.png" in err, f"exit code {rc}, stderr: {err}"
 
 
 def test_missing_weights_folder_is_a_clear_error(tmp_path, capsys):
-    rc = cli.main(["generate", "--prompt", "a man", "--out", str(tmp_path / "x.png"),
-                   "--weights", str(tmp_path / "absent"), *COMMON])
+    rc = cli.main(
+        [
+            "generate",
+            "--prompt",
+            "a man",
+            "--out",
+            str(tmp_path / "x.png"),
+            "--weights",
+            str(tmp_path / "absent"),
+            *COMMON,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "absent" in err and "download" in err, f"exit code {rc}, stderr: {err}"
 
 
 def test_eval_writes_the_table(tiny_face_pack, tmp_path, capsys):
-    """`minid eval` with the tiny face pack (tiny_faces.py, at the default det_size 640), whose detector sees a
-    face in each red square. Triples: "same" (three identical images), "restored" (the edit changed the face's
-    green channel; the result is the original again), "noface" (black images), and an original alone."""
-    side, x, y, k = 640, 320, 320, 8  # image side; the face is the k×k red square at (x, y), one stride-8 cell
+    """`minid eval` with the tiny face pack (tiny_faces.py, at the default det_size 640), whose
+    detector sees a face in each red square. Triples: "same" (three identical images), "restored"
+    (the edit changed the face's green channel; the result is the original again), "noface" (black
+    images), and an original alone."""
+    # image side; the face is the k×k red square at (x, y), one stride-8 cell
+    side, x, y, k = 640, 320, 320, 8
     original = red_squares(side, side, [(x, y, k)])
     edited = original.copy()
     edited[y : y + k, x : x + k, 1] = 128
     blank = np.zeros_like(original)
     folder, out = tmp_path / "eval", tmp_path / "table"
-    triples = {"same": (original, original, original), "restored": (original, edited, original),
-               "noface": (blank, blank, blank)}
+    triples = {
+        "same": (original, original, original),
+        "restored": (original, edited, original),
+        "noface": (blank, blank, blank),
+    }
     for role in ("original", "edited", "result"):
         (folder / role).mkdir(parents=True)
     for name, images in triples.items():
@@ -107,7 +200,18 @@ def test_eval_writes_the_table(tiny_face_pack, tmp_path, capsys):
             Image.fromarray(image).save(folder / role / f"{name}.png")
     Image.fromarray(original).save(folder / "original" / "lonely.png")
 
-    rc = cli.main(["eval", str(folder), "--out", str(out), "--face-pack", PACK, "--face-root", str(tiny_face_pack)])
+    rc = cli.main(
+        [
+            "eval",
+            str(folder),
+            "--out",
+            str(out),
+            "--face-pack",
+            PACK,
+            "--face-root",
+            str(tiny_face_pack),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
 
     with open(out / "metrics.csv", newline="") as f:
@@ -119,17 +223,26 @@ def test_eval_writes_the_table(tiny_face_pack, tmp_path, capsys):
     same = rows["same"]
     assert same["faces_original"] == 1 and same["note"] == "", same
     assert abs(same["id_sim_edited"] - 1) < 1e-9 and abs(same["id_sim_result"] - 1) < 1e-9, same
-    assert csv_rows["same"]["psnr_result_edited"] == "inf" and same["psnr_result_edited"] == "inf", same
-    # the edit: ID-Sim of the two faces as the analyzer sees them; the result is the original: ID-Sim 1, and its
-    # PSNR to the edited image counts the k² face pixels whose green channel differs by 128
+    assert (
+        csv_rows["same"]["psnr_result_edited"] == "inf" and same["psnr_result_edited"] == "inf"
+    ), same
+    # the edit: ID-Sim of the two faces as the analyzer sees them; the result is the original:
+    # ID-Sim 1, and its PSNR to the edited image counts the k² face pixels whose green channel
+    # differs by 128
     analyzer = FaceAnalyzer.from_pack(PACK, root=tiny_face_pack)
-    drift = id_similarity(analyzer.largest_face(original).embedding, analyzer.largest_face(edited).embedding)
+    drift = id_similarity(
+        analyzer.largest_face(original).embedding, analyzer.largest_face(edited).embedding
+    )
     mse = k * k * 128**2 / (side * side * 3)
     restored = rows["restored"]
-    assert drift < 0.999 and abs(restored["id_sim_edited"] - drift) < 1e-9, f"{restored}, expected ID-Sim {drift}"
+    assert drift < 0.999 and abs(restored["id_sim_edited"] - drift) < 1e-9, (
+        f"{restored}, expected ID-Sim {drift}"
+    )
     assert abs(restored["id_sim_result"] - 1) < 1e-9, restored
     assert abs(restored["psnr_result_edited"] - 10 * math.log10(255**2 / mse)) < 1e-9, restored
-    assert float(csv_rows["restored"]["psnr_result_edited"]) == restored["psnr_result_edited"], csv_rows["restored"]
+    assert float(csv_rows["restored"]["psnr_result_edited"]) == restored["psnr_result_edited"], (
+        csv_rows["restored"]
+    )
     # no face: counted, with a note and no ID-Sim
     noface = rows["noface"]
     assert noface["faces_original"] == 0 and noface["note"] == "no face in original", noface
@@ -139,7 +252,9 @@ def test_eval_writes_the_table(tiny_face_pack, tmp_path, capsys):
     summary = table["summary"]
     assert summary["images"] == 3 and summary["images_with_faces"] == 2, summary
     assert summary["missing"] == ["lonely: no edited or result image"], summary
-    assert abs(summary["mean_id_sim_result"] - 1) < 1e-9 and summary["same_person_rate_result"] == 1.0, summary
+    assert (
+        abs(summary["mean_id_sim_result"] - 1) < 1e-9 and summary["same_person_rate_result"] == 1.0
+    ), summary
     # inf (the identical images) is left out of the mean PSNR
     assert summary["mean_psnr_result_edited"] == restored["psnr_result_edited"], summary
 
@@ -148,20 +263,35 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     text = capsys.readouterr().out
-    for command in ("demo", "restore", "calibrate", "validate", "generate", "eval", "download", "convert",
-                    "keymap"):
+    for command in (
+        "demo",
+        "restore",
+        "calibrate",
+        "validate",
+        "generate",
+        "eval",
+        "download",
+        "convert",
+        "keymap",
+    ):
         assert command in text, f"{command} missing from --help"
 
 
-@pytest.mark.parametrize("command", ["demo", "restore", "calibrate", "validate", "generate", "eval"])
+@pytest.mark.parametrize(
+    "command", ["demo", "restore", "calibrate", "validate", "generate", "eval"]
+)
 def test_every_commands_help_prints_each_default_once(capsys, command):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
     assert exit_.value.code == 0, capsys.readouterr().err
     options = capsys.readouterr().out.split("options:")[-1]
-    entries = {" ".join(e.split()).split(" ")[0]: " ".join(e.split())  # one per option, its wrapped help joined
-               for e in re.split(r"\n(?=  -)", options) if e.strip().startswith("-")}
-    for flag in (METHOD_FLAGS if command in ("demo", "restore", "calibrate", "validate") else ()):
+    # one per option, its wrapped help joined
+    entries = {
+        " ".join(e.split()).split(" ")[0]: " ".join(e.split())
+        for e in re.split(r"\n(?=  -)", options)
+        if e.strip().startswith("-")
+    }
+    for flag in METHOD_FLAGS if command in ("demo", "restore", "calibrate", "validate") else ():
         shown = entries[flag]
         assert shown.count("default") == 1, f"minid {command} --help, {flag}: {shown!r}"
 
@@ -171,17 +301,35 @@ def test_checkpoint_commands_are_forwarded(capsys):
     assert "input_blocks" in capsys.readouterr().out
 
 
-FAST = ["--steps", "2", "--dpm-start", "2", "--dpm-end", "2", "--null-inner-steps", "1", "--image-size", str(IMAGE_SIZE)]
+FAST = [
+    "--steps",
+    "2",
+    "--dpm-start",
+    "2",
+    "--dpm-end",
+    "2",
+    "--null-inner-steps",
+    "1",
+    "--image-size",
+    str(IMAGE_SIZE),
+]
 
 
 def test_restore_uses_landmark_masks_by_default(tiny_hub, tmp_path, monkeypatch, capsys):
-    """No --face-mask: the face models are asked for, and the original's landmark mask is the face mask."""
+    """No --face-mask: the face models are asked for, and the original's landmark mask is the face
+    mask."""
     from test_multiface import StubAnalyzer, make_face
+
     from minid.faces import analyzer as faces
 
     x_o, x_e = random_image(1), random_image(2)
     c = IMAGE_SIZE / 2
-    stub = StubAnalyzer([(x_o, [make_face(c, c, side=IMAGE_SIZE / 2)]), (x_e, [make_face(c, c, side=IMAGE_SIZE / 2)])])
+    stub = StubAnalyzer(
+        [
+            (x_o, [make_face(c, c, side=IMAGE_SIZE / 2)]),
+            (x_e, [make_face(c, c, side=IMAGE_SIZE / 2)]),
+        ]
+    )
     asked = {}
 
     def from_pack(cls, pack=None, root=None, download=False, **_):
@@ -191,9 +339,31 @@ def test_restore_uses_landmark_masks_by_default(tiny_hub, tmp_path, monkeypatch,
     monkeypatch.setattr(faces.FaceAnalyzer, "from_pack", classmethod(from_pack))
     original, edited = _png(x_o, tmp_path / "o.png"), _png(x_e, tmp_path / "e.png")
     out = tmp_path / "r.png"
-    rc = cli.main(["restore", "--original", str(original), "--edited", str(edited), "--prompt-original", "a photo of a man",
-                   "--prompt-edited", "a photo of a man wearing glasses", "--id-words", "man", "--element-words",
-                   "glasses", "--out", str(out), "--weights", str(tiny_hub), "--face-pack", "my_pack", *FAST, *COMMON])
+    rc = cli.main(
+        [
+            "restore",
+            "--original",
+            str(original),
+            "--edited",
+            str(edited),
+            "--prompt-original",
+            "a photo of a man",
+            "--prompt-edited",
+            "a photo of a man wearing glasses",
+            "--id-words",
+            "man",
+            "--element-words",
+            "glasses",
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_hub),
+            "--face-pack",
+            "my_pack",
+            *FAST,
+            *COMMON,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0, err
     assert asked == {"pack": "my_pack", "root": None}, asked
@@ -201,11 +371,34 @@ def test_restore_uses_landmark_masks_by_default(tiny_hub, tmp_path, monkeypatch,
 
 
 def test_missing_face_models_are_reported_before_the_diffusion_models_load(tmp_path, capsys):
-    original, edited = _png(random_image(1), tmp_path / "o.png"), _png(random_image(2), tmp_path / "e.png")
-    rc = cli.main(["restore", "--original", str(original), "--edited", str(edited), "--prompt-original", "a man",
-                   "--prompt-edited", "a man in glasses", "--id-words", "man", "--element-words", "glasses",
-                   "--out", str(tmp_path / "r.png"), "--weights", str(tmp_path / "absent"),
-                   "--face-root", str(tmp_path / "no-packs"), *COMMON])
+    original, edited = (
+        _png(random_image(1), tmp_path / "o.png"),
+        _png(random_image(2), tmp_path / "e.png"),
+    )
+    rc = cli.main(
+        [
+            "restore",
+            "--original",
+            str(original),
+            "--edited",
+            str(edited),
+            "--prompt-original",
+            "a man",
+            "--prompt-edited",
+            "a man in glasses",
+            "--id-words",
+            "man",
+            "--element-words",
+            "glasses",
+            "--out",
+            str(tmp_path / "r.png"),
+            "--weights",
+            str(tmp_path / "absent"),
+            "--face-root",
+            str(tmp_path / "no-packs"),
+            *COMMON,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "no-packs" in err, f"exit code {rc}, stderr: {err}"
 
@@ -219,20 +412,44 @@ def test_pairs_are_parsed_and_checked():
 
 def test_restore_multi_face_restores_each_paired_face(tiny_hub, tmp_path, monkeypatch, capsys):
     from test_multiface import CENTRES, StubAnalyzer, make_face, smooth_image
+
     from minid.faces import analyzer as faces
 
     x_o, x_e = smooth_image(1), smooth_image(2)
     people = [make_face(cx, cy) for cx, cy in CENTRES[:2]]
-    stub = StubAnalyzer([(x_o, people), (x_e, people[::-1])])  # the edit lists its faces the other way round
+    # the edit lists its faces the other way round
+    stub = StubAnalyzer([(x_o, people), (x_e, people[::-1])])
     monkeypatch.setattr(faces.FaceAnalyzer, "from_pack", classmethod(lambda cls, *a, **k: stub))
     original, edited = _png(x_o, tmp_path / "o.png"), _png(x_e, tmp_path / "e.png")
     out = tmp_path / "r.png"
-    rc = cli.main(["restore", "--multi-face", "--original", str(original), "--edited", str(edited),
-                   "--prompt-original", "a photo of a man", "--prompt-edited", "a photo of a man wearing glasses",
-                   "--id-words", "man", "--element-words", "glasses", "--out", str(out), "--weights", str(tiny_hub),
-                   *FAST, *COMMON])
+    rc = cli.main(
+        [
+            "restore",
+            "--multi-face",
+            "--original",
+            str(original),
+            "--edited",
+            str(edited),
+            "--prompt-original",
+            "a photo of a man",
+            "--prompt-edited",
+            "a photo of a man wearing glasses",
+            "--id-words",
+            "man",
+            "--element-words",
+            "glasses",
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_hub),
+            *FAST,
+            *COMMON,
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "face 0 (original) : 1 (edited)" in captured.out and "face 1 (original) : 0 (edited)" in captured.out, \
-        captured.out
+    assert (
+        "face 0 (original) : 1 (edited)" in captured.out
+        and "face 1 (original) : 0 (edited)" in captured.out
+    ), captured.out
     assert Image.open(out).size == (x_e.shape[-1], x_e.shape[-2])

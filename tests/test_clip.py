@@ -1,4 +1,5 @@
-"""minid's CLIP text encoder against transformers' CLIPTextModel with the same random weights (fp32, CPU)."""
+"""minid's CLIP text encoder against transformers' CLIPTextModel with the same random weights (fp32,
+CPU)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ transformers = pytest.importorskip("transformers")
 
 
 def reference_model(cfg: CLIPTextConfig):
-    """transformers' CLIPTextModel with the architecture of `cfg`, its weights perturbed away from the
-    initialisation (so LayerNorm scales and biases are not 1 and 0), in eval mode."""
+    """transformers' CLIPTextModel with the architecture of `cfg`, its weights perturbed away from
+    the initialisation (so LayerNorm scales and biases are not 1 and 0), in eval mode."""
     fields = dataclasses.asdict(cfg)
-    # bos/eos only choose transformers' pooled output, which SD does not use; ids inside any vocabulary.
-    config = transformers.CLIPTextConfig(**fields, bos_token_id=0, eos_token_id=2, attn_implementation="eager")
+    # bos/eos only choose transformers' pooled output, which SD does not use; ids inside any
+    # vocabulary.
+    config = transformers.CLIPTextConfig(
+        **fields, bos_token_id=0, eos_token_id=2, attn_implementation="eager"
+    )
     model = transformers.CLIPTextModel(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -31,10 +35,13 @@ def reference_model(cfg: CLIPTextConfig):
 
 
 def load_reference_weights(model: CLIPTextModel, reference) -> None:
-    """Copy the reference's weights. transformers 5 names them without the `text_model.` prefix that the
-    published file (and minid) use; older versions include it."""
-    state = {(k if k.startswith("text_model.") else f"text_model.{k}"): v
-             for k, v in reference.state_dict().items() if not k.endswith("position_ids")}
+    """Copy the reference's weights. transformers 5 names them without the `text_model.` prefix that
+    the published file (and minid) use; older versions include it."""
+    state = {
+        (k if k.startswith("text_model.") else f"text_model.{k}"): v
+        for k, v in reference.state_dict().items()
+        if not k.endswith("position_ids")
+    }
     model.load_state_dict(state, strict=True)
 
 
@@ -57,8 +64,15 @@ def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 def test_tiny_matches_transformers(batch, tokens, layers, heads, head_dim, act, seed):
     torch.manual_seed(seed)
     width = heads * head_dim
-    cfg = dataclasses.replace(CLIPTextConfig.tiny(), vocab_size=100, hidden_size=width, intermediate_size=2 * width,
-                              num_hidden_layers=layers, num_attention_heads=heads, hidden_act=act)
+    cfg = dataclasses.replace(
+        CLIPTextConfig.tiny(),
+        vocab_size=100,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        hidden_act=act,
+    )
     reference = reference_model(cfg)
     model = CLIPTextModel(cfg).eval()
     load_reference_weights(model, reference)
@@ -68,9 +82,13 @@ def test_tiny_matches_transformers(batch, tokens, layers, heads, head_dim, act, 
         ref = reference(input_ids=ids).last_hidden_state
     assert ours.shape == (batch, tokens, width), f"shape {tuple(ours.shape)}"
     max_abs, rel = errors(ours, ref)
-    print(f"CLIP tiny (B={batch}, T={tokens}, layers={layers}, heads={heads}×{head_dim}, {act}): "
-          f"max abs error {max_abs:.2e}, relative {rel:.2e}")
-    assert rel < 1e-5, f"max abs error {max_abs:.2e}, relative {rel:.2e} (cfg {cfg}, ids {tuple(ids.shape)})"
+    print(
+        f"CLIP tiny (B={batch}, T={tokens}, layers={layers}, heads={heads}×{head_dim}, {act}): "
+        f"max abs error {max_abs:.2e}, relative {rel:.2e}"
+    )
+    assert rel < 1e-5, (
+        f"max abs error {max_abs:.2e}, relative {rel:.2e} (cfg {cfg}, ids {tuple(ids.shape)})"
+    )
 
 
 def test_causal():
@@ -92,18 +110,27 @@ def test_rejects_too_many_tokens():
 
 
 def test_state_dict_matches_published_layout(sd14_reference):
-    """Key names and shapes equal the text_model tensors of text_encoder/model.safetensors, less position_ids."""
+    """Key names and shapes equal the text_model tensors of text_encoder/model.safetensors, less
+    position_ids."""
     layouts = json.loads((sd14_reference / "layouts.json").read_text())
     published = layouts["hub_files"]["text_encoder/model.safetensors"]["tensors"]
-    expected = {k: tuple(shape) for k, (shape, _dtype) in published.items()
-                if k.startswith("text_model.") and k != "text_model.embeddings.position_ids"}
-    cfg = CLIPTextConfig.from_dict(json.loads((sd14_reference / "hub/text_encoder/config.json").read_text()))
-    assert cfg == CLIPTextConfig(), f"the published config should give the SD1.4 defaults, got {cfg}"
+    expected = {
+        k: tuple(shape)
+        for k, (shape, _dtype) in published.items()
+        if k.startswith("text_model.") and k != "text_model.embeddings.position_ids"
+    }
+    cfg = CLIPTextConfig.from_dict(
+        json.loads((sd14_reference / "hub/text_encoder/config.json").read_text())
+    )
+    assert cfg == CLIPTextConfig(), (
+        f"the published config should give the SD1.4 defaults, got {cfg}"
+    )
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert set(ours) == set(expected), (f"missing {sorted(set(expected) - set(ours))}, "
-                                        f"extra {sorted(set(ours) - set(expected))}")
+    assert set(ours) == set(expected), (
+        f"missing {sorted(set(expected) - set(ours))}, extra {sorted(set(ours) - set(expected))}"
+    )
     wrong = {k: (ours[k], expected[k]) for k in ours if ours[k] != expected[k]}
     assert not wrong, f"shapes differ (ours, published): {wrong}"
 
@@ -114,8 +141,12 @@ def test_sd14_matches_transformers_on_real_prompts(sd14_reference):
     hub = sd14_reference / "hub"
     cfg = CLIPTextConfig.from_dict(json.loads((hub / "text_encoder/config.json").read_text()))
     tok = CLIPTokenizer.from_folder(hub / "tokenizer")
-    prompts = ["a photo of a man wearing black glasses", "a photo of a man", "",
-               "A close-up portrait of an old woman with sunglasses, smiling, 8k, highly detailed " * 4]
+    prompts = [
+        "a photo of a man wearing black glasses",
+        "a photo of a man",
+        "",
+        "A close-up portrait of an old woman with sunglasses, smiling, 8k, highly detailed " * 4,
+    ]
     ids = tok(prompts)  # (4, 77); the last one truncated
     reference = reference_model(cfg)
     model = CLIPTextModel(cfg).eval()

@@ -7,13 +7,11 @@ import math
 import pytest
 import torch
 
-from minid.models.attention import Site, default_attention
 from minid.method.control import AttentionStore, BatchLayout, Chain, word_mask
-from minid.models.attention import at_step
-from minid.method.prompt_to_prompt import PromptToPrompt
 from minid.method.gating import EditedIDGating, GatingConfig, gating_weights
+from minid.method.prompt_to_prompt import PromptToPrompt, prompt_alignment
+from minid.models.attention import Site, at_step, default_attention
 from minid.models.tokenizer import CLIPTokenizer
-from minid.method.prompt_to_prompt import prompt_alignment
 
 SIDE = 4  # a 4×4 query grid
 N = SIDE * SIDE
@@ -30,8 +28,11 @@ def probs(q, k):
 
 def qkv(batch, n_k, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, HEADS, N, D, generator=g), torch.randn(batch, HEADS, n_k, D, generator=g),
-            torch.randn(batch, HEADS, n_k, D, generator=g))
+    return (
+        torch.randn(batch, HEADS, N, D, generator=g),
+        torch.randn(batch, HEADS, n_k, D, generator=g),
+        torch.randn(batch, HEADS, n_k, D, generator=g),
+    )
 
 
 def half_masks():
@@ -55,14 +56,24 @@ def test_gating_weights_follow_eq_8():
     mask_o, mask_e = half_masks()
     w = gating_weights(mask_o, mask_e, 0.3, 0.7, (SIDE, SIDE)).reshape(3, SIDE, SIDE)
     mo, me = mask_o[0, 0].bool(), mask_e[0, 0].bool()
-    assert torch.equal(w[0][mo & ~me], torch.ones(int((mo & ~me).sum()))), "exclusive M_O rows must be O's"
-    assert torch.equal(w[1][me & ~mo], torch.ones(int((me & ~mo).sum()))), "exclusive M_E rows must be E's"
-    assert torch.allclose(w[0][mo & me], torch.tensor(0.3)) and torch.allclose(w[1][mo & me], torch.tensor(0.7))
-    assert torch.equal(w[2][~mo & ~me], torch.ones(int((~mo & ~me).sum()))), "rows outside both masks stay T's"
+    assert torch.equal(w[0][mo & ~me], torch.ones(int((mo & ~me).sum()))), (
+        "exclusive M_O rows must be O's"
+    )
+    assert torch.equal(w[1][me & ~mo], torch.ones(int((me & ~mo).sum()))), (
+        "exclusive M_E rows must be E's"
+    )
+    assert torch.allclose(w[0][mo & me], torch.tensor(0.3)) and torch.allclose(
+        w[1][mo & me], torch.tensor(0.7)
+    )
+    assert torch.equal(w[2][~mo & ~me], torch.ones(int((~mo & ~me).sum()))), (
+        "rows outside both masks stay T's"
+    )
     assert torch.allclose(w.sum(0), torch.ones(SIDE, SIDE)), "each row's weights must sum to 1"
     with pytest.raises(ValueError, match="λ_O"):
         GatingConfig(lambda_o=1.5)
-    assert GatingConfig(lambda_o=0.3).lambda_e == 0.7, "λ_E = 1 − λ_O keeps every row's weights summing to 1"
+    assert GatingConfig(lambda_o=0.3).lambda_e == 0.7, (
+        "λ_E = 1 − λ_O keeps every row's weights summing to 1"
+    )
 
 
 @pytest.mark.parametrize("mode", ["output", "map"])
@@ -76,15 +87,24 @@ def test_gating_self_attention_mixes_rows_as_eq_7(mode):
     for cond in (False, True):
         o, e, t = (lay.row(b, cond) for b in range(3))
         vs = [v[r] for r in (o, e, t)] if mode == "output" else [v[t]] * 3
-        ref = sum(w[s][None, :, None] * (probs(q[r], k[r]) @ vs[s].double()) for s, r in enumerate((o, e, t)))
+        ref = sum(
+            w[s][None, :, None] * (probs(q[r], k[r]) @ vs[s].double())
+            for s, r in enumerate((o, e, t))
+        )
         err = (out[t].double() - ref).abs().max().item()
         assert err < 1e-5, f"{mode}, cond={cond}: gated rows differ from Eq. 7 by {err}"
     for r in (0, 1, 3, 4):  # O and E are never edited
-        assert torch.allclose(out[r], default_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1])[0], atol=1e-6)
+        assert torch.allclose(
+            out[r], default_attention(q[r : r + 1], k[r : r + 1], v[r : r + 1])[0], atol=1e-6
+        )
     assert ctrl(q, k, v, UP_SELF) is None, "up blocks are not gated by default"
-    windowed = EditedIDGating(lay, mask_o, mask_e, config=GatingConfig(lambda_o=0.4, mode=mode, self_steps=(0, 2)))
+    windowed = EditedIDGating(
+        lay, mask_o, mask_e, config=GatingConfig(lambda_o=0.4, mode=mode, self_steps=(0, 2))
+    )
     assert windowed(q, k, v, DOWN_SELF, step=3) is None, "outside the step window nothing is gated"
-    assert torch.equal(at_step(windowed, 1)(q, k, v, DOWN_SELF), out), "inside the window: the same gating"
+    assert torch.equal(at_step(windowed, 1)(q, k, v, DOWN_SELF), out), (
+        "inside the window: the same gating"
+    )
 
 
 def test_gating_cross_attention_takes_token_columns_from_o_and_e():
@@ -101,8 +121,9 @@ def test_gating_cross_attention_takes_token_columns_from_o_and_e():
     err = (out[t].double() - p @ v[t].double()).abs().max().item()
     assert err < 1e-5, f"token-selective replacement differs from Eq. 9 by {err}"
     uncond_t = lay.row(2, cond=False)
-    assert torch.allclose(out[uncond_t], default_attention(q, k, v)[uncond_t], atol=1e-6), \
+    assert torch.allclose(out[uncond_t], default_attention(q, k, v)[uncond_t], atol=1e-6), (
         "the unconditional row has no words: its cross-attention must not be edited"
+    )
     empty = EditedIDGating(lay, mask, mask)
     assert empty(q, k, v, DOWN_CROSS) is None and empty(q, k, v, DOWN_SELF) is None
 
@@ -141,14 +162,21 @@ def test_word_mask_finds_the_attended_region():
 
 @pytest.mark.parametrize("n", [6, 10, 50])
 def test_prompt_to_prompt_windows_round_as_the_authors_code(n):
-    p2p = PromptToPrompt(BatchLayout(2), [torch.arange(77)], cross_window=(0.0, 0.8), self_window=(0.0, 0.4),
-                         num_steps=n)
+    p2p = PromptToPrompt(
+        BatchLayout(2),
+        [torch.arange(77)],
+        cross_window=(0.0, 0.8),
+        self_window=(0.0, 0.4),
+        num_steps=n,
+    )
     cross = [i for i in range(n) if p2p.cross_active(i)]
     self_ = [i for i in range(n) if p2p.self_active(i)]
     assert cross == list(range(int(0.8 * (n + 1)))), f"N={n}: cross window {cross}"
     assert self_ == list(range(int(0.4 * n))), f"N={n}: self window {self_}"
     if n == 6:
-        assert len(self_) == 2 and len(cross) == 5, "at N = 6: 2 self-injection steps, 5 cross-replacement steps"
+        assert len(self_) == 2 and len(cross) == 5, (
+            "at N = 6: 2 self-injection steps, 5 cross-replacement steps"
+        )
 
 
 def test_reweight_acts_only_inside_the_cross_window_unless_asked_for_every_step():
@@ -157,9 +185,12 @@ def test_reweight_acts_only_inside_the_cross_window_unless_asked_for_every_step(
     reweight = [{3: 2.0}]
     p2p = PromptToPrompt(lay, [torch.arange(77)], reweight=reweight, num_steps=10)
     outside = 9  # int(0.8·11) = 8: steps 0-7 replace, 8-9 do not
-    assert not p2p.cross_active(outside) and p2p(q, k, v, DOWN_CROSS, step=outside) is None, \
+    assert not p2p.cross_active(outside) and p2p(q, k, v, DOWN_CROSS, step=outside) is None, (
         "outside the cross window the reweighted attention must be left untouched"
-    every = PromptToPrompt(lay, [torch.arange(77)], reweight=reweight, num_steps=10, reweight_every_step=True)
+    )
+    every = PromptToPrompt(
+        lay, [torch.arange(77)], reweight=reweight, num_steps=10, reweight_every_step=True
+    )
     out = every(q, k, v, DOWN_CROSS, step=outside)
     tgt = lay.row(1)
     p = probs(q[tgt], k[tgt]).clone()  # the target's own map (no replacement), column 3 scaled
@@ -172,8 +203,9 @@ def test_prompt_to_prompt_self_injection_and_reweight():
     lay = BatchLayout(2, cfg=True)
     q, k, v = qkv(lay.size, N, seed=3)
     ident = torch.arange(77)
-    p2p = PromptToPrompt(lay, [ident], reweight=[{3: 2.0}], self_window=(0.0, 0.5), self_max_side=SIDE,
-                         num_steps=10)
+    p2p = PromptToPrompt(
+        lay, [ident], reweight=[{3: 2.0}], self_window=(0.0, 0.5), self_max_side=SIDE, num_steps=10
+    )
     out = p2p(q, k, v, DOWN_SELF)
     src, tgt = lay.row(0), lay.row(1)
     err = (out[tgt].double() - probs(q[src], k[src]) @ v[tgt].double()).abs().max().item()
@@ -187,12 +219,26 @@ def test_prompt_to_prompt_self_injection_and_reweight():
     assert err < 1e-5, f"replace + reweight differs from the explicit map by {err}"
 
 
-# The authors' aligner (prompt-to-prompt's seq_aligner.get_mapper) on these pairs, written out by hand: each
-# target position's source position, -1 for a target token of its own. Tokens: "a photo of a cat in a forest"
-# is bos a photo of a cat in a forest eos (positions 0-9), then padding (10-76), which maps to itself.
+# The authors' aligner (prompt-to-prompt's seq_aligner.get_mapper) on these pairs, written out by
+# hand: each target position's source position, -1 for a target token of its own. Tokens: "a photo
+# of a cat in a forest" is bos a photo of a cat in a forest eos (positions 0-9), then padding
+# (10-76), which maps to itself.
 REFINE_TABLES = {
     ("a photo of a cat", "a photo of a cat in a forest"): [0, 1, 2, 3, 4, 5, -1, -1, -1, 6, 10, 11],
-    ("a photo of a man", "a photo of a man wearing black glasses"): [0, 1, 2, 3, 4, 5, -1, -1, -1, 6, 10, 11],
+    ("a photo of a man", "a photo of a man wearing black glasses"): [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        -1,
+        -1,
+        -1,
+        6,
+        10,
+        11,
+    ],
     # equal scores: "photo" pairs with the source's "photo", "a cat" stays the target's own
     ("a cat in a photo", "a photo of a cat"): [0, 1, 5, -1, -1, -1, 6, 7, 8, 9, 10, 11],
     ("a dog", "a big dog"): [0, 1, -1, 2, 3, 5, 6, 7, 8, 9, 10, 11],
@@ -204,7 +250,9 @@ def test_refine_alignment_is_the_authors_aligner(pair):
     tok = CLIPTokenizer.default()
     m = prompt_alignment(tok, *pair, "refine")
     assert m[:12].tolist() == REFINE_TABLES[pair], f"{pair}: {m[:12].tolist()}"
-    assert m[12:].tolist() == list(range(12, 77)), "padding takes the source's column at its own position"
+    assert m[12:].tolist() == list(range(12, 77)), (
+        "padding takes the source's column at its own position"
+    )
 
 
 def test_prompt_alignment(sd14_reference):
@@ -222,8 +270,13 @@ def test_a_chain_uses_its_editors_output_and_lets_observers_see_the_same_call():
     p2p = PromptToPrompt(lay, [torch.arange(77)], num_steps=10)
     store = AttentionStore()
     out = Chain(p2p, store)(q, k, v, DOWN_CROSS, step=2)
-    assert torch.equal(out, p2p(q, k, v, DOWN_CROSS, step=2)), "the chain's output must be the editor's"
+    assert torch.equal(out, p2p(q, k, v, DOWN_CROSS, step=2)), (
+        "the chain's output must be the editor's"
+    )
     key = (DOWN_CROSS.block, DOWN_CROSS.level, DOWN_CROSS.index, DOWN_CROSS.kind)
-    assert store.counts[key] == 1 and torch.allclose(store.maps[key], probs(q, k).mean(1).float(), atol=1e-6), \
-        "the observer must store the unedited maps of the same call"
-    assert Chain(p2p, store)(q, k, v, DOWN_CROSS, step=9) is None, "outside the editor's window: no edit"
+    assert store.counts[key] == 1 and torch.allclose(
+        store.maps[key], probs(q, k).mean(1).float(), atol=1e-6
+    ), "the observer must store the unedited maps of the same call"
+    assert Chain(p2p, store)(q, k, v, DOWN_CROSS, step=9) is None, (
+        "outside the editor's window: no edit"
+    )

@@ -1,9 +1,10 @@
 """Face geometry and pairing (minid.imaging.crops) and the ONNX plumbing of minid.faces.analyzer.
 
-The ONNX tests run the tiny graphs of tests/tiny_faces.py (the `onnx_models` fixture), which have the
-input/output names and shapes of insightface's buffalo_l models: a "detector" that fires where the image is red,
-so decoding and NMS must recover a box and keypoints we can compute by hand; an "ArcFace" that is a fixed linear
-map of 16×16-pooled pixels; a "landmark" net with a constant output.
+The ONNX tests run the tiny graphs of tests/tiny_faces.py (the `onnx_models` fixture), which have
+the input/output names and shapes of insightface's buffalo_l models: a "detector" that fires where
+the image is red, so decoding and NMS must recover a box and keypoints we can compute by hand; an
+"ArcFace" that is a fixed linear map of 16×16-pooled pixels; a "landmark" net with a constant
+output.
 """
 
 from __future__ import annotations
@@ -17,9 +18,26 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_faces import (
+    BOX_DIST,
+    DET_SIZE,
+    KPS_OFFSETS,
+    LANDMARK_RAW,
+    PACK,
+    red_squares,
+    write_face_pack,
+)
 
 from minid.faces import analyzer as faces
-
+from minid.faces.analyzer import (
+    SCRFD,
+    ArcFace,
+    FaceAnalyzer,
+    FaceAnalyzerConfig,
+    Landmark106,
+    choose_providers,
+    nms,
+)
 from minid.imaging import crops
 from minid.imaging.crops import (
     ARCFACE_TEMPLATE,
@@ -32,16 +50,6 @@ from minid.imaging.crops import (
     paste_back,
     square_around,
 )
-from minid.faces.analyzer import (
-    ArcFace,
-    FaceAnalyzer,
-    FaceAnalyzerConfig,
-    Landmark106,
-    SCRFD,
-    choose_providers,
-    nms,
-)
-from tiny_faces import BOX_DIST, DET_SIZE, KPS_OFFSETS, LANDMARK_RAW, PACK, red_squares, write_face_pack
 
 
 def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
@@ -49,7 +57,8 @@ def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
     return np.array([[scale * c, -scale * s, tx], [scale * s, scale * c, ty]])
 
 
-# ---------------------------------------------------------------------------------------------- geometry
+# ----------------------------------------------------------------------------------------------
+# geometry
 
 
 @settings(max_examples=40, deadline=None)
@@ -77,14 +86,21 @@ def test_estimate_similarity_is_never_a_reflection():
 
 
 @settings(max_examples=25, deadline=None)
-@given(scale=st.floats(0.2, 5), angle=st.floats(-1.0, 1.0), tx=st.floats(-300, 300), ty=st.floats(-300, 300))
+@given(
+    scale=st.floats(0.2, 5),
+    angle=st.floats(-1.0, 1.0),
+    tx=st.floats(-300, 300),
+    ty=st.floats(-300, 300),
+)
 def test_alignment_maps_keypoints_to_the_template_and_back(scale, angle, tx, ty):
     # Keypoints that are an exact similarity image of the template align onto it with zero residual.
     kps = apply_affine(ARCFACE_TEMPLATE, similarity(scale, angle, tx, ty))
     affine = arcface_affine(kps, 112)
     assert np.abs(apply_affine(kps, affine) - ARCFACE_TEMPLATE).max() < 1e-8
     back = invert_affine(affine)
-    assert np.abs(apply_affine(ARCFACE_TEMPLATE, back) - kps).max() < 1e-7 * max(1, scale, abs(tx), abs(ty))
+    assert np.abs(apply_affine(ARCFACE_TEMPLATE, back) - kps).max() < 1e-7 * max(
+        1, scale, abs(tx), abs(ty)
+    )
     # 224 is 2 × 112: the template scales with the crop.
     assert np.abs(apply_affine(kps, arcface_affine(kps, 224)) - 2 * ARCFACE_TEMPLATE).max() < 1e-8
 
@@ -93,7 +109,9 @@ def test_align_face_of_a_template_placed_face_is_a_translation_crop():
     image = torch.rand(3, 150, 160)
     kps = ARCFACE_TEMPLATE + [17, 9]  # the face sits at an integer offset, unscaled
     patch, _ = crops.align_face(image, kps, 112)
-    assert torch.equal(patch, image[:, 9 : 9 + 112, 17 : 17 + 112]), "aligned crop differs from the image region"
+    assert torch.equal(patch, image[:, 9 : 9 + 112, 17 : 17 + 112]), (
+        "aligned crop differs from the image region"
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -108,7 +126,8 @@ def test_align_face_of_a_template_placed_face_is_a_translation_crop():
 def test_crop_then_paste_back_with_a_full_mask_is_exact(height, width, left, top, size, seed):
     g = torch.Generator().manual_seed(seed)
     image = torch.rand(3, height, width, generator=g)
-    box = (left, top, left + size, top + size)  # square box, scale 1: the crop is a pure integer shift
+    # square box, scale 1: the crop is a pure integer shift
+    box = (left, top, left + size, top + size)
     patch, affine = crop_square(image, box, scale=1.0, size=size, border="zeros")
     edited = patch * 2 + 1
     out = paste_back(image, edited, affine, mask=torch.ones(size, size))
@@ -116,9 +135,15 @@ def test_crop_then_paste_back_with_a_full_mask_is_exact(height, width, left, top
     inside = torch.zeros(height, width, dtype=torch.bool)
     if y1 > y0 and x1 > x0:
         inside[y0:y1, x0:x1] = True
-        assert torch.equal(out[:, y0:y1, x0:x1], edited[:, y0 - top : y1 - top, x0 - left : x1 - left])
-        assert torch.equal(patch[:, y0 - top : y1 - top, x0 - left : x1 - left], image[:, y0:y1, x0:x1])
-    assert torch.equal(out[:, ~inside], image[:, ~inside]), "a pixel outside the pasted square changed"
+        assert torch.equal(
+            out[:, y0:y1, x0:x1], edited[:, y0 - top : y1 - top, x0 - left : x1 - left]
+        )
+        assert torch.equal(
+            patch[:, y0 - top : y1 - top, x0 - left : x1 - left], image[:, y0:y1, x0:x1]
+        )
+    assert torch.equal(out[:, ~inside], image[:, ~inside]), (
+        "a pixel outside the pasted square changed"
+    )
 
 
 @settings(max_examples=20, deadline=None)
@@ -136,11 +161,24 @@ def test_paste_back_of_a_scaled_crop_fills_its_square_and_nothing_else(cx, cy, h
     out = paste_back(image, torch.full((3, size, size), 7.0), affine, mask=torch.ones(size, size))
     left, top, side = square_around(box, scale)
     ys, xs = torch.meshgrid(torch.arange(100.0), torch.arange(110.0), indexing="ij")
-    # pixel centres at index + 0.5 in edge coordinates; one patch pixel of margin for the bilinear edge
+    # pixel centres at index + 0.5 in edge coordinates; one patch pixel of margin for the bilinear
+    # edge
     margin = side / size + 0.5
-    deep = (xs + 0.5 > left + margin) & (xs + 0.5 < left + side - margin) & (ys + 0.5 > top + margin) & (ys + 0.5 < top + side - margin)
-    outside = (xs + 0.5 < left - margin) | (xs + 0.5 > left + side + margin) | (ys + 0.5 < top - margin) | (ys + 0.5 > top + side + margin)
-    assert torch.allclose(out[:, deep], torch.tensor(7.0), atol=1e-5), "square interior is not the pasted value"
+    deep = (
+        (xs + 0.5 > left + margin)
+        & (xs + 0.5 < left + side - margin)
+        & (ys + 0.5 > top + margin)
+        & (ys + 0.5 < top + side - margin)
+    )
+    outside = (
+        (xs + 0.5 < left - margin)
+        | (xs + 0.5 > left + side + margin)
+        | (ys + 0.5 < top - margin)
+        | (ys + 0.5 > top + side + margin)
+    )
+    assert torch.allclose(out[:, deep], torch.tensor(7.0), atol=1e-5), (
+        "square interior is not the pasted value"
+    )
     assert torch.equal(out[:, outside], image[:, outside]), "a pixel outside the square changed"
 
 
@@ -148,10 +186,13 @@ def test_default_paste_mask_is_feathered_and_one_inside():
     ramp = crops.border_ramp(64, 8)
     assert float(ramp.min()) >= 0 and float(ramp.max()) <= 1
     assert torch.all(ramp[10:54, 10:54] == 1), "ramp not 1 inside the feather band"
-    assert float(ramp[0, 32]) < 0.05 and 0 < float(ramp[3, 32]) < 1, f"edge values {ramp[0, 32]}, {ramp[3, 32]}"
+    assert float(ramp[0, 32]) < 0.05 and 0 < float(ramp[3, 32]) < 1, (
+        f"edge values {ramp[0, 32]}, {ramp[3, 32]}"
+    )
 
 
-# ---------------------------------------------------------------------------------------------- pairing
+# ----------------------------------------------------------------------------------------------
+# pairing
 
 
 def _boxes(rng, n):
@@ -163,7 +204,8 @@ def _boxes(rng, n):
 @given(n=st.integers(1, 6), seed=st.integers(0, 10_000))
 def test_pairing_recovers_a_shuffle_of_jittered_boxes(n, seed):
     rng = np.random.default_rng(seed)
-    a = np.array([[i * 150.0, 40, i * 150 + 100, 160] for i in range(n)])  # faces side by side, as in a group photo
+    # faces side by side, as in a group photo
+    a = np.array([[i * 150.0, 40, i * 150 + 100, 160] for i in range(n)])
     perm = rng.permutation(n)
     b = a[perm] + rng.uniform(-8, 8, size=(n, 4))
     pairing = pair_faces(a, b)
@@ -173,8 +215,10 @@ def test_pairing_recovers_a_shuffle_of_jittered_boxes(n, seed):
 
 
 def test_pairing_of_overlapping_faces_and_missing_faces():
-    a = np.array([[100.0, 100, 200, 220], [170, 110, 270, 230], [500, 100, 600, 220]])  # 0 and 1 overlap
-    b = np.array([[172.0, 108, 268, 232], [98, 102, 203, 218], [900, 900, 950, 950]])  # no match for a[2]
+    # 0 and 1 overlap
+    a = np.array([[100.0, 100, 200, 220], [170, 110, 270, 230], [500, 100, 600, 220]])
+    # no match for a[2]
+    b = np.array([[172.0, 108, 268, 232], [98, 102, 203, 218], [900, 900, 950, 950]])
     pairing = pair_faces(a, b)
     assert pairing.pairs == [(0, 1), (1, 0)], f"pairs {pairing.pairs}"
     assert pairing.unpaired_a == [2] and pairing.unpaired_b == [2]
@@ -204,12 +248,18 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
     assert nms(boxes, scores, 0.4) == [1, 2]
 
 
-# ---------------------------------------------------------------------------------------------- providers, pack
+# ----------------------------------------------------------------------------------------------
+# providers, pack
 
 
 def test_choose_providers_prefers_cuda_when_offered():
-    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert choose_providers(["TensorrtExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    assert choose_providers(["TensorrtExecutionProvider", "CPUExecutionProvider"]) == [
+        "CPUExecutionProvider"
+    ]
     assert choose_providers([]) == ["CPUExecutionProvider"]
 
 
@@ -226,20 +276,27 @@ def test_model_root_follows_the_environment(monkeypatch, tmp_path):
     assert faces.model_root("/elsewhere") == Path("/elsewhere")
 
 
-# ---------------------------------------------------------------------------------------------- tiny ONNX models
+# ----------------------------------------------------------------------------------------------
+# tiny ONNX models
+
 
 def _session(model):
     import onnxruntime
 
-    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
 
 
 def test_detector_decoding_recovers_box_and_keypoints(onnx_models):
     detector = SCRFD(_session(onnx_models["detector"]), det_size=DET_SIZE)
-    # 128×96 image → letterboxed at scale 0.5 into 64×64; each 16² red square covers one stride-8 cell.
+    # 128×96 image → letterboxed at scale 0.5 into 64×64; each 16² red square covers one stride-8
+    # cell.
     image = red_squares(96, 128, [(80, 32, 16), (16, 64, 16)])
     boxes, scores, kps = detector.detect(faces.as_pixels(image))
-    assert len(boxes) == 2, f"found {len(boxes)} faces, expected 2 (NMS must merge the two anchors of a cell)"
+    assert len(boxes) == 2, (
+        f"found {len(boxes)} faces, expected 2 (NMS must merge the two anchors of a cell)"
+    )
     expected_score = (255 - 127.5) / 128
     assert np.allclose(scores, expected_score, atol=1e-6), f"scores {scores}"
     for (x, y, _), box, points in zip([(80, 32, 16), (16, 64, 16)], boxes, kps):
@@ -262,17 +319,21 @@ def test_arcface_embedding_is_the_linear_map_of_the_normalised_crop(onnx_models)
     colours = np.array([[200, 30, 90], [10, 250, 128]], dtype=np.float64)
     image = np.zeros((128, 256, 3), np.uint8)
     image[:, :128], image[:, 128:] = colours[0], colours[1]
-    kps = [ARCFACE_TEMPLATE + [8, 8], ARCFACE_TEMPLATE + [136, 8]]  # each aligned crop lies in one half
+    # each aligned crop lies in one half
+    kps = [ARCFACE_TEMPLATE + [8, 8], ARCFACE_TEMPLATE + [136, 8]]
     want = []
     for c in colours:
-        feature = np.repeat((c - 127.5) / 127.5, 49)  # pooled normalised channels, flattened channel-major
+        # pooled normalised channels, flattened channel-major
+        feature = np.repeat((c - 127.5) / 127.5, 49)
         e = feature @ weight
         want.append(e / np.linalg.norm(e))
     for max_batch in (1, 32):
         arcface = ArcFace(_session(onnx_models["arcface"]), max_batch=max_batch)
         got = arcface.embed(faces.as_pixels(image), kps)
         assert got.shape == (2, 512)
-        assert np.abs(got - np.array(want)).max() < 1e-5, f"max error {np.abs(got - np.array(want)).max()} (batch {max_batch})"
+        assert np.abs(got - np.array(want)).max() < 1e-5, (
+            f"max error {np.abs(got - np.array(want)).max()} (batch {max_batch})"
+        )
 
 
 def test_landmarks_map_back_from_the_crop(onnx_models):
@@ -293,7 +354,10 @@ def test_face_analyzer_from_a_pack_folder(onnx_models, tmp_path):
 
     config = FaceAnalyzerConfig(pack=PACK, root=str(tmp_path), det_size=DET_SIZE)
     analyzer = FaceAnalyzer.from_pack(config=config, providers=["CPUExecutionProvider"])
-    assert analyzer.landmark is not None and (analyzer.landmark.mean, analyzer.landmark.std) == (0.0, 1.0)
+    assert analyzer.landmark is not None and (analyzer.landmark.mean, analyzer.landmark.std) == (
+        0.0,
+        1.0,
+    )
     image = red_squares(96, 128, [(80, 32, 16), (16, 64, 16)])
     found = analyzer.analyze(image)
     assert len(found) == 2
@@ -302,18 +366,24 @@ def test_face_analyzer_from_a_pack_folder(onnx_models, tmp_path):
         assert face.kps.shape == (5, 2) and face.landmarks_106.shape == (106, 2)
         assert abs(np.linalg.norm(face.embedding) - 1) < 1e-6
         alone = analyzer.arcface.embed(pixels, [face.kps])[0]
-        assert np.abs(face.embedding - alone).max() < 1e-6, "batched embedding differs from a single run"
+        assert np.abs(face.embedding - alone).max() < 1e-6, (
+            "batched embedding differs from a single run"
+        )
     assert analyzer.largest_face(image).area == max(f.area for f in found)
     with pytest.raises(ValueError, match="no face found in blank.png"):
         analyzer.largest_face(np.zeros((64, 64, 3), np.uint8), name="blank.png")
 
 
-# ---------------------------------------------------------------------------------------------- real model pack
+# ----------------------------------------------------------------------------------------------
+# real model pack
 
 BUFFALO = faces.model_root() / "models" / "buffalo_l"
 
 
-@pytest.mark.skipif(not (BUFFALO / "det_10g.onnx").is_file(), reason=f"insightface buffalo_l pack not found in {BUFFALO}")
+@pytest.mark.skipif(
+    not (BUFFALO / "det_10g.onnx").is_file(),
+    reason=f"insightface buffalo_l pack not found in {BUFFALO}",
+)
 def test_real_pack_embeds_a_face_consistently():
     pytest.importorskip("onnxruntime")
     from PIL import Image
@@ -332,8 +402,11 @@ def test_real_pack_embeds_a_face_consistently():
 
 
 def test_detection_and_embedding_match_insightface(onnx_models, tmp_path):
-    """The same tiny models through insightface's own SCRFD / ArcFaceONNX (cv2, BGR) give the same answer."""
-    pytest.importorskip("insightface", reason="insightface is not installed (the parity check needs it)")
+    """The same tiny models through insightface's own SCRFD / ArcFaceONNX (cv2, BGR) give the same
+    answer."""
+    pytest.importorskip(
+        "insightface", reason="insightface is not installed (the parity check needs it)"
+    )
     import onnx
     from insightface.model_zoo.arcface_onnx import ArcFaceONNX
     from insightface.model_zoo.scrfd import SCRFD as InsightSCRFD
@@ -347,7 +420,9 @@ def test_detection_and_embedding_match_insightface(onnx_models, tmp_path):
     reference = InsightSCRFD(model_file=str(tmp_path / "det.onnx"))
     reference.prepare(-1, input_size=(DET_SIZE, DET_SIZE))
     ref_det, ref_kps = reference.detect(image[:, :, ::-1].copy(), input_size=(DET_SIZE, DET_SIZE))
-    boxes, scores, kps = SCRFD(_session(onnx_models["detector"]), det_size=DET_SIZE).detect(faces.as_pixels(image))
+    boxes, scores, kps = SCRFD(_session(onnx_models["detector"]), det_size=DET_SIZE).detect(
+        faces.as_pixels(image)
+    )
     assert len(boxes) == len(ref_det) == 2
     assert np.abs(boxes - ref_det[:, :4]).max() < 1e-3 and np.abs(kps - ref_kps).max() < 1e-3
     # insightface resizes uint8 images (rounding); minid resizes floats: scores agree to ~1e-4
@@ -356,7 +431,9 @@ def test_detection_and_embedding_match_insightface(onnx_models, tmp_path):
     kps5 = ARCFACE_TEMPLATE * 1.3 + [5.3, 12.7]
     noise = rng.integers(0, 255, (200, 200, 3)).astype(np.uint8)
     assert np.abs(face_align.estimate_norm(kps5) - arcface_affine(kps5)).max() < 1e-4
-    ref = ArcFaceONNX(model_file=str(tmp_path / "rec.onnx")).get_feat(face_align.norm_crop(noise[:, :, ::-1].copy(), kps5))[0]
+    ref = ArcFaceONNX(model_file=str(tmp_path / "rec.onnx")).get_feat(
+        face_align.norm_crop(noise[:, :, ::-1].copy(), kps5)
+    )[0]
     ours = ArcFace(_session(onnx_models["arcface"])).embed(faces.as_pixels(noise), [kps5])[0]
     cosine = float(ours @ ref / np.linalg.norm(ref))
     assert cosine > 0.9999, f"cosine to insightface's embedding {cosine}"

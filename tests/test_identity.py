@@ -1,5 +1,6 @@
-"""The seeds' two related ideas on the tiny stack: IdGlow's identity schedule and mask-free mode, ConsistentID's
-fine-grained regions (masks from built landmark sets, region sources, localised tokens), as exact properties."""
+"""The seeds' two related ideas on the tiny stack: IdGlow's identity schedule and mask-free mode,
+ConsistentID's fine-grained regions (masks from built landmark sets, region sources, localised
+tokens), as exact properties."""
 
 from __future__ import annotations
 
@@ -9,22 +10,27 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from tiny_models import IMAGE_SIZE, random_image
 
 from minid.faces import analyzer as faces
-
+from minid.faces.regions import (
+    GROUPS_106,
+    face_frame,
+    landmark_groups,
+    parse_regions,
+    region_masks,
+    region_scores,
+)
 from minid.imaging import masks
-
 from minid.method import editedid
-from minid.models.attention import Site
 from minid.method.control import AttentionStore, BatchLayout
 from minid.method.editedid import Disentanglement, EditedIDConfig, Tokens
 from minid.method.gating import EditedIDGating, GatingConfig, IdentitySchedule, LocalTokens
 from minid.method.null_text import NullTextConfig
-from minid.faces.regions import GROUPS_106, face_frame, landmark_groups, parse_regions, region_masks, region_scores
-from minid.restore.pipeline import EditedID
+from minid.models.attention import Site
 from minid.restore.config import RestoreConfig
+from minid.restore.pipeline import EditedID
 from minid.sampling.schedule import NoiseSchedule
-from tiny_models import IMAGE_SIZE, random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,14 +41,28 @@ PLAN = METHOD.plan(NoiseSchedule.scaled_linear())
 LATENT = IMAGE_SIZE // 8
 
 
-# ---- IdGlow: the identity schedule ------------------------------------------------------------------------
+# ---- IdGlow: the identity schedule ---------------------------------------------------------------
+
 
 def test_identity_schedules_parse_and_give_their_values():
     assert IdentitySchedule().values(6) == [1.0] * 6
-    assert IdentitySchedule("decay:1:0.5").values(6) == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
-    assert IdentitySchedule("window:2:4:1:0").values(6) == [0, 1, 1, 0, 0, 0], "steps 1-based, the window [A, B)"
-    assert IdentitySchedule("decay:1:0*window:1:3:1:0.5").values(3) == pytest.approx([1.0, 0.5, 0.0])
-    for bad in ("linear", "decay:1", "window:3:2:1:0", "decay:2:0", "window:1.5:3:1:0", "decay:a:b"):
+    assert IdentitySchedule("decay:1:0.5").values(6) == pytest.approx(
+        [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    )
+    assert IdentitySchedule("window:2:4:1:0").values(6) == [0, 1, 1, 0, 0, 0], (
+        "steps 1-based, the window [A, B)"
+    )
+    assert IdentitySchedule("decay:1:0*window:1:3:1:0.5").values(3) == pytest.approx(
+        [1.0, 0.5, 0.0]
+    )
+    for bad in (
+        "linear",
+        "decay:1",
+        "window:3:2:1:0",
+        "decay:2:0",
+        "window:1.5:3:1:0",
+        "decay:a:b",
+    ):
         with pytest.raises(ValueError, match="identity schedule"):
             IdentitySchedule(bad)
 
@@ -53,8 +73,15 @@ def _stage3(sd, seed=0):
         ctx = sd.text_encoder(sd.tokenizer(["", P_O, P_E]))
     nulls = [ctx[0:1] + 0.1 * torch.randn(ctx[0:1].shape, generator=g) for _ in range(6)]
     z_T = torch.randn(1, 4, LATENT, LATENT, generator=g)
-    d = Disentanglement(null_o=nulls, null_e=[n + 0.05 for n in nulls], z_T_o=z_T, z_T_e=z_T.clone(),
-                        z0=torch.zeros(2, 4, LATENT, LATENT), store=AttentionStore(), steps=[])
+    d = Disentanglement(
+        null_o=nulls,
+        null_e=[n + 0.05 for n in nulls],
+        z_T_o=z_T,
+        z_T_e=z_T.clone(),
+        z0=torch.zeros(2, 4, LATENT, LATENT),
+        store=AttentionStore(),
+        steps=[],
+    )
     return d, ctx[1:2], ctx[2:3]
 
 
@@ -79,7 +106,9 @@ def test_schedule_one_is_the_papers_gating_and_zero_leaves_t_as_e(tiny_sd):
     tokens = Tokens(_id_tokens(tiny_sd))
     paper = _entangle(tiny_sd, METHOD, d, c_o, c_e, face, empty, tokens)
     ones = replace(METHOD, gating=GatingConfig(identity=IdentitySchedule("decay:1:1")))
-    assert torch.equal(_entangle(tiny_sd, ones, d, c_o, c_e, face, empty, tokens), paper), "s ≡ 1 must be bit for bit"
+    assert torch.equal(_entangle(tiny_sd, ones, d, c_o, c_e, face, empty, tokens), paper), (
+        "s ≡ 1 must be bit for bit"
+    )
     zeros = replace(METHOD, gating=GatingConfig(identity=IdentitySchedule("decay:0:0")))
     z = _entangle(tiny_sd, zeros, d, c_o, c_e, face, empty, tokens)
     assert torch.equal(z[2], z[1]), "s ≡ 0: T is its ungated branch, which equals E"
@@ -96,8 +125,9 @@ def test_the_result_moves_monotonically_with_s_in_the_gated_region(tiny_sd):
         method = replace(METHOD, gating=GatingConfig(identity=IdentitySchedule(f"decay:{s}:{s}")))
         latents[s] = _entangle(tiny_sd, method, d, c_o, c_e, face, empty, tokens)[2][:, inside]
     distance = [float((latents[s] - latents[0.0]).norm()) for s in sorted(latents)]
-    assert distance[0] == 0 and all(b > a for a, b in zip(distance, distance[1:])), \
+    assert distance[0] == 0 and all(b > a for a, b in zip(distance, distance[1:])), (
         f"distance of T from s = 0 in the gated region, by s: {distance}"
+    )
 
 
 def test_mask_free_mode_edits_through_the_tokens_only(tiny_sd):
@@ -105,29 +135,53 @@ def test_mask_free_mode_edits_through_the_tokens_only(tiny_sd):
     full = torch.ones(1, 1, LATENT, LATENT)
     free = replace(METHOD, mask_free=True)
     z = _entangle(tiny_sd, free, d, c_o, c_e, full, full, Tokens())
-    assert torch.equal(z[2], z[1]), "no self-attention gating and no blending: without tokens T equals E"
+    assert torch.equal(z[2], z[1]), (
+        "no self-attention gating and no blending: without tokens T equals E"
+    )
     z = _entangle(tiny_sd, free, d, c_o, c_e, full, full, Tokens(_id_tokens(tiny_sd)))
     assert not torch.equal(z[2], z[1]), "the identity tokens still reach T"
 
 
-# ---- ConsistentID: regions ------------------------------------------------------------------------------
+# ---- ConsistentID: regions -----------------------------------------------------------------------
+
 
 def built_face(cx=32.0, cy=30.0, d_eye=20.0, swap: tuple[str, str] | None = None) -> faces.Face:
-    """A face whose 106 landmarks lie where the groups of `GROUPS_106` say, drawn in the face frame (eyes at
-    (±0.5, 0), eye distance 1) around its five keypoints; `swap` exchanges the points of two groups."""
-    kps = np.array([[cx - d_eye / 2, cy], [cx + d_eye / 2, cy], [cx, cy + 0.45 * d_eye],
-                    [cx - 0.35 * d_eye, cy + 0.9 * d_eye], [cx + 0.35 * d_eye, cy + 0.9 * d_eye]])
-    ring = lambda n, c, rx, ry: [(c[0] + rx * math.cos(a), c[1] + ry * math.sin(a))  # noqa: E731
-                                 for a in np.linspace(0, 2 * math.pi, n, endpoint=False)]
-    local = {"jaw": [(math.cos(a) * 1.0, 0.3 + math.sin(a) * 1.0) for a in np.linspace(0.1, math.pi - 0.1, 33)],
-             "eye_a": ring(10, (-0.5, 0.0), 0.15, 0.07), "eye_b": ring(10, (0.5, 0.0), 0.15, 0.07),
-             "brow_a": [(-0.75 + 0.5 * t, -0.3) for t in np.linspace(0, 1, 9)],
-             "brow_b": [(0.25 + 0.5 * t, -0.3) for t in np.linspace(0, 1, 9)],
-             "mouth": ring(20, (0.0, 0.9), 0.38, 0.1),
-             "nose": [(0.15 * math.cos(a), 0.1 + 0.45 * (i / 14)) for i, a in enumerate(np.linspace(0, 6, 15))]}
+    """A face whose 106 landmarks lie where the groups of `GROUPS_106` say, drawn in the face frame
+    (eyes at (±0.5, 0), eye distance 1) around its five keypoints; `swap` exchanges the points of
+    two groups."""
+    kps = np.array(
+        [
+            [cx - d_eye / 2, cy],
+            [cx + d_eye / 2, cy],
+            [cx, cy + 0.45 * d_eye],
+            [cx - 0.35 * d_eye, cy + 0.9 * d_eye],
+            [cx + 0.35 * d_eye, cy + 0.9 * d_eye],
+        ]
+    )
+    ring = lambda n, c, rx, ry: [
+        (c[0] + rx * math.cos(a), c[1] + ry * math.sin(a))  # noqa: E731
+        for a in np.linspace(0, 2 * math.pi, n, endpoint=False)
+    ]
+    local = {
+        "jaw": [
+            (math.cos(a) * 1.0, 0.3 + math.sin(a) * 1.0)
+            for a in np.linspace(0.1, math.pi - 0.1, 33)
+        ],
+        "eye_a": ring(10, (-0.5, 0.0), 0.15, 0.07),
+        "eye_b": ring(10, (0.5, 0.0), 0.15, 0.07),
+        "brow_a": [(-0.75 + 0.5 * t, -0.3) for t in np.linspace(0, 1, 9)],
+        "brow_b": [(0.25 + 0.5 * t, -0.3) for t in np.linspace(0, 1, 9)],
+        "mouth": ring(20, (0.0, 0.9), 0.38, 0.1),
+        "nose": [
+            (0.15 * math.cos(a), 0.1 + 0.45 * (i / 14)) for i, a in enumerate(np.linspace(0, 6, 15))
+        ],
+    }
     if swap:
         a, b = swap
-        local[a], local[b] = (local[b] + local[b])[:len(local[a])], (local[a] + local[a])[:len(local[b])]
+        local[a], local[b] = (
+            (local[b] + local[b])[: len(local[a])],
+            (local[a] + local[a])[: len(local[b])],
+        )
     frame = face_frame(kps)
     back = np.linalg.inv(np.vstack([frame, [0, 0, 1]]))[:2]
     pts = np.zeros((106, 2))
@@ -174,10 +228,16 @@ def test_region_masks_lie_in_the_face_and_do_not_overlap_beyond_their_feathering
 def test_regions_parse_and_refuse_clear_mistakes(tmp_path):
     choices = parse_regions("eyes=original,mouth=edited:0.7")
     assert choices["eyes"].source == "original" and choices["mouth"].lambda_o == 0.7
-    (tmp_path / "r.json").write_text('{"nose": {"source": "original", "lambda": 0.2}, "skin": "edited"}')
+    (tmp_path / "r.json").write_text(
+        '{"nose": {"source": "original", "lambda": 0.2}, "skin": "edited"}'
+    )
     assert parse_regions(tmp_path / "r.json")["nose"].lambda_o == 0.2
-    for bad, match in (("ears=original", "unknown region"), ("eyes=both", "source"), ("eyes=edited:2", "λ"),
-                       ("eyes", "REGION=SOURCE")):
+    for bad, match in (
+        ("ears=original", "unknown region"),
+        ("eyes=both", "source"),
+        ("eyes=edited:2", "λ"),
+        ("eyes", "REGION=SOURCE"),
+    ):
         with pytest.raises(ValueError, match=match):
             parse_regions(bad)
 
@@ -194,12 +254,25 @@ def test_an_original_region_alone_is_todays_method_on_that_mask(tiny_sd):
     face = built_face()
     pipe = EditedID(tiny_sd, RestoreConfig(METHOD, image_size=IMAGE_SIZE))
     x_o, x_e = random_image(3), random_image(4)
-    by_region = pipe.restore(x_o, x_e, P_O, P_E, ["man"], ["glasses"], regions="nose=original",
-                             analyzer=OneFace(face), progress=False)
+    by_region = pipe.restore(
+        x_o,
+        x_e,
+        P_O,
+        P_E,
+        ["man"],
+        ["glasses"],
+        regions="nose=original",
+        analyzer=OneFace(face),
+        progress=False,
+    )
     s = IMAGE_SIZE
     nose, _ = region_masks(s, face.kps, face.landmarks_106, pipe.config.face_mask_feather * s)
-    by_mask = pipe.restore(x_o, x_e, P_O, P_E, ["man"], ["glasses"], face_mask=nose["nose"], progress=False)
-    assert torch.equal(by_region.image, by_mask.image), "regions=nose:original must be the method on the nose mask"
+    by_mask = pipe.restore(
+        x_o, x_e, P_O, P_E, ["man"], ["glasses"], face_mask=nose["nose"], progress=False
+    )
+    assert torch.equal(by_region.image, by_mask.image), (
+        "regions=nose:original must be the method on the nose mask"
+    )
     assert set(by_region.regions) == {"eyes", "brows", "nose", "mouth", "skin"}
 
 
@@ -209,10 +282,21 @@ def test_an_edited_region_keeps_e_exactly(tiny_sd):
     face = torch.ones(1, 1, LATENT, LATENT)
     keep = torch.zeros(1, 1, LATENT, LATENT)
     keep[..., 5:7, 3:5] = 1  # e.g. the mouth, kept from the edit
-    z = _entangle(tiny_sd, METHOD, d, c_o, c_e, face, torch.zeros_like(face), Tokens(_id_tokens(tiny_sd)),
-                  keep_e=keep)
+    z = _entangle(
+        tiny_sd,
+        METHOD,
+        d,
+        c_o,
+        c_e,
+        face,
+        torch.zeros_like(face),
+        Tokens(_id_tokens(tiny_sd)),
+        keep_e=keep,
+    )
     region = keep[0, 0].bool()
-    assert torch.equal(z[2][:, region], z[1][:, region]), "a region kept from the edit must be E's latent exactly"
+    assert torch.equal(z[2][:, region], z[1][:, region]), (
+        "a region kept from the edit must be E's latent exactly"
+    )
     assert not torch.equal(z[2][:, ~region], z[1][:, ~region]), "the rest of the face is restored"
 
 
@@ -226,13 +310,19 @@ def test_localised_token_replacement_changes_no_row_outside_its_region():
     region[..., 1:3, 0:2] = 1
     empty = torch.zeros(1, 1, side, side)
     plain = EditedIDGating(lay, empty, empty, id_tokens=[(5, 5)])
-    local = EditedIDGating(lay, empty, empty, id_tokens=[(5, 5)], local_tokens=[LocalTokens([(7, 6)], 0, region)])
+    local = EditedIDGating(
+        lay, empty, empty, id_tokens=[(5, 5)], local_tokens=[LocalTokens([(7, 6)], 0, region)]
+    )
     a, b = plain(q, k, v, site), local(q, k, v, site)
     t = lay.row(2)
     inside = region.reshape(-1).bool()
     assert torch.equal(a[t][:, ~inside], b[t][:, ~inside]), "rows outside the region changed"
-    assert not torch.equal(a[t][:, inside], b[t][:, inside]), "rows inside the region were not edited"
-    assert torch.equal(a[:t], b[:t]) and torch.equal(a[t + 1:], b[t + 1:]), "only T's conditional row is edited"
+    assert not torch.equal(a[t][:, inside], b[t][:, inside]), (
+        "rows inside the region were not edited"
+    )
+    assert torch.equal(a[:t], b[:t]) and torch.equal(a[t + 1 :], b[t + 1 :]), (
+        "only T's conditional row is edited"
+    )
 
 
 def test_region_scores_of_identical_images_are_perfect():
@@ -262,8 +352,10 @@ def test_eval_reports_each_region(tmp_path):
     evaluate_folder(tmp_path, OneFace(face), progress=False)
     row = json.loads((tmp_path / "metrics.json").read_text())["rows"][0]
     for region in ("eyes", "brows", "nose", "mouth", "skin"):
-        assert row[f"{region}_psnr"] == "inf" and row[f"{region}_ssim"] == pytest.approx(1.0), \
-            f"{region}: identical images give PSNR inf ('inf' in JSON, as in the CSV) and SSIM 1, got {row}"
+        assert row[f"{region}_psnr"] == "inf" and row[f"{region}_ssim"] == pytest.approx(1.0), (
+            f"{region}: identical images give PSNR inf ('inf' in JSON, as in the CSV) and SSIM 1, "
+            f"got {row}"
+        )
 
 
 def test_the_schedule_and_the_regions_are_saved_with_the_intermediates(tiny_sd, tmp_path):
@@ -272,9 +364,18 @@ def test_the_schedule_and_the_regions_are_saved_with_the_intermediates(tiny_sd, 
     face = built_face()
     method = replace(METHOD, gating=GatingConfig(identity=IdentitySchedule("window:1:4:1:0.5")))
     pipe = EditedID(tiny_sd, RestoreConfig(method, image_size=IMAGE_SIZE))
-    result = pipe.restore(random_image(3), random_image(4), P_O, P_E, ["man"], ["glasses"],
-                          regions="eyes=original,mouth=edited:0.3", analyzer=OneFace(face), progress=False,
-                          save_intermediates=tmp_path)
+    result = pipe.restore(
+        random_image(3),
+        random_image(4),
+        P_O,
+        P_E,
+        ["man"],
+        ["glasses"],
+        regions="eyes=original,mouth=edited:0.3",
+        analyzer=OneFace(face),
+        progress=False,
+        save_intermediates=tmp_path,
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["identity_schedule"] == [1, 1, 1, 0.5, 0.5, 0.5] == result.identity_schedule
     assert set(summary["regions"]) == {"eyes", "brows", "nose", "mouth", "skin"}

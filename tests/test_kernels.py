@@ -1,8 +1,9 @@
-"""The attention kernels against float64 references that materialise P, and the chunked PyTorch path against both.
+"""The attention kernels against float64 references that materialise P, and the chunked PyTorch path
+against both.
 
-On CPU the Triton kernels run in Triton's interpreter. The variable must be set before the first kernel
-launch; minid.kernels wraps kernels with `triton.jit` lazily, so setting it here works even when another
-test module imported minid first.
+On CPU the Triton kernels run in Triton's interpreter. The variable must be set before the first
+kernel launch; minid.kernels wraps kernels with `triton.jit` lazily, so setting it here works even
+when another test module imported minid first.
 """
 
 import os
@@ -13,10 +14,14 @@ import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from minid.kernels.dispatch import attention_with_map, masked_multi_source, token_replace  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 from minid.kernels import chunked  # noqa: E402
+from minid.kernels.dispatch import (  # noqa: E402
+    attention_with_map,
+    masked_multi_source,
+    token_replace,
+)
 from minid.kernels.flash_attention import attention_reference  # noqa: E402
 from minid.kernels.multi_source import multi_source_reference  # noqa: E402
 from minid.kernels.runtime import interpreting, triton_available  # noqa: E402
@@ -26,8 +31,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = triton_available() and (DEVICE == "cuda" or interpreting())
 BACKENDS = ["torch"] + (["triton"] if TRITON_OK else [])
 
-# Max abs error allowed, relative to max |v|: the outputs are convex combinations of rows of v (token
-# replacement: of at most S+1 such combinations). fp16/bf16: P and the output are rounded to 11/8 mantissa bits.
+# Max abs error allowed, relative to max |v|: the outputs are convex combinations of rows of v
+# (token replacement: of at most S+1 such combinations). fp16/bf16: P and the output are rounded to
+# 11/8 mantissa bits.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 LENGTHS = st.sampled_from([1, 16, 17, 64, 77, 100, 129, 200])
 HEAD_DIMS = st.sampled_from([8, 24, 40, 80, 160])
@@ -37,7 +43,8 @@ FEW = settings(max_examples=12, deadline=None)
 
 @contextlib.contextmanager
 def poisoned_outputs():
-    """Make every floating buffer the wrappers allocate start as NaN, so an element never written shows."""
+    """Make every floating buffer the wrappers allocate start as NaN, so an element never written
+    shows."""
     real_empty = torch.empty
 
     def empty(*args, **kwargs):
@@ -60,7 +67,9 @@ def randn(*shape, dtype):
 def assert_close(found: torch.Tensor, expected: torch.Tensor, scale: float, dtype, what: str):
     assert not torch.isnan(found).any(), f"{what}: NaN in the output (an element never written?)"
     err = (found.double() - expected.double()).abs().max().item() / max(scale, 1e-12)
-    assert err <= TOLERANCE[dtype], f"{what}: max abs error / scale = {err:.3g} > {TOLERANCE[dtype]} ({dtype})"
+    assert err <= TOLERANCE[dtype], (
+        f"{what}: max abs error / scale = {err:.3g} > {TOLERANCE[dtype]} ({dtype})"
+    )
 
 
 def test_triton_backend_is_exercised():
@@ -70,30 +79,44 @@ def test_triton_backend_is_exercised():
     assert TRITON_OK, "TRITON_INTERPRET=1 is not in effect on a machine without CUDA"
     q = randn(1, 1, 20, 8, dtype=torch.float32)
     with poisoned_outputs():
-        out, attn_map, lse = attention_with_map(q, q, q, want_map=True, want_lse=True, backend="triton")
+        out, attn_map, lse = attention_with_map(
+            q, q, q, want_map=True, want_lse=True, backend="triton"
+        )
     assert out.shape == (1, 1, 20, 8) and attn_map.shape == (1, 20, 20) and lse.shape == (1, 1, 20)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @FEW
-@given(b=st.integers(1, 2), h=st.integers(1, 3), n_q=LENGTHS, n_k=LENGTHS, d=HEAD_DIMS, dtype=DTYPES)
+@given(
+    b=st.integers(1, 2), h=st.integers(1, 3), n_q=LENGTHS, n_k=LENGTHS, d=HEAD_DIMS, dtype=DTYPES
+)
 def test_attention_with_map_matches_reference(backend, b, h, n_q, n_k, d, dtype):
-    q, k, v = randn(b, h, n_q, d, dtype=dtype), randn(b, h, n_k, d, dtype=dtype), randn(b, h, n_k, d, dtype=dtype)
+    q, k, v = (
+        randn(b, h, n_q, d, dtype=dtype),
+        randn(b, h, n_k, d, dtype=dtype),
+        randn(b, h, n_k, d, dtype=dtype),
+    )
     ref_out, ref_map, ref_lse = attention_reference(q, k, v)
     with poisoned_outputs():
-        out, attn_map, lse = attention_with_map(q, k, v, want_map=True, want_lse=True, backend=backend)
+        out, attn_map, lse = attention_with_map(
+            q, k, v, want_map=True, want_lse=True, backend=backend
+        )
     assert out.dtype == dtype and attn_map.dtype == torch.float32 and lse.dtype == torch.float32
     scale = v.abs().max().item()
     assert_close(out, ref_out, scale, dtype, f"{backend} out")
-    # The map and LSE are fp32 statistics of the (rounded) inputs: fp32 accuracy whatever the input dtype.
+    # The map and LSE are fp32 statistics of the (rounded) inputs: fp32 accuracy whatever the input
+    # dtype.
     assert_close(attn_map, ref_map, 1.0, torch.float32, f"{backend} map")
     assert_close(lse, ref_lse, ref_lse.abs().max().item(), torch.float32, f"{backend} lse")
     row_sums = attn_map.double().sum(-1)
-    assert (row_sums - 1).abs().max() < 1e-5, f"map rows must sum to 1, found {row_sums.min()}..{row_sums.max()}"
+    assert (row_sums - 1).abs().max() < 1e-5, (
+        f"map rows must sum to 1, found {row_sums.min()}..{row_sums.max()}"
+    )
 
 
 def make_weights(kind: str, n_sources: int, b: int, n_q: int, per_batch: bool) -> torch.Tensor:
-    """Row weights over the sources (the last one is the target T), as the EditedID masks produce them."""
+    """Row weights over the sources (the last one is the target T), as the EditedID masks produce
+    them."""
     shape = (b, n_q) if per_batch else (n_q,)
     w = torch.zeros(*shape, n_sources)
     if kind == "full":  # every row from source 0 (M_O covers everything)
@@ -120,10 +143,20 @@ def make_weights(kind: str, n_sources: int, b: int, n_q: int, per_batch: bool) -
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @FEW
-@given(b=st.integers(1, 2), h=st.integers(1, 2), n=LENGTHS, d=HEAD_DIMS, dtype=DTYPES, n_sources=st.integers(1, 3),
-       kind=st.sampled_from(["full", "empty", "random", "overlap"]), mode=st.sampled_from(["map", "output"]),
-       per_batch=st.booleans())
-def test_masked_multi_source_matches_reference(backend, b, h, n, d, dtype, n_sources, kind, mode, per_batch):
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 2),
+    n=LENGTHS,
+    d=HEAD_DIMS,
+    dtype=DTYPES,
+    n_sources=st.integers(1, 3),
+    kind=st.sampled_from(["full", "empty", "random", "overlap"]),
+    mode=st.sampled_from(["map", "output"]),
+    per_batch=st.booleans(),
+)
+def test_masked_multi_source_matches_reference(
+    backend, b, h, n, d, dtype, n_sources, kind, mode, per_batch
+):
     qs = [randn(b, h, n, d, dtype=dtype) for _ in range(n_sources)]
     ks = [randn(b, h, n, d, dtype=dtype) for _ in range(n_sources)]
     vs = [randn(b, h, n, d, dtype=dtype) for _ in range(n_sources)]
@@ -140,7 +173,8 @@ def test_masked_multi_source_matches_reference(backend, b, h, n, d, dtype, n_sou
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_masked_multi_source_exact_cases(backend, dtype):
-    """Full mask to O with V_T = V_O is O's attention; empty masks are T's (the EditedID identities)."""
+    """Full mask to O with V_T = V_O is O's attention; empty masks are T's (the EditedID
+    identities)."""
     b, h, n, d = 1, 2, 77, 40
     q_o, k_o, v_o, q_e, k_e, v_e, q_t, k_t = (randn(b, h, n, d, dtype=dtype) for _ in range(8))
     qs, ks = [q_o, q_e, q_t], [k_o, k_e, k_t]
@@ -150,16 +184,25 @@ def test_masked_multi_source_exact_cases(backend, dtype):
     t_attention, _, _ = attention_with_map(q_t, k_t, v_o, want_map=False, backend=backend)
     replaced = masked_multi_source(qs, ks, [v_e, v_e, v_o], full_o, mode="map", backend=backend)
     untouched = masked_multi_source(qs, ks, [v_e, v_e, v_o], empty, mode="map", backend=backend)
-    blended_output = masked_multi_source(qs, ks, [v_o, v_e, v_e], full_o, mode="output", backend=backend)
+    blended_output = masked_multi_source(
+        qs, ks, [v_o, v_e, v_e], full_o, mode="output", backend=backend
+    )
     # One code path with weight exactly 1 and skipped zero-weight sources: bit-for-bit equal.
-    assert torch.equal(replaced, o_attention), f"full mask, map mode: max diff {(replaced - o_attention).abs().max()}"
-    assert torch.equal(untouched, t_attention), f"empty mask: max diff {(untouched - t_attention).abs().max()}"
-    assert torch.equal(blended_output, o_attention), "full mask, output mode must equal O's attention"
+    assert torch.equal(replaced, o_attention), (
+        f"full mask, map mode: max diff {(replaced - o_attention).abs().max()}"
+    )
+    assert torch.equal(untouched, t_attention), (
+        f"empty mask: max diff {(untouched - t_attention).abs().max()}"
+    )
+    assert torch.equal(blended_output, o_attention), (
+        "full mask, output mode must equal O's attention"
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_weight_source_is_skipped(backend):
-    """A source with zero weight on every row is never read: NaNs in its q/k/v cannot reach the output."""
+    """A source with zero weight on every row is never read: NaNs in its q/k/v cannot reach the
+    output."""
     b, h, n, d = 1, 1, 100, 24
     qs = [randn(b, h, n, d, dtype=torch.float32) for _ in range(2)]
     ks = [randn(b, h, n, d, dtype=torch.float32) for _ in range(2)]
@@ -167,7 +210,9 @@ def test_zero_weight_source_is_skipped(backend):
     qs[0] = torch.full_like(qs[0], float("nan"))
     weights = make_weights("empty", 2, b, n, per_batch=False)
     out = masked_multi_source(qs, ks, vs, weights, mode="output", backend=backend)
-    assert not torch.isnan(out).any(), "a zero-weight source was computed (its NaNs reached the output)"
+    assert not torch.isnan(out).any(), (
+        "a zero-weight source was computed (its NaNs reached the output)"
+    )
 
 
 def make_selection(n_k: int, n_sources: int, fraction: float, seed: int):
@@ -182,12 +227,29 @@ def make_selection(n_k: int, n_sources: int, fraction: float, seed: int):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @FEW
-@given(b=st.integers(1, 2), h=st.integers(1, 3), n_q=LENGTHS, n_k=st.sampled_from([1, 17, 77, 100]), d=HEAD_DIMS,
-       dtype=DTYPES, n_sources=st.integers(0, 2), fraction=st.sampled_from([0.0, 0.2, 1.0]),
-       seed=st.integers(0, 1000))
-def test_token_replace_matches_reference(backend, b, h, n_q, n_k, d, dtype, n_sources, fraction, seed):
-    q_t, k_t, v_t = randn(b, h, n_q, d, dtype=dtype), randn(b, h, n_k, d, dtype=dtype), randn(b, h, n_k, d, dtype=dtype)
-    sources = [(randn(b, h, n_q, d, dtype=dtype), randn(b, h, n_k, d, dtype=dtype)) for _ in range(n_sources)]
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    n_q=LENGTHS,
+    n_k=st.sampled_from([1, 17, 77, 100]),
+    d=HEAD_DIMS,
+    dtype=DTYPES,
+    n_sources=st.integers(0, 2),
+    fraction=st.sampled_from([0.0, 0.2, 1.0]),
+    seed=st.integers(0, 1000),
+)
+def test_token_replace_matches_reference(
+    backend, b, h, n_q, n_k, d, dtype, n_sources, fraction, seed
+):
+    q_t, k_t, v_t = (
+        randn(b, h, n_q, d, dtype=dtype),
+        randn(b, h, n_k, d, dtype=dtype),
+        randn(b, h, n_k, d, dtype=dtype),
+    )
+    sources = [
+        (randn(b, h, n_q, d, dtype=dtype), randn(b, h, n_k, d, dtype=dtype))
+        for _ in range(n_sources)
+    ]
     branch, token = make_selection(n_k, n_sources, fraction, seed)
     ref = token_replace_reference(q_t, k_t, v_t, sources, branch, token)
     with poisoned_outputs():
@@ -199,38 +261,72 @@ def test_token_replace_matches_reference(backend, b, h, n_q, n_k, d, dtype, n_so
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_replace_without_tokens_is_target_attention(backend):
     b, h, n_q, n_k, d = 2, 2, 64, 77, 40
-    q_t, k_t, v_t = randn(b, h, n_q, d, dtype=torch.float32), randn(b, h, n_k, d, dtype=torch.float32), \
-        randn(b, h, n_k, d, dtype=torch.float32)
+    q_t, k_t, v_t = (
+        randn(b, h, n_q, d, dtype=torch.float32),
+        randn(b, h, n_k, d, dtype=torch.float32),
+        randn(b, h, n_k, d, dtype=torch.float32),
+    )
     sources = [(randn(b, h, n_q, d, dtype=torch.float32), randn(b, h, n_k, d, dtype=torch.float32))]
     keep_all = torch.full((n_k,), -1, device=DEVICE)
-    out = token_replace(q_t, k_t, v_t, sources, keep_all, torch.zeros(n_k, dtype=torch.long, device=DEVICE),
-                        backend=backend)
+    out = token_replace(
+        q_t,
+        k_t,
+        v_t,
+        sources,
+        keep_all,
+        torch.zeros(n_k, dtype=torch.long, device=DEVICE),
+        backend=backend,
+    )
     expected, _, _ = attention_with_map(q_t, k_t, v_t, want_map=False, backend=backend)
     if backend == "torch":  # the same probabilities times a column mask of ones: bit for bit
         assert torch.equal(out, expected), f"max diff {(out - expected).abs().max()}"
     else:  # exp(s - lse) in one pass against the online softmax: equal within fp32 rounding
-        assert (out - expected).abs().max() <= 2e-6 * v_t.abs().max(), f"max diff {(out - expected).abs().max()}"
+        assert (out - expected).abs().max() <= 2e-6 * v_t.abs().max(), (
+            f"max diff {(out - expected).abs().max()}"
+        )
     # Taking every column from a source that is the target itself changes nothing either.
-    same = token_replace(q_t, k_t, v_t, [(q_t, k_t)], torch.zeros(n_k, dtype=torch.long, device=DEVICE),
-                         torch.arange(n_k, device=DEVICE), backend=backend)
-    assert (same - expected).abs().max() <= 2e-6 * v_t.abs().max(), f"max diff {(same - expected).abs().max()}"
+    same = token_replace(
+        q_t,
+        k_t,
+        v_t,
+        [(q_t, k_t)],
+        torch.zeros(n_k, dtype=torch.long, device=DEVICE),
+        torch.arange(n_k, device=DEVICE),
+        backend=backend,
+    )
+    assert (same - expected).abs().max() <= 2e-6 * v_t.abs().max(), (
+        f"max diff {(same - expected).abs().max()}"
+    )
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="Triton cannot run here (no CUDA, TRITON_INTERPRET unset)")
+@pytest.mark.skipif(
+    not TRITON_OK, reason="Triton cannot run here (no CUDA, TRITON_INTERPRET unset)"
+)
 @settings(max_examples=6, deadline=None)
 @given(n=st.sampled_from([17, 77, 130]), d=HEAD_DIMS, chunk=st.sampled_from([1, 7, 64, 256]))
 def test_chunked_path_agrees_with_kernels(n, d, chunk):
-    """The chunked PyTorch path at any chunk size against the Triton kernels, all three operations."""
+    """The chunked PyTorch path at any chunk size against the Triton kernels, all three
+    operations."""
     q, k, v, q2, k2 = (randn(2, 2, n, d, dtype=torch.float32) for _ in range(5))
-    out_c, map_c, lse_c = chunked.attention_chunked(q, k, v, want_map=True, want_lse=True, chunk=chunk)
-    out_k, map_k, lse_k = attention_with_map(q, k, v, want_map=True, want_lse=True, backend="triton")
+    out_c, map_c, lse_c = chunked.attention_chunked(
+        q, k, v, want_map=True, want_lse=True, chunk=chunk
+    )
+    out_k, map_k, lse_k = attention_with_map(
+        q, k, v, want_map=True, want_lse=True, backend="triton"
+    )
     assert_close(out_c, out_k, v.abs().max().item(), torch.float32, "attention")
     assert_close(map_c, map_k, 1.0, torch.float32, "map")
     assert_close(lse_c, lse_k, lse_k.abs().max().item(), torch.float32, "lse")
     weights = make_weights("overlap", 3, 2, n, per_batch=True)
-    ms_c = chunked.multi_source_chunked([q, q2, k], [k, k2, q], [v, q, k2], weights, mode="output", chunk=chunk)
-    ms_k = masked_multi_source([q, q2, k], [k, k2, q], [v, q, k2], weights, mode="output", backend="triton")
-    assert_close(ms_c, ms_k, max(v.abs().max(), q.abs().max(), k2.abs().max()).item(), torch.float32, "multi")
+    ms_c = chunked.multi_source_chunked(
+        [q, q2, k], [k, k2, q], [v, q, k2], weights, mode="output", chunk=chunk
+    )
+    ms_k = masked_multi_source(
+        [q, q2, k], [k, k2, q], [v, q, k2], weights, mode="output", backend="triton"
+    )
+    assert_close(
+        ms_c, ms_k, max(v.abs().max(), q.abs().max(), k2.abs().max()).item(), torch.float32, "multi"
+    )
     branch, token = make_selection(n, 1, 0.3, seed=n)
     tr_c = chunked.token_replace_chunked(q, k, v, [(q2, k2)], branch, token, chunk=chunk)
     tr_k = token_replace(q, k, v, [(q2, k2)], branch, token, backend="triton")

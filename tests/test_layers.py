@@ -1,6 +1,6 @@
-"""The house's layers, read from the code's own imports (every `import` and `from … import`, those inside
-functions too): each package of minid imports only from the packages below it, never from one above, and
-the modules import each other without a circle."""
+"""The house's layers, read from the code's own imports (every `import` and `from … import`, those
+inside functions too): each package of minid imports only from the packages below it, never from one
+above, and the modules import each other without a circle."""
 
 from __future__ import annotations
 
@@ -12,7 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Reading order, lowest first. The SD core is kernels, models, sampling, loading.
-LAYERS = ("kernels", "models", "sampling", "loading", "imaging", "method", "faces", "restore", "dataset", "app")
+LAYERS = (
+    "kernels",
+    "models",
+    "sampling",
+    "loading",
+    "imaging",
+    "method",
+    "faces",
+    "restore",
+    "dataset",
+    "app",
+)
 SD_CORE = ("kernels", "models", "sampling", "loading")
 
 
@@ -33,8 +44,8 @@ MODULES = _modules()
 
 
 def _imports(name: str, path: Path) -> set[str]:
-    """The minid modules that `name` imports, resolved to module names (a name imported from a package that
-    is a module of it counts as that module)."""
+    """The minid modules that `name` imports, resolved to module names (a name imported from a
+    package that is a module of it counts as that module)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -72,22 +83,37 @@ def test_every_module_belongs_to_a_layer():
 
 
 def test_no_import_reaches_a_higher_layer():
-    upward = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _layer(m) for t in targets
-                    if _layer(t) and LAYERS.index(_layer(t)) > LAYERS.index(_layer(m)))
+    upward = sorted(
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if _layer(m)
+        for t in targets
+        if _layer(t) and LAYERS.index(_layer(t)) > LAYERS.index(_layer(m))
+    )
     assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
 
 
 @pytest.mark.parametrize("package", SD_CORE)
 def test_the_sd_core_stands_alone(package):
     """A reader learns Stable Diffusion 1.4 from kernels, models, sampling and loading alone."""
-    bad = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _layer(m) == package for t in targets
-                 if _layer(t) not in SD_CORE)
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if _layer(m) == package
+        for t in targets
+        if _layer(t) not in SD_CORE
+    )
     assert not bad, "the SD core imports the method or what is built on it:\n" + "\n".join(bad)
 
 
 def test_the_library_never_imports_the_command_line():
-    bad = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _layer(m) != "app" for t in targets
-                 if _layer(t) == "app")
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if _layer(m) != "app"
+        for t in targets
+        if _layer(t) == "app"
+    )
     assert not bad, "library modules importing minid.app:\n" + "\n".join(bad)
 
 
@@ -103,7 +129,7 @@ def test_no_import_circle():
             if t == "minid":
                 continue
             if state.get(t) == 1:
-                return stack[stack.index(t):] + [t]
+                return stack[stack.index(t) :] + [t]
             if t not in state:
                 found = visit(t)
                 if found:
@@ -119,8 +145,23 @@ def test_no_import_circle():
 
 
 def test_the_check_finds_a_planted_upward_import(tmp_path):
-    """The reader of imports sees what it must: a method module importing the app is an upward arrow."""
+    """The reader of imports sees what it must: a method module importing the app is an upward
+    arrow."""
     planted = tmp_path / "planted.py"
-    planted.write_text("def f():\n    from minid.app.cli import main\n    from minid.restore import config\n")
+    planted.write_text(
+        "def f():\n    from minid.app.cli import main\n    from minid.restore import config\n"
+    )
     found = _imports("minid.method.planted", planted)
     assert found == {"minid.app.cli", "minid.restore", "minid.restore.config"}, found
+
+
+def test_every_line_of_code_is_at_most_100_characters():
+    """The house's line length (pyproject.toml's [tool.ruff]) in the .py files of minid, kernels,
+    tests and bench."""
+    long = []
+    for folder in ("minid", "kernels", "tests", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if len(line) > 100:
+                    long.append(f"{path.relative_to(ROOT)}:{number} ({len(line)})")
+    assert not long, f"{len(long)} lines over 100 characters: " + ", ".join(long[:20])

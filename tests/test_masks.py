@@ -52,11 +52,17 @@ def test_face_mask_from_106_landmarks_is_their_convex_hull():
     rng = np.random.default_rng(0)
     points = rng.uniform(20, 80, size=(106, 2))
     m = masks.face_mask((100, 100), landmarks_106=points)
-    spatial = pytest.importorskip("scipy.spatial", reason="scipy gives the independent inside-the-hull check")
+    spatial = pytest.importorskip(
+        "scipy.spatial", reason="scipy gives the independent inside-the-hull check"
+    )
     ys, xs = np.mgrid[:100, :100]
     inside = spatial.Delaunay(points).find_simplex(np.stack([xs.ravel(), ys.ravel()], 1)) >= 0
-    assert np.array_equal(m.numpy().ravel() == 1, inside), f"{int((m.numpy().ravel() == 1).sum())} vs {int(inside.sum())} pixels"
-    square = masks.polygon_mask(np.array([[10, 10], [30, 10], [30, 20], [10, 20], [20, 15]]), (40, 40))
+    assert np.array_equal(m.numpy().ravel() == 1, inside), (
+        f"{int((m.numpy().ravel() == 1).sum())} vs {int(inside.sum())} pixels"
+    )
+    square = masks.polygon_mask(
+        np.array([[10, 10], [30, 10], [30, 20], [10, 20], [20, 15]]), (40, 40)
+    )
     assert float(square.sum()) == 21 * 11, f"area {float(square.sum())}"
 
 
@@ -67,12 +73,19 @@ def test_face_mask_from_5_points_and_parts():
     nose = masks.face_mask((260, 260), kps=kps, part="nose")
     mouth = masks.face_mask((260, 260), kps=kps, part="mouth")
     for name, part in (("eyes", eyes), ("nose", nose), ("mouth", mouth)):
-        assert float((part * (1 - face)).sum()) == 0, f"the {name} region sticks out of the face ellipse"
+        assert float((part * (1 - face)).sum()) == 0, (
+            f"the {name} region sticks out of the face ellipse"
+        )
     for k in kps.round().astype(int):
         assert face[k[1], k[0]] == 1
-    assert eyes[int(round(kps[0, 1])), int(round(kps[0, 0]))] == 1 and eyes[int(round(kps[2, 1])), int(round(kps[2, 0]))] == 0
+    assert (
+        eyes[int(round(kps[0, 1])), int(round(kps[0, 0]))] == 1
+        and eyes[int(round(kps[2, 1])), int(round(kps[2, 0]))] == 0
+    )
     assert nose[int(round(kps[2, 1])), int(round(kps[2, 0]))] == 1
-    assert float(face[0].sum()) == 0 and float(face[:, 0].sum()) == 0, "ellipse reaches the image edge"
+    assert float(face[0].sum()) == 0 and float(face[:, 0].sum()) == 0, (
+        "ellipse reaches the image edge"
+    )
     with pytest.raises(ValueError, match="empty"):
         masks.face_mask((50, 50), kps=kps + 1000)
 
@@ -104,12 +117,21 @@ def test_dilate_erode_and_union():
     m = torch.zeros(1, 20, 20)
     m[0, 8:12, 8:12] = 1
     d = masks.dilate(m, 2)
-    assert d.shape == m.shape and float(d.sum()) == 64 and float(d[0, 6, 6]) == 1 and float(d[0, 5, 5]) == 0
+    assert (
+        d.shape == m.shape
+        and float(d.sum()) == 64
+        and float(d[0, 6, 6]) == 1
+        and float(d[0, 5, 5]) == 0
+    )
     assert torch.equal(masks.erode(d, 2), m)
     a, b = torch.zeros(4, 4), torch.zeros(4, 4)
     a[0, 0], b[3, 3], b[0, 0] = 0.3, 1.0, 0.7
     u = masks.union(a, b)
-    assert float(u[0, 0]) == pytest.approx(0.7) and float(u[3, 3]) == 1 and float(u.sum()) == pytest.approx(1.7)
+    assert (
+        float(u[0, 0]) == pytest.approx(0.7)
+        and float(u[3, 3]) == 1
+        and float(u.sum()) == pytest.approx(1.7)
+    )
     with pytest.raises(ValueError, match="differ in shape"):
         masks.union(a, torch.zeros(5, 5))
 
@@ -121,7 +143,10 @@ def test_to_resolution_averages_area_and_keeps_batches():
         r = masks.to_resolution(m, side)
         assert r.shape == (side, side)
         assert float(r.mean()) == pytest.approx(float(m.mean())), f"coverage changed at {side}²"
-    assert float(masks.to_resolution(m, 8)[0, 1]) == 1.0 and float(masks.to_resolution(m, 8)[0, 2]) == 0.0
+    assert (
+        float(masks.to_resolution(m, 8)[0, 1]) == 1.0
+        and float(masks.to_resolution(m, 8)[0, 2]) == 0.0
+    )
     batch = torch.stack([m, 1 - m])[:, None]  # (2, 1, 512, 512)
     r = masks.to_resolution(batch, (16, 32))
     assert r.shape == (2, 1, 16, 32) and torch.allclose(r[0] + r[1], torch.ones(1, 16, 32))

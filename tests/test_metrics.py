@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from minid.app.evaluate import evaluate_folder, find_triples
 from minid.faces.analyzer import Face
 from minid.imaging.metrics import SAME_PERSON_THRESHOLD, id_similarity, psnr
-from minid.app.evaluate import evaluate_folder, find_triples
 
 
 def test_id_similarity_known_values():
@@ -49,7 +49,9 @@ class ColourAnalyzer:
         if image.max() == 0:
             return []
         emb = image.reshape(-1, 3).mean(0)
-        return [Face(box=np.array([4.0, 4, 28, 28]), score=0.9, kps=np.zeros((5, 2)), embedding=emb)]
+        return [
+            Face(box=np.array([4.0, 4, 28, 28]), score=0.9, kps=np.zeros((5, 2)), embedding=emb)
+        ]
 
 
 def _save(path, colour, size=32):
@@ -70,7 +72,9 @@ def test_evaluate_folder_writes_csv_json_and_summary(tmp_path):
     _save(tmp_path / "original" / "d.png", (1, 2, 3))  # no edited/result: reported missing
 
     triples, missing = find_triples(tmp_path)
-    assert [t[0] for t in triples] == ["a", "b", "c"] and missing == ["d: no edited or result image"]
+    assert [t[0] for t in triples] == ["a", "b", "c"] and missing == [
+        "d: no edited or result image"
+    ]
 
     out = tmp_path / "report"
     summary = evaluate_folder(tmp_path, ColourAnalyzer(), out_dir=out, progress=False)
@@ -85,7 +89,8 @@ def test_evaluate_folder_writes_csv_json_and_summary(tmp_path):
     assert rows["c"]["id_sim_result"] == "" and "no face in original" in rows["c"]["note"]
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["summary"]["missing"] == missing and len(payload["rows"]) == 3
-    assert payload["rows"][2]["psnr_result_edited"] == "inf"  # identical black images: inf, as in the CSV
+    # identical black images: inf, as in the CSV
+    assert payload["rows"][2]["psnr_result_edited"] == "inf"
 
 
 def test_evaluate_folder_needs_the_three_subfolders(tmp_path):

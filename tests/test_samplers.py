@@ -10,13 +10,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minid.sampling.plans import DDIM, DPM_SOLVER, ddim_plan, dpm_solver_plan
 from minid.sampling.hybrid import HybridSchedule, hybrid_plan
-from minid.sampling.samplers import (SolverState, cfg, ddim_inversion_step, ddim_step, dpm_solver_inversion_step,
-                            dpm_solver_step, eps_from_model_output, eps_from_v, eps_from_x0, hybrid_inversion_step,
-                            hybrid_step, invert_loop, sample_loop, v_from_eps, x0_from_eps, x0_from_v)
-from minid.sampling.schedule import CLEAN, FINAL
-from minid.sampling.schedule import NoiseSchedule, ddim_timesteps, dpm_solver_times
+from minid.sampling.plans import DDIM, DPM_SOLVER, ddim_plan, dpm_solver_plan
+from minid.sampling.samplers import (
+    SolverState,
+    cfg,
+    ddim_inversion_step,
+    ddim_step,
+    dpm_solver_inversion_step,
+    dpm_solver_step,
+    eps_from_model_output,
+    eps_from_v,
+    eps_from_x0,
+    hybrid_inversion_step,
+    hybrid_step,
+    invert_loop,
+    sample_loop,
+    v_from_eps,
+    x0_from_eps,
+    x0_from_v,
+)
+from minid.sampling.schedule import CLEAN, FINAL, NoiseSchedule, ddim_timesteps, dpm_solver_times
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -36,21 +50,32 @@ def z_start() -> torch.Tensor:
 
 
 def _float64_schedule_into(scheduler, final_attr: str | None):
-    """Give a diffusers scheduler minid's float64 ᾱ (it builds float32 ones), so the loops compare the step math."""
+    """Give a diffusers scheduler minid's float64 ᾱ (it builds float32 ones), so the loops compare
+    the step math."""
     scheduler.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
     if final_attr:
-        setattr(scheduler, final_attr, torch.tensor(SCHEDULE.final_alphas_cumprod, dtype=torch.float64))
+        setattr(
+            scheduler, final_attr, torch.tensor(SCHEDULE.final_alphas_cumprod, dtype=torch.float64)
+        )
     return scheduler
 
 
-# ---- parity with diffusers ------------------------------------------------------------------------------
+# ---- parity with diffusers -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("n", STEP_COUNTS)
 def test_ddim_loop_matches_diffusers(z_start, spacing, n):
-    ref = _float64_schedule_into(diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False,
-                                                         steps_offset=1, timestep_spacing=spacing),
-                                 "final_alpha_cumprod")
+    ref = _float64_schedule_into(
+        diffusers.DDIMScheduler(
+            **SD,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            timestep_spacing=spacing,
+        ),
+        "final_alpha_cumprod",
+    )
     ref.set_timesteps(n)
     plan = ddim_plan(SCHEDULE, n, spacing)
     assert plan.timesteps == ref.timesteps.tolist()
@@ -63,8 +88,10 @@ def test_ddim_loop_matches_diffusers(z_start, spacing, n):
 
 
 def test_ddim_eta_matches_diffusers(z_start):
-    ref = _float64_schedule_into(diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False,
-                                                         steps_offset=1), "final_alpha_cumprod")
+    ref = _float64_schedule_into(
+        diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        "final_alpha_cumprod",
+    )
     ref.set_timesteps(10)
     g_ref, g_ours = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     z = z_start.clone()
@@ -80,9 +107,16 @@ def test_ddim_eta_matches_diffusers(z_start):
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("n", STEP_COUNTS)
 def test_ddim_inversion_loop_matches_diffusers(z_start, spacing, n):
-    ref = _float64_schedule_into(diffusers.DDIMInverseScheduler(**SD, clip_sample=False, set_alpha_to_one=False,
-                                                                steps_offset=1, timestep_spacing=spacing),
-                                 "initial_alpha_cumprod")
+    ref = _float64_schedule_into(
+        diffusers.DDIMInverseScheduler(
+            **SD,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            timestep_spacing=spacing,
+        ),
+        "initial_alpha_cumprod",
+    )
     ref.set_timesteps(n)
     plan = ddim_plan(SCHEDULE, n, spacing)
     assert ref.timesteps.tolist() == plan.timesteps[::-1]
@@ -96,21 +130,34 @@ def test_ddim_inversion_loop_matches_diffusers(z_start, spacing, n):
 
 @pytest.mark.parametrize("clip_range", [1.0, 0.5])
 def test_ddim_clip_sample_matches_diffusers_in_both_directions(z_start, clip_range):
-    # diffusers clamps x̂_0 and keeps the model's ε for the direction (use_clipped_model_output=False)
+    # diffusers clamps x̂_0 and keeps the model's ε for the direction
+    # (use_clipped_model_output=False)
     n, z0 = 10, 3 * z_start  # |x̂_0| well above the range at every step
     plan = ddim_plan(SCHEDULE, n, clip_sample=True, clip_sample_range=clip_range)
     assert plan.clip == clip_range and ddim_plan(SCHEDULE, n).clip is None
-    for scheduler, loop, final_attr in ((diffusers.DDIMScheduler, sample_loop, "final_alpha_cumprod"),
-                                        (diffusers.DDIMInverseScheduler, invert_loop, "initial_alpha_cumprod")):
-        ref = _float64_schedule_into(scheduler(**SD, clip_sample=True, clip_sample_range=clip_range,
-                                               set_alpha_to_one=False, steps_offset=1), final_attr)
+    for scheduler, loop, final_attr in (
+        (diffusers.DDIMScheduler, sample_loop, "final_alpha_cumprod"),
+        (diffusers.DDIMInverseScheduler, invert_loop, "initial_alpha_cumprod"),
+    ):
+        ref = _float64_schedule_into(
+            scheduler(
+                **SD,
+                clip_sample=True,
+                clip_sample_range=clip_range,
+                set_alpha_to_one=False,
+                steps_offset=1,
+            ),
+            final_attr,
+        )
         ref.set_timesteps(n)
         z = z0.clone()
         for t in ref.timesteps.tolist():
             z = ref.step(toy_eps(z, t), t, z).prev_sample
         ours = loop(toy_eps, z0.clone(), plan)
         err = (ours - z).abs().max().item()
-        assert err < 1e-6, f"{scheduler.__name__} clip_sample_range={clip_range}: max abs error {err:.2e}"
+        assert err < 1e-6, (
+            f"{scheduler.__name__} clip_sample_range={clip_range}: max abs error {err:.2e}"
+        )
         unclipped = loop(toy_eps, z0.clone(), ddim_plan(SCHEDULE, n))
         assert (ours - unclipped).abs().max() > 0.1, "the clip must act on these latents"
 
@@ -128,13 +175,16 @@ def test_clip_sample_leaves_dpm_solver_steps_alone_and_reaches_the_hybrid_plan(z
     assert (sample_loop(toy_eps, z0, plan) - sample_loop(toy_eps, z0, unclipped)).abs().max() > 0.1
     # the DDIM steps' remembered x̂_0 is the clipped one: what the callback sees lies in the range
     seen = []
-    sample_loop(toy_eps, z0, plan, callback=lambda i, t, z, x0: seen.append((plan.steps[i].solver, x0)))
+    sample_loop(
+        toy_eps, z0, plan, callback=lambda i, t, z, x0: seen.append((plan.steps[i].solver, x0))
+    )
     assert all(x0.abs().max() <= 0.5 for solver, x0 in seen if solver == DDIM)
     assert any(x0.abs().max() > 0.5 for solver, x0 in seen if solver == DPM_SOLVER)
 
 
-# DPMSolverMultistepScheduler casts the latent to float32 inside `step` and keeps its sigmas in float32, so this
-# comparison is at float32 precision: ~1e-7 relative per step, accumulated over up to 50 steps.
+# DPMSolverMultistepScheduler casts the latent to float32 inside `step` and keeps its sigmas in
+# float32, so this comparison is at float32 precision: ~1e-7 relative per step, accumulated over up
+# to 50 steps.
 DPM_TOL = 1e-4
 
 
@@ -142,8 +192,12 @@ DPM_TOL = 1e-4
 @pytest.mark.parametrize("use_lu_lambdas", [False, True])
 @pytest.mark.parametrize("n", STEP_COUNTS)
 def test_dpm_solver_loop_matches_diffusers(z_start, order, use_lu_lambdas, n):
-    ref = _float64_schedule_into(diffusers.DPMSolverMultistepScheduler(
-        **SD, algorithm_type="dpmsolver++", solver_order=order, use_lu_lambdas=use_lu_lambdas), None)
+    ref = _float64_schedule_into(
+        diffusers.DPMSolverMultistepScheduler(
+            **SD, algorithm_type="dpmsolver++", solver_order=order, use_lu_lambdas=use_lu_lambdas
+        ),
+        None,
+    )
     ref.set_timesteps(n)
     plan = dpm_solver_plan(SCHEDULE, n, "logSNR" if use_lu_lambdas else "linspace", order)
     assert plan.timesteps == ref.timesteps.tolist()
@@ -152,44 +206,59 @@ def test_dpm_solver_loop_matches_diffusers(z_start, order, use_lu_lambdas, n):
         z = ref.step(toy_eps(z, int(t)), t, z).prev_sample
     ours = sample_loop(toy_eps, z_start.clone(), plan)
     err = (ours - z).abs().max().item()
-    assert err < DPM_TOL, f"DPM-Solver++ order {order}, lu={use_lu_lambdas}, {n} steps: max abs error {err:.2e}"
+    assert err < DPM_TOL, (
+        f"DPM-Solver++ order {order}, lu={use_lu_lambdas}, {n} steps: max abs error {err:.2e}"
+    )
 
 
 def test_lower_order_final_follows_diffusers_rule():
-    # < 15 steps: order 1 at the last step, ≤ 2 at the one before; ≥ 15: only the step to CLEAN drops to 1
+    # < 15 steps: order 1 at the last step, ≤ 2 at the one before; ≥ 15: only the step to CLEAN
+    # drops to 1
     assert [s.order for s in dpm_solver_plan(SCHEDULE, 6, order=3).steps] == [1, 2, 3, 3, 2, 1]
     assert [s.order for s in dpm_solver_plan(SCHEDULE, 16, order=3).steps][-3:] == [3, 3, 1]
-    assert [s.order for s in dpm_solver_plan(SCHEDULE, 6, order=3, lower_order_final=False).steps] == \
-        [1, 2, 3, 3, 3, 1]
+    assert [
+        s.order for s in dpm_solver_plan(SCHEDULE, 6, order=3, lower_order_final=False).steps
+    ] == [1, 2, 3, 3, 3, 1]
 
 
-# ---- small exact properties ---------------------------------------------------------------------------
+# ---- small exact properties ----------------------------------------------------------------------
 
 times = st.floats(0.0, 999.0)
 
 
 @settings(max_examples=30, deadline=None)
-@given(t=times, s=times, seed=st.integers(0, 2 ** 16))
+@given(t=times, s=times, seed=st.integers(0, 2**16))
 def test_dpm_solver_order_1_is_ddim(t, s, seed):
     t, s = max(t, s), min(t, s)
     if t - s < 1e-3:
         return
     g = torch.Generator().manual_seed(seed)
-    z, eps = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    z, eps = (
+        torch.randn(16, generator=g, dtype=torch.float64),
+        torch.randn(16, generator=g, dtype=torch.float64),
+    )
     a = ddim_step(z, eps, t, s, SCHEDULE)
     b = dpm_solver_step(z, eps, t, s, SCHEDULE, SolverState(), order=1)
     assert torch.allclose(a, b, rtol=0, atol=1e-10), f"t={t}, s={s}: {(a - b).abs().max():.2e}"
 
 
 @settings(max_examples=30, deadline=None)
-@given(t=times, s=st.one_of(times, st.just(FINAL)), seed=st.integers(0, 2 ** 16),
-       solver=st.sampled_from([DDIM, DPM_SOLVER]))
+@given(
+    t=times,
+    s=st.one_of(times, st.just(FINAL)),
+    seed=st.integers(0, 2**16),
+    solver=st.sampled_from([DDIM, DPM_SOLVER]),
+)
 def test_inversion_step_then_step_returns_the_start(t, s, seed, solver):
-    # with ε independent of z, the inversion step and the sampling step are exact inverses (to float64 rounding)
+    # with ε independent of z, the inversion step and the sampling step are exact inverses (to
+    # float64 rounding)
     if s != FINAL:
         t, s = max(t, s), min(t, s)
     g = torch.Generator().manual_seed(seed)
-    z_s, eps = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    z_s, eps = (
+        torch.randn(16, generator=g, dtype=torch.float64),
+        torch.randn(16, generator=g, dtype=torch.float64),
+    )
     if solver == DDIM:
         z_t = ddim_inversion_step(z_s, eps, t, s, SCHEDULE)
         back = ddim_step(z_t, eps, t, s, SCHEDULE)
@@ -197,17 +266,26 @@ def test_inversion_step_then_step_returns_the_start(t, s, seed, solver):
         z_t = dpm_solver_inversion_step(z_s, eps, t, s, SCHEDULE, SolverState(), order=1)
         back = dpm_solver_step(z_t, eps, t, s, SCHEDULE, SolverState(), order=1)
     err = (back - z_s).abs().max().item()
-    assert err < 1e-9, f"{solver} t={t}, s={s}: round trip error {err:.2e}"  # |z_t| · σ_t/σ_s reaches ~100
+    # |z_t| · σ_t/σ_s reaches ~100
+    assert err < 1e-9, f"{solver} t={t}, s={s}: round trip error {err:.2e}"
 
 
 @pytest.mark.parametrize("plan_name", ["ddim", "dpm3", "hybrid", "hybrid_default", "hybrid_middle"])
 def test_round_trip_exact_when_eps_ignores_z(z_start, plan_name):
-    plan = {"ddim": ddim_plan(SCHEDULE, 10), "dpm3": dpm_solver_plan(SCHEDULE, 10, order=3),
-            "hybrid": hybrid_plan(SCHEDULE, HybridSchedule(num_steps=8, dpm_start=5, dpm_end=8, dpm_order=3)),
-            "hybrid_default": hybrid_plan(SCHEDULE),
-            "hybrid_middle": hybrid_plan(SCHEDULE, HybridSchedule(num_steps=10, dpm_start=2, dpm_end=3))}[plan_name]
+    plan = {
+        "ddim": ddim_plan(SCHEDULE, 10),
+        "dpm3": dpm_solver_plan(SCHEDULE, 10, order=3),
+        "hybrid": hybrid_plan(
+            SCHEDULE, HybridSchedule(num_steps=8, dpm_start=5, dpm_end=8, dpm_order=3)
+        ),
+        "hybrid_default": hybrid_plan(SCHEDULE),
+        "hybrid_middle": hybrid_plan(
+            SCHEDULE, HybridSchedule(num_steps=10, dpm_start=2, dpm_end=3)
+        ),
+    }[plan_name]
     fixed = torch.randn_like(z_start)
-    model = lambda z, t, *_: fixed  # noqa: E731  (a constant ε keeps x̂_0 constant along the path, at every order)
+    # a constant ε keeps x̂_0 constant along the path, at every order
+    model = lambda z, t, *_: fixed  # noqa: E731
     err = (sample_loop(model, invert_loop(model, z_start, plan), plan) - z_start).abs().max().item()
     assert err < 1e-10, f"{plan_name}: round trip error {err:.2e}"
 
@@ -223,7 +301,9 @@ def test_prediction_type_conversions(z_start):
     # v = α ε − σ x̂_0 (Salimans & Ho)
     assert torch.allclose(v, SCHEDULE.alpha(t) * eps - SCHEDULE.sigma(t) * x0, atol=1e-12)
     assert torch.equal(eps_from_model_output(eps, z_start, t, SCHEDULE, "epsilon"), eps)
-    assert torch.allclose(eps_from_model_output(v, z_start, t, SCHEDULE, "v_prediction"), eps, atol=1e-12)
+    assert torch.allclose(
+        eps_from_model_output(v, z_start, t, SCHEDULE, "v_prediction"), eps, atol=1e-12
+    )
     with pytest.raises(ValueError, match="prediction_type"):
         eps_from_model_output(eps, z_start, t, SCHEDULE, "sample")
 
@@ -234,19 +314,19 @@ def test_cfg():
     assert torch.allclose(cfg(u, c, 7.5), u + 7.5 * (c - u))
 
 
-# ---- Gaussian data: the exact ε and the exact ODE solution -------------------------------------------
-# For x_0 ~ N(μ, s²I), z_t ~ N(α_t μ, (α_t² s² + σ_t²) I) and E[x_0 | z_t] is linear in z_t; the probability-flow
-# ODE moves z_t − α_t μ by the ratio of the standard deviations.
+# ---- Gaussian data: the exact ε and the exact ODE solution ---------------------------------------
+# For x_0 ~ N(μ, s²I), z_t ~ N(α_t μ, (α_t² s² + σ_t²) I) and E[x_0 | z_t] is linear in z_t; the
+# probability-flow ODE moves z_t − α_t μ by the ratio of the standard deviations.
 MU, SD_DATA = 0.5, 0.3
 
 
 def _std(t):
-    return math.sqrt(SCHEDULE.alpha(t) ** 2 * SD_DATA ** 2 + SCHEDULE.sigma(t) ** 2)
+    return math.sqrt(SCHEDULE.alpha(t) ** 2 * SD_DATA**2 + SCHEDULE.sigma(t) ** 2)
 
 
 def gaussian_eps(z: torch.Tensor, t: float, *_) -> torch.Tensor:
     a, s = SCHEDULE.alpha(t), SCHEDULE.sigma(t)
-    x0 = MU + a * SD_DATA ** 2 / _std(t) ** 2 * (z - a * MU)
+    x0 = MU + a * SD_DATA**2 / _std(t) ** 2 * (z - a * MU)
     return (z - a * x0) / s
 
 
@@ -255,20 +335,25 @@ def gaussian_flow(z: torch.Tensor, t: float, u: float) -> torch.Tensor:
 
 
 def _solve_error(order: int, n: int, z0: torch.Tensor) -> float:
-    """Error at t=0 of an n-step λ-uniform solve from t=999. Multistep methods start from exact earlier values
-    (the standard way to measure a multistep method's order without the warm-up's lower-order steps)."""
+    """Error at t=0 of an n-step λ-uniform solve from t=999. Multistep methods start from exact
+    earlier values (the standard way to measure a multistep method's order without the warm-up's
+    lower-order steps)."""
     ta, tb = 999.0, 0.0
     lams = np.linspace(SCHEDULE.lam(ta), SCHEDULE.lam(tb), n + 1)
     ts = [ta] + [SCHEDULE.t_of_lam(x) for x in lams[1:-1]] + [tb]
     state = SolverState()
     for i in range(order - 1):
         zi = gaussian_flow(z0, ta, ts[i])
-        state = state.remember(x0_from_eps(zi, gaussian_eps(zi, ts[i]), ts[i], SCHEDULE), SCHEDULE.lam(ts[i]))
+        state = state.remember(
+            x0_from_eps(zi, gaussian_eps(zi, ts[i]), ts[i], SCHEDULE), SCHEDULE.lam(ts[i])
+        )
     z = gaussian_flow(z0, ta, ts[order - 1])
     for i in range(order - 1, n):
         eps = gaussian_eps(z, ts[i])
-        z, state = (dpm_solver_step(z, eps, ts[i], ts[i + 1], SCHEDULE, state, order),
-                    state.remember(x0_from_eps(z, eps, ts[i], SCHEDULE), SCHEDULE.lam(ts[i])))
+        z, state = (
+            dpm_solver_step(z, eps, ts[i], ts[i + 1], SCHEDULE, state, order),
+            state.remember(x0_from_eps(z, eps, ts[i], SCHEDULE), SCHEDULE.lam(ts[i])),
+        )
     return (z - gaussian_flow(z0, ta, tb)).abs().max().item()
 
 
@@ -279,7 +364,11 @@ def _slope(ns, errs):
 @pytest.fixture(scope="module")
 def convergence():
     z0 = torch.randn(32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    return {(order, n): _solve_error(order, n, z0) for order in (1, 2, 3) for n in (8, 16, 32, 64, 128, 256)}
+    return {
+        (order, n): _solve_error(order, n, z0)
+        for order in (1, 2, 3)
+        for n in (8, 16, 32, 64, 128, 256)
+    }
 
 
 def test_convergence_orders_on_gaussian_data(convergence):
@@ -287,12 +376,14 @@ def test_convergence_orders_on_gaussian_data(convergence):
     slopes = {o: _slope(ns, [convergence[o, n] for n in ns]) for o in (1, 2, 3)}
     assert 0.8 < slopes[1] < 1.2, f"DDIM / DPM-Solver++1 slope {slopes[1]:.2f} not ≈ 1"
     assert 1.7 < slopes[2] < 2.3, f"2M slope {slopes[2]:.2f} not ≈ 2"
-    # 3M: third order before the asymptotic regime, second order in it (see the Caution in samplers.py)
+    # 3M: third order before the asymptotic regime, second order in it (see the Caution in
+    # samplers.py)
     early = _slope([8, 16], [convergence[3, 8], convergence[3, 16]])
     assert early > 2.5, f"3M slope from 8 to 16 steps {early:.2f} ≤ 2.5"
     assert 1.7 < slopes[3] < 2.3, f"3M asymptotic slope {slopes[3]:.2f} not ≈ 2"
-    assert all(convergence[3, n] < convergence[2, n] < convergence[1, n] for n in ns), \
+    assert all(convergence[3, n] < convergence[2, n] < convergence[1, n] for n in ns), (
         f"errors must fall with the order: {convergence}"
+    )
 
 
 def test_ddim_plan_converges_on_gaussian_data():
@@ -306,10 +397,12 @@ def test_ddim_plan_converges_on_gaussian_data():
     assert _slope([10, 20, 40, 80], errs) > 0.8, f"DDIM pass errors {errs}"
 
 
-# ---- the hybrid solver --------------------------------------------------------------------------------
+# ---- the hybrid solver ---------------------------------------------------------------------------
+
 
 def test_default_hybrid_plan():
-    # the default DPM-Solver++ spacing is diffusers' "leading" (decided on the exact-score testbed, docs O1)
+    # the default DPM-Solver++ spacing is diffusers' "leading" (decided on the exact-score testbed,
+    # docs O1)
     plan = hybrid_plan(SCHEDULE)
     assert [s.solver for s in plan.steps] == [DDIM] * 4 + [DPM_SOLVER] * 2
     dpm = dpm_solver_times(SCHEDULE, 6, "leading")
@@ -323,33 +416,48 @@ def test_default_hybrid_plan():
 @pytest.mark.parametrize("window", [(5, 6), (4, 6), (1, 2), (6, 6), (7, 6)])
 def test_global_hybrid_is_continuous_and_smooth(window):
     n = 6
-    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n, dpm_start=window[0], dpm_end=window[1],
-                                                dpm_spacing="logSNR"))
+    plan = hybrid_plan(
+        SCHEDULE,
+        HybridSchedule(num_steps=n, dpm_start=window[0], dpm_end=window[1], dpm_spacing="logSNR"),
+    )
     ts = [s.t for s in plan.steps]
     assert all(a > b for a, b in zip(ts, ts[1:])), f"timesteps not strictly decreasing: {ts}"
-    assert all(a.s == b.t for a, b in zip(plan.steps, plan.steps[1:])), "a step must land where the next starts"
+    assert all(a.s == b.t for a, b in zip(plan.steps, plan.steps[1:])), (
+        "a step must land where the next starts"
+    )
     ddim_seq, dpm_seq = ddim_timesteps(n), dpm_solver_times(SCHEDULE, n)
-    for i, step in enumerate(plan.steps):  # paper Eq. 6: each step's time from its own solver's full sequence
+    # paper Eq. 6: each step's time from its own solver's full sequence
+    for i, step in enumerate(plan.steps):
         assert step.t == (dpm_seq[i] if window[0] <= i + 1 <= window[1] else ddim_seq[i])
 
-    # No jump: on the Gaussian model the latent moves per unit of λ no faster than in either pure pass.
+    # No jump: on the Gaussian model the latent moves per unit of λ no faster than in either pure
+    # pass.
     def speeds(p):
         z = torch.randn(32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
         zs = [z]
         sample_loop(gaussian_eps, z, p, callback=lambda i, t, z_i, x0: zs.append(z_i))
         lams = [SCHEDULE.lam(s.t) for s in p.steps] + [min(SCHEDULE.lam(p.steps[-1].s), 5.0)]
-        return [((b - a).norm() / (lb - la)).item() for a, b, la, lb in zip(zs, zs[1:], lams, lams[1:])]
+        return [
+            ((b - a).norm() / (lb - la)).item() for a, b, la, lb in zip(zs, zs[1:], lams, lams[1:])
+        ]
 
     envelope = max(speeds(ddim_plan(SCHEDULE, n)) + speeds(dpm_solver_plan(SCHEDULE, n)))
     assert max(speeds(plan)) <= 1.05 * envelope, f"speeds {speeds(plan)} exceed {envelope:.3f}"
 
 
 def test_fragmented_hybrid_uses_each_solvers_own_sequence():
-    plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=6, dpm_start=5, dpm_end=6, timesteps="fragmented",
-                                                dpm_spacing="logSNR"))
-    assert [s.t for s in plan.steps[:4]] == [float(t) for t in ddim_timesteps(4)]  # 751, 501, 251, 1
+    plan = hybrid_plan(
+        SCHEDULE,
+        HybridSchedule(
+            num_steps=6, dpm_start=5, dpm_end=6, timesteps="fragmented", dpm_spacing="logSNR"
+        ),
+    )
+    # 751, 501, 251, 1
+    assert [s.t for s in plan.steps[:4]] == [float(t) for t in ddim_timesteps(4)]
     assert [s.t for s in plan.steps[4:]] == dpm_solver_times(SCHEDULE, 2)  # 999, 0
-    assert plan.steps[3].s == FINAL and plan.steps[4].t == 999.0, "the fragmented schedule jumps at the switch"
+    assert plan.steps[3].s == FINAL and plan.steps[4].t == 999.0, (
+        "the fragmented schedule jumps at the switch"
+    )
     with pytest.raises(ValueError, match="timesteps="):
         hybrid_plan(SCHEDULE, HybridSchedule(timesteps="patchwork"))
 
@@ -357,26 +465,38 @@ def test_fragmented_hybrid_uses_each_solvers_own_sequence():
 def test_hybrid_inversion_mirrors_sampling():
     plan = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=10, dpm_start=5, dpm_end=10, dpm_order=3))
     seen = []
-    invert_loop(lambda z, t, *_: torch.zeros_like(z), torch.zeros(4, dtype=torch.float64), plan,
-                callback=lambda i, t, z, x0: seen.append((i, t)))
+    invert_loop(
+        lambda z, t, *_: torch.zeros_like(z),
+        torch.zeros(4, dtype=torch.float64),
+        plan,
+        callback=lambda i, t, z, x0: seen.append((i, t)),
+    )
     assert seen == [(i, plan.steps[i].timestep) for i in reversed(range(10))]
-    for step in plan.steps:  # same solver, same order at the same step, except where warm-up has no history
+    # same solver, same order at the same step, except where warm-up has no history
+    for step in plan.steps:
         assert step.inversion_order <= step.order
-    # DPM-Solver++ steps between DDIM steps: the inversion has the history of the DDIM inversion steps before it,
-    # so the orders are the same in both directions (symmetry)
+    # DPM-Solver++ steps between DDIM steps: the inversion has the history of the DDIM inversion
+    # steps before it, so the orders are the same in both directions (symmetry)
     middle = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=10, dpm_start=2, dpm_end=3))
-    assert [(s.order, s.inversion_order) for s in middle.steps[:4]] == [(1, 1), (2, 2), (2, 2), (1, 1)]
+    assert [(s.order, s.inversion_order) for s in middle.steps[:4]] == [
+        (1, 1),
+        (2, 2),
+        (2, 2),
+        (1, 1),
+    ]
 
 
-# ---- the hybrid solver's orders: multistep across the switch ----------------------------------------------
+# ---- the hybrid solver's orders: multistep across the switch -------------------------------------
+
 
 def _orders(plan):
     return [s.order if s.solver == DPM_SOLVER else "-" for s in plan.steps]
 
 
 def test_default_hybrid_orders():
-    # the DDIM steps' predictions count, so the first DPM-Solver++ step is already 2M; the last one, to CLEAN,
-    # keeps order 2 (final_order=2); the inversion starts at CLEAN (λ = ∞), so its first two steps are order 1
+    # the DDIM steps' predictions count, so the first DPM-Solver++ step is already 2M; the last one,
+    # to CLEAN, keeps order 2 (final_order=2); the inversion starts at CLEAN (λ = ∞), so its first
+    # two steps are order 1
     plan = hybrid_plan(SCHEDULE)
     assert _orders(plan) == ["-"] * 4 + [2, 2], f"default hybrid orders {_orders(plan)}"
     assert [s.inversion_order for s in plan.steps] == [1] * 6
@@ -385,8 +505,11 @@ def test_default_hybrid_orders():
     no_cap = hybrid_plan(SCHEDULE, HybridSchedule(dpm_order=3, lower_order_final=False))
     assert _orders(no_cap) == ["-"] * 4 + [3, 3], f"3M without lower_order_final {_orders(no_cap)}"
     capped = hybrid_plan(SCHEDULE, HybridSchedule(num_steps=8, dpm_start=4, dpm_end=8, dpm_order=3))
-    assert _orders(capped) == ["-"] * 3 + [3, 3, 3, 2, 2], f"3M with lower_order_final {_orders(capped)}"
-    # the fragmented schedule jumps at the switch (lands on FINAL, restarts at 999): no history across it
+    assert _orders(capped) == ["-"] * 3 + [3, 3, 3, 2, 2], (
+        f"3M with lower_order_final {_orders(capped)}"
+    )
+    # the fragmented schedule jumps at the switch (lands on FINAL, restarts at 999): no history
+    # across it
     fragmented = hybrid_plan(SCHEDULE, HybridSchedule(timesteps="fragmented"))
     assert _orders(fragmented) == ["-"] * 4 + [1, 2], f"fragmented orders {_orders(fragmented)}"
     with pytest.raises(ValueError, match="history="):
@@ -394,23 +517,32 @@ def test_default_hybrid_orders():
 
 
 def test_ddim_steps_feed_the_dpm_solver_history(z_start):
-    # the default hybrid pass, step by step: DDIM ×4 with no history, then 2M from the 4th step's prediction,
-    # then order 2 to CLEAN from the 5th's
+    # the default hybrid pass, step by step: DDIM ×4 with no history, then 2M from the 4th step's
+    # prediction, then order 2 to CLEAN from the 5th's
     plan = hybrid_plan(SCHEDULE)
     z, ts = z_start.clone(), [s.t for s in plan.steps]
     for t, s in zip(ts[:4], ts[1:5]):
         z_prev, eps_prev, t_prev = z, toy_eps(z, round(t)), t
         z = ddim_step(z, eps_prev, t, s, SCHEDULE)
-    state = SolverState().remember(x0_from_eps(z_prev, eps_prev, t_prev, SCHEDULE), SCHEDULE.lam(t_prev))
+    state = SolverState().remember(
+        x0_from_eps(z_prev, eps_prev, t_prev, SCHEDULE), SCHEDULE.lam(t_prev)
+    )
     eps = toy_eps(z, plan.timesteps[4])
-    z, state = (dpm_solver_step(z, eps, ts[4], ts[5], SCHEDULE, state, order=2),
-                state.remember(x0_from_eps(z, eps, ts[4], SCHEDULE), SCHEDULE.lam(ts[4])))
-    by_hand = dpm_solver_step(z, toy_eps(z, plan.timesteps[5]), ts[5], CLEAN, SCHEDULE, state, order=2)
+    z, state = (
+        dpm_solver_step(z, eps, ts[4], ts[5], SCHEDULE, state, order=2),
+        state.remember(x0_from_eps(z, eps, ts[4], SCHEDULE), SCHEDULE.lam(ts[4])),
+    )
+    by_hand = dpm_solver_step(
+        z, toy_eps(z, plan.timesteps[5]), ts[5], CLEAN, SCHEDULE, state, order=2
+    )
     ours = sample_loop(toy_eps, z_start.clone(), plan)
     err = (ours - by_hand).abs().max().item()
     assert err < 1e-12, f"hybrid pass vs steps by hand: {err:.2e}"
-    order_1 = sample_loop(toy_eps, z_start.clone(), hybrid_plan(SCHEDULE, HybridSchedule(history="run",
-                                                                                         final_order=1)))
+    order_1 = sample_loop(
+        toy_eps,
+        z_start.clone(),
+        hybrid_plan(SCHEDULE, HybridSchedule(history="run", final_order=1)),
+    )
     assert (ours - order_1).abs().max() > 1e-3, "the multistep steps must change the result"
     # a DDIM step of a plan records its prediction, like a DPM-Solver++ step, in a new state
     before = SolverState()
@@ -418,21 +550,22 @@ def test_ddim_steps_feed_the_dpm_solver_history(z_start):
     ddim = plan.steps[0]
     _, state = hybrid_step(z_start, eps, ddim, SCHEDULE, before)
     assert before.lams == () and before.x0s == (), "the state given to a step must not change"
-    assert state.lams == (SCHEDULE.lam(ddim.t),) and torch.equal(state.x0s[0], x0_from_eps(z_start, eps, ddim.t,
-                                                                                          SCHEDULE))
+    assert state.lams == (SCHEDULE.lam(ddim.t),) and torch.equal(
+        state.x0s[0], x0_from_eps(z_start, eps, ddim.t, SCHEDULE)
+    )
 
 
 @pytest.mark.parametrize("order", [2, 3])
 def test_step_to_clean_extrapolates_x0_in_sigma_squared(order):
-    # x̂_0 along the path a polynomial of degree order−1 in u = σ²/α² = e^{−2λ}: the step to CLEAN returns its
-    # value at u = 0 exactly; one degree more and it does not
+    # x̂_0 along the path a polynomial of degree order−1 in u = σ²/α² = e^{−2λ}: the step to CLEAN
+    # returns its value at u = 0 exactly; one degree more and it does not
     g = torch.Generator().manual_seed(9)
     coef = [torch.randn(16, generator=g, dtype=torch.float64) for _ in range(order + 1)]
-    times = [60.0, 25.0, 4.0][3 - order:]
+    times = [60.0, 25.0, 4.0][3 - order :]
 
     def x0_at(t, degree):
         u = math.exp(-2 * SCHEDULE.lam(t))
-        return sum(c * u ** k for k, c in enumerate(coef[:degree + 1]))
+        return sum(c * u**k for k, c in enumerate(coef[: degree + 1]))
 
     for degree, exact in ((order - 1, True), (order, False)):
         state = SolverState()
@@ -440,12 +573,20 @@ def test_step_to_clean_extrapolates_x0_in_sigma_squared(order):
             state = state.remember(x0_at(t, degree), SCHEDULE.lam(t))
         z = torch.randn(16, generator=g, dtype=torch.float64)
         eps = eps_from_x0(z, x0_at(times[-1], degree), times[-1], SCHEDULE)
-        err = (dpm_solver_step(z, eps, times[-1], CLEAN, SCHEDULE, state, order=order) - coef[0]).abs().max().item()
-        assert (err < 1e-10) == exact, f"order {order}, x̂_0 of degree {degree} in u: error {err:.2e}"
+        err = (
+            (dpm_solver_step(z, eps, times[-1], CLEAN, SCHEDULE, state, order=order) - coef[0])
+            .abs()
+            .max()
+            .item()
+        )
+        assert (err < 1e-10) == exact, (
+            f"order {order}, x̂_0 of degree {degree} in u: error {err:.2e}"
+        )
 
 
 def _gaussian_pass_error(plan, z):
-    """The plan's sampling pass on the Gaussian model, told the exact solver times, vs the exact flow."""
+    """The plan's sampling pass on the Gaussian model, told the exact solver times, vs the exact
+    flow."""
     state, z_end = SolverState(), z
     for step in plan.steps:
         z_end, state = hybrid_step(z_end, gaussian_eps(z_end, step.t), step, SCHEDULE, state)
@@ -453,10 +594,13 @@ def _gaussian_pass_error(plan, z):
 
 
 def _gaussian_inversion_error(plan, z):
-    """The plan's inversion on the Gaussian model from its last level back to its first time, vs the exact flow."""
+    """The plan's inversion on the Gaussian model from its last level back to its first time, vs the
+    exact flow."""
     state, z_end = SolverState(), z
     for step in reversed(plan.steps):
-        z_end, state = hybrid_inversion_step(z_end, gaussian_eps(z_end, step.s), step, SCHEDULE, state)
+        z_end, state = hybrid_inversion_step(
+            z_end, gaussian_eps(z_end, step.s), step, SCHEDULE, state
+        )
     return (z_end - gaussian_flow(z, plan.steps[-1].s, plan.steps[0].t)).abs().max().item()
 
 
@@ -465,10 +609,16 @@ def test_multistep_hybrid_beats_the_order_1_variant_on_gaussian_data(n):
     z = torch.randn(32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     window = dict(num_steps=n, dpm_start=n - 1, dpm_end=n)
     multistep = _gaussian_pass_error(hybrid_plan(SCHEDULE, HybridSchedule(**window)), z)
-    cross_switch = _gaussian_pass_error(hybrid_plan(SCHEDULE, HybridSchedule(**window, final_order=1)), z)
-    order_1 = _gaussian_pass_error(hybrid_plan(SCHEDULE, HybridSchedule(**window, history="run", final_order=1)), z)
-    assert multistep < cross_switch < order_1, \
-        f"N={n}: errors multistep {multistep:.4e}, final step order 1 {cross_switch:.4e}, order 1 {order_1:.4e}"
+    cross_switch = _gaussian_pass_error(
+        hybrid_plan(SCHEDULE, HybridSchedule(**window, final_order=1)), z
+    )
+    order_1 = _gaussian_pass_error(
+        hybrid_plan(SCHEDULE, HybridSchedule(**window, history="run", final_order=1)), z
+    )
+    assert multistep < cross_switch < order_1, (
+        f"N={n}: errors multistep {multistep:.4e}, final step order 1 {cross_switch:.4e}, order 1 "
+        f"{order_1:.4e}"
+    )
 
 
 @pytest.mark.parametrize("window", [(2, 3), (3, 4)])
@@ -476,47 +626,84 @@ def test_multistep_hybrid_inversion_beats_the_order_1_variant_on_gaussian_data(w
     z = torch.randn(32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     hybrid = dict(num_steps=10, dpm_start=window[0], dpm_end=window[1])
     multistep = _gaussian_inversion_error(hybrid_plan(SCHEDULE, HybridSchedule(**hybrid)), z)
-    order_1 = _gaussian_inversion_error(hybrid_plan(SCHEDULE, HybridSchedule(**hybrid, history="run",
-                                                                             final_order=1)), z)
-    assert multistep < order_1, f"window {window}: inversion errors multistep {multistep:.4e}, order 1 {order_1:.4e}"
+    order_1 = _gaussian_inversion_error(
+        hybrid_plan(SCHEDULE, HybridSchedule(**hybrid, history="run", final_order=1)), z
+    )
+    assert multistep < order_1, (
+        f"window {window}: inversion errors multistep {multistep:.4e}, order 1 {order_1:.4e}"
+    )
 
 
 def test_round_trip_with_time_dependent_eps(z_start):
-    # ε independent of z but varying with t: the order-1 variant round-trips exactly (DDIM and DPM-Solver++1
-    # steps are exact inverses); the multistep one does not (sampling and inversion histories differ)
+    # ε independent of z but varying with t: the order-1 variant round-trips exactly (DDIM and
+    # DPM-Solver++1 steps are exact inverses); the multistep one does not (sampling and inversion
+    # histories differ)
     fixed = torch.randn_like(z_start)
     model = lambda z, t, *_: fixed * (1 + 0.5 * math.sin(t / 100.0))  # noqa: E731
     errs = {}
-    for name, hybrid in (("order 1", HybridSchedule(history="run", final_order=1)), ("multistep", HybridSchedule())):
+    for name, hybrid in (
+        ("order 1", HybridSchedule(history="run", final_order=1)),
+        ("multistep", HybridSchedule()),
+    ):
         plan = hybrid_plan(SCHEDULE, hybrid)
-        errs[name] = (sample_loop(model, invert_loop(model, z_start, plan), plan) - z_start).abs().max().item()
+        errs[name] = (
+            (sample_loop(model, invert_loop(model, z_start, plan), plan) - z_start)
+            .abs()
+            .max()
+            .item()
+        )
     assert errs["order 1"] < 1e-10 and errs["multistep"] > 1e-4, f"round trip errors {errs}"
 
 
-@pytest.mark.parametrize("make_plan", [lambda n: ddim_plan(SCHEDULE, n),
-                                       lambda n: hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n,
-                                                                                      dpm_start=n - 1, dpm_end=n)),
-                                       # DPM-Solver++ mid-pass, multistep both ways (orders 2, 2 in each
-                                       # direction); spacings that interleave for every n
-                                       lambda n: hybrid_plan(SCHEDULE, HybridSchedule(
-                                           num_steps=n, dpm_start=n // 2, dpm_end=n // 2 + 1,
-                                           ddim_spacing="trailing", dpm_spacing="linspace"))])
+@pytest.mark.parametrize(
+    "make_plan",
+    [
+        lambda n: ddim_plan(SCHEDULE, n),
+        lambda n: hybrid_plan(SCHEDULE, HybridSchedule(num_steps=n, dpm_start=n - 1, dpm_end=n)),
+        # DPM-Solver++ mid-pass, multistep both ways (orders 2, 2 in
+        # each direction); spacings that interleave for every n
+        lambda n: hybrid_plan(
+            SCHEDULE,
+            HybridSchedule(
+                num_steps=n,
+                dpm_start=n // 2,
+                dpm_end=n // 2 + 1,
+                ddim_spacing="trailing",
+                dpm_spacing="linspace",
+            ),
+        ),
+    ],
+)
 def test_round_trip_error_shrinks_with_steps(z_start, make_plan):
     errs = []
     for n in (6, 12, 24, 48):
         plan = make_plan(n)
-        errs.append((sample_loop(toy_eps, invert_loop(toy_eps, z_start, plan), plan) - z_start).abs().max().item())
+        errs.append(
+            (sample_loop(toy_eps, invert_loop(toy_eps, z_start, plan), plan) - z_start)
+            .abs()
+            .max()
+            .item()
+        )
     assert all(b < a for a, b in zip(errs, errs[1:])), f"round trip errors do not shrink: {errs}"
     assert errs[-1] < 0.25 * errs[0], f"round trip errors {errs}"
 
 
-# ---- DPM-Solver++ spacings and the global pre-setting rule (plans._global_times) --------------------------
+# ---- DPM-Solver++ spacings and the global pre-setting rule (plans._global_times) -----------------
+
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("n", [6, 10, 20])
 def test_dpm_solver_loop_matches_diffusers_for_integer_spacings(z_start, spacing, n):
-    ref = _float64_schedule_into(diffusers.DPMSolverMultistepScheduler(
-        **SD, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing=spacing, steps_offset=1), None)
+    ref = _float64_schedule_into(
+        diffusers.DPMSolverMultistepScheduler(
+            **SD,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            timestep_spacing=spacing,
+            steps_offset=1,
+        ),
+        None,
+    )
     ref.set_timesteps(n)
     plan = dpm_solver_plan(SCHEDULE, n, spacing, 2)
     assert plan.timesteps == ref.timesteps.tolist()
@@ -528,17 +715,33 @@ def test_dpm_solver_loop_matches_diffusers_for_integer_spacings(z_start, spacing
 
 
 def test_global_rule_moves_only_the_offending_ddim_time():
-    # "linspace" at N = 6 starts step 5 at 333, DDIM's step-4 time: that DDIM time moves to the λ-midpoint of
-    # 499 and 333; the DPM-Solver++ times stay
+    # "linspace" at N = 6 starts step 5 at 333, DDIM's step-4 time: that DDIM time moves to the
+    # λ-midpoint of 499 and 333; the DPM-Solver++ times stay
     plan = hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="linspace"))
     midpoint = SCHEDULE.t_of_lam(0.5 * (SCHEDULE.lam(499) + SCHEDULE.lam(333)))
-    assert [s.t for s in plan.steps] == [831.0, 665.0, 499.0, midpoint, 333.0, 166.0], [s.t for s in plan.steps]
-    # "trailing": 333 > 332, so Eq. 6 holds literally (a one-timestep DDIM step); "leading" interleaves
-    assert [s.t for s in hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="trailing")).steps] == \
-        [831.0, 665.0, 499.0, 333.0, 332.0, 166.0]
-    assert [s.t for s in hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="leading")).steps] == \
-        [831.0, 665.0, 499.0, 333.0, 285.0, 143.0]
-    # a DPM-Solver++ step 2 above DDIM's step 1 ("trailing": 832 > 831): the opening DDIM step moves to T−1
+    assert [s.t for s in plan.steps] == [831.0, 665.0, 499.0, midpoint, 333.0, 166.0], [
+        s.t for s in plan.steps
+    ]
+    # "trailing": 333 > 332, so Eq. 6 holds literally (a one-timestep DDIM step); "leading"
+    # interleaves
+    assert [s.t for s in hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="trailing")).steps] == [
+        831.0,
+        665.0,
+        499.0,
+        333.0,
+        332.0,
+        166.0,
+    ]
+    assert [s.t for s in hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="leading")).steps] == [
+        831.0,
+        665.0,
+        499.0,
+        333.0,
+        285.0,
+        143.0,
+    ]
+    # a DPM-Solver++ step 2 above DDIM's step 1 ("trailing": 832 > 831): the opening DDIM step moves
+    # to T−1
     early = hybrid_plan(SCHEDULE, HybridSchedule(dpm_start=2, dpm_end=2, dpm_spacing="trailing"))
     assert [s.t for s in early.steps][:3] == [999.0, 832.0, 499.0], [s.t for s in early.steps]
 
@@ -555,14 +758,19 @@ def test_every_dpm_spacing_builds_a_global_plan_for_2_to_50_steps(dpm_spacing):
     for n in range(2, 51):
         ddim_seq, dpm_seq = ddim_timesteps(n), dpm_solver_times(SCHEDULE, n, dpm_spacing)
         for window in _windows(n):
-            hybrid = HybridSchedule(num_steps=n, dpm_start=window[0], dpm_end=window[1], dpm_spacing=dpm_spacing)
+            hybrid = HybridSchedule(
+                num_steps=n, dpm_start=window[0], dpm_end=window[1], dpm_spacing=dpm_spacing
+            )
             plan = hybrid_plan(SCHEDULE, hybrid)  # must not raise
             ts, dpm = [s.t for s in plan.steps], [s.solver == DPM_SOLVER for s in plan.steps]
             where = f"{dpm_spacing}, N={n}, window {window}: {[round(t, 2) for t in ts]}"
             assert all(a > b for a, b in zip(ts, ts[1:])), f"not strictly decreasing: {where}"
-            assert all(a.s == b.t for a, b in zip(plan.steps, plan.steps[1:])), f"not continuous: {where}"
+            assert all(a.s == b.t for a, b in zip(plan.steps, plan.steps[1:])), (
+                f"not continuous: {where}"
+            )
             assert plan.steps[-1].s == (CLEAN if dpm[-1] else FINAL), where
-            # rule 1: DPM-Solver++ steps keep their times; rule 2: DDIM times strictly inside their DPM bounds stay
+            # rule 1: DPM-Solver++ steps keep their times; rule 2: DDIM times strictly inside their
+            # DPM bounds stay
             moved = []
             for i in range(n):
                 if dpm[i]:
@@ -570,9 +778,13 @@ def test_every_dpm_spacing_builds_a_global_plan_for_2_to_50_steps(dpm_spacing):
                     continue
                 above = [dpm_seq[j] for j in range(i) if dpm[j]]
                 below = [dpm_seq[j] for j in range(i + 1, n) if dpm[j]]
-                valid = (not above or ddim_seq[i] < above[-1]) and (not below or ddim_seq[i] > below[0])
+                valid = (not above or ddim_seq[i] < above[-1]) and (
+                    not below or ddim_seq[i] > below[0]
+                )
                 if valid:
-                    assert ts[i] == ddim_seq[i], f"DDIM step {i + 1} moved although in bounds: {where}"
+                    assert ts[i] == ddim_seq[i], (
+                        f"DDIM step {i + 1} moved although in bounds: {where}"
+                    )
                 else:
                     moved.append(i)
             # rule 3: each block of moved DDIM steps is λ-uniform between the kept times around it
@@ -585,13 +797,17 @@ def test_every_dpm_spacing_builds_a_global_plan_for_2_to_50_steps(dpm_spacing):
                     assert ts[0] == 999.0, f"an opening block starts at T−1: {where}"
                 lams = lams + [SCHEDULE.lam(ts[last + 1]) if last + 1 < n else SCHEDULE.lam(0)]
                 gaps = [b - a for a, b in zip(lams, lams[1:])]
-                assert max(gaps) - min(gaps) < 1e-9 * max(1.0, max(map(abs, gaps))), \
+                assert max(gaps) - min(gaps) < 1e-9 * max(1.0, max(map(abs, gaps))), (
                     f"moved block {block} not λ-uniform (gaps {gaps}): {where}"
+                )
             checked += 1
             moved_total += len(moved)
     assert checked == 455, f"{checked} plans checked, expected 455"
-    if dpm_spacing != "leading":  # "linspace", "trailing" and "logSNR" all collide with leading DDIM somewhere
-        assert moved_total > 0, f"{dpm_spacing}: no plan needed rule 3, so the test did not exercise it"
+    # "linspace", "trailing" and "logSNR" all collide with leading DDIM somewhere
+    if dpm_spacing != "leading":
+        assert moved_total > 0, (
+            f"{dpm_spacing}: no plan needed rule 3, so the test did not exercise it"
+        )
 
 
 def _blocks(indices):

@@ -10,7 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minid.sampling.schedule import (CLEAN, FINAL, NoiseSchedule, ddim_timesteps, dpm_solver_times, model_timestep)
+from minid.sampling.schedule import (
+    CLEAN,
+    FINAL,
+    NoiseSchedule,
+    ddim_timesteps,
+    dpm_solver_times,
+    model_timestep,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -34,7 +41,9 @@ def test_alphas_cumprod_match_diffusers(schedule):
 
 
 def test_from_config_reads_the_sd14_scheduler_config(sd14_reference, schedule):
-    config = json.loads((sd14_reference / "hub" / "scheduler" / "scheduler_config.json").read_text())
+    config = json.loads(
+        (sd14_reference / "hub" / "scheduler" / "scheduler_config.json").read_text()
+    )
     loaded = NoiseSchedule.from_config(config)
     assert loaded.steps_offset == 1, f"steps_offset {loaded.steps_offset} != 1"
     assert torch.equal(loaded.alphas_cumprod, schedule.alphas_cumprod)
@@ -49,7 +58,8 @@ def test_levels_and_lambda(schedule):
     assert schedule.sigma(t) == pytest.approx(math.sqrt(1 - a), rel=1e-15)
     assert schedule.lam(t) == pytest.approx(math.log(math.sqrt(a) / math.sqrt(1 - a)), rel=1e-12)
     assert schedule.alphas_cumprod_at(FINAL) == float(schedule.alphas_cumprod[0])
-    with pytest.raises(ValueError, match="FINAL"):  # DDIM's t − T//N for t = 1 is the level FINAL, by name
+    # DDIM's t − T//N for t = 1 is the level FINAL, by name
+    with pytest.raises(ValueError, match="FINAL"):
         schedule.alphas_cumprod_at(-165)
     assert isinstance(FINAL, float) and schedule.lam(CLEAN) == math.inf, "a level is a float, named"
     assert schedule.sigma(CLEAN) == 0.0 and schedule.lam(CLEAN) == math.inf
@@ -66,7 +76,11 @@ def test_t_of_lam_inverts_lam(t):
     assert abs(back - t) < 1e-6, f"t_of_lam(lam({t})) = {back}"
     # λ decreases with t and ᾱ at a fractional time lies between its integer neighbours
     lo, hi = math.floor(t), min(math.floor(t) + 1, 999)
-    assert schedule.alphas_cumprod_at(hi) <= schedule.alphas_cumprod_at(t) <= schedule.alphas_cumprod_at(lo)
+    assert (
+        schedule.alphas_cumprod_at(hi)
+        <= schedule.alphas_cumprod_at(t)
+        <= schedule.alphas_cumprod_at(lo)
+    )
 
 
 def test_sd_leading_sequence():
@@ -84,11 +98,14 @@ def test_ddim_timesteps_match_diffusers(spacing, n):
 @pytest.mark.parametrize("use_lu_lambdas", [False, True])
 @pytest.mark.parametrize("n", [6, 10, 20, 50, 3, 7])
 def test_dpm_solver_timesteps_match_diffusers(schedule, use_lu_lambdas, n):
-    ref = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver++", use_lu_lambdas=use_lu_lambdas)
+    ref = diffusers.DPMSolverMultistepScheduler(
+        **SD, algorithm_type="dpmsolver++", use_lu_lambdas=use_lu_lambdas
+    )
     ref.set_timesteps(n)
     times = dpm_solver_times(schedule, n, "logSNR" if use_lu_lambdas else "linspace")
     assert [model_timestep(t) for t in times] == ref.timesteps.tolist()
-    if use_lu_lambdas:  # the solver's own levels are exactly λ-uniform (diffusers keeps them as float32 sigmas)
+    # the solver's own levels are exactly λ-uniform (diffusers keeps them as float32 sigmas)
+    if use_lu_lambdas:
         lams = [schedule.lam(t) for t in times]
         steps = [b - a for a, b in zip(lams, lams[1:])]
         assert max(steps) - min(steps) < 1e-9, f"λ steps not uniform: {min(steps)} … {max(steps)}"
@@ -110,7 +127,8 @@ def test_ddim_sequence_properties(n, spacing):
     if spacing == "trailing":
         assert ts[0] == 999
     if spacing == "linspace":
-        assert ts == [0] if n == 1 else (ts[0] == 999 and ts[-1] == 0)  # numpy.linspace(0, 999, 1) is [0]
+        # numpy.linspace(0, 999, 1) is [0]
+        assert ts == [0] if n == 1 else (ts[0] == 999 and ts[-1] == 0)
 
 
 @settings(max_examples=25, deadline=None)
@@ -134,29 +152,35 @@ def test_bad_arguments_name_the_file():
         NoiseSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
 
 
-# ---- DPM-Solver++ spacings of diffusers' DPMSolverMultistepScheduler (docs/editedid.md, Open item O1) --------
+# ---- DPM-Solver++ spacings of diffusers' DPMSolverMultistepScheduler (docs/editedid.md, Open item
 
-# N = 48 is where numpy's arange(T, 0, −T/N) rounds differently from k·(T/N) ("trailing": 937 vs 936)
+# N = 48 is where numpy's arange(T, 0, −T/N) rounds differently from k·(T/N) ("trailing": 937 vs
+# 936)
 SPACING_STEP_COUNTS = [1, 2, 3, 6, 7, 10, 20, 48, 50, 999]
 
 
-@pytest.mark.parametrize("steps_offset", [1, 0])  # 1: SD1.4's scheduler config; 0: the scheduler's default
+# 1: SD1.4's scheduler config; 0: the scheduler's default
+@pytest.mark.parametrize("steps_offset", [1, 0])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("n", SPACING_STEP_COUNTS)
 def test_dpm_solver_spacings_match_diffusers(spacing, n, steps_offset):
-    ref = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver++", timestep_spacing=spacing,
-                                                steps_offset=steps_offset)
+    ref = diffusers.DPMSolverMultistepScheduler(
+        **SD, algorithm_type="dpmsolver++", timestep_spacing=spacing, steps_offset=steps_offset
+    )
     ref.set_timesteps(n)
     schedule = NoiseSchedule.scaled_linear(steps_offset=steps_offset)
-    if spacing == "leading" and n * (1000 // (n + 1)) + steps_offset > 999:  # diffusers returns timestep 1000
+    # diffusers returns timestep 1000
+    if spacing == "leading" and n * (1000 // (n + 1)) + steps_offset > 999:
         assert ref.timesteps.max().item() == 1000
         with pytest.raises(ValueError, match="steps_offset=1 pushes"):
             dpm_solver_times(schedule, n, spacing)
         return
     times = dpm_solver_times(schedule, n, spacing)
     assert all(t == int(t) for t in times), f"{spacing} times must be integers: {times[:8]}"
-    assert [int(t) for t in times] == ref.timesteps.tolist(), \
-        f"{spacing}, N={n}: {[int(t) for t in times][:8]}… vs diffusers {ref.timesteps.tolist()[:8]}…"
+    assert [int(t) for t in times] == ref.timesteps.tolist(), (
+        f"{spacing}, N={n}: {[int(t) for t in times][:8]}… vs diffusers "
+        f"{ref.timesteps.tolist()[:8]}…"
+    )
 
 
 def test_dpm_solver_spacings_at_six_steps(schedule):
@@ -171,7 +195,9 @@ def test_ddim_trailing_matches_diffusers_where_arange_rounds(n):
     ref = diffusers.DDIMScheduler(**SD, steps_offset=1, timestep_spacing="trailing")
     ref.set_timesteps(n)
     ours = ddim_timesteps(n, "trailing", steps_offset=1)
-    assert ours == ref.timesteps.tolist(), f"N={n}: {[(a, b) for a, b in zip(ours, ref.timesteps.tolist()) if a != b]}"
+    assert ours == ref.timesteps.tolist(), (
+        f"N={n}: {[(a, b) for a, b in zip(ours, ref.timesteps.tolist()) if a != b]}"
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -190,8 +216,9 @@ def test_dpm_integer_spacing_properties(n, spacing):
         assert ts[0] == 999.0, f"trailing starts at {ts[0]}, not 999"
     else:  # leading: N+1 equal intervals of T//(N+1), the first one below CLEAN is left out
         ratio = 1000 // (n + 1)
-        assert ts[-1] == ratio + 1 and all(a - b == ratio for a, b in zip(ts, ts[1:])), \
+        assert ts[-1] == ratio + 1 and all(a - b == ratio for a, b in zip(ts, ts[1:])), (
             f"leading, N={n}: last {ts[-1]}, ratio {ratio}"
+        )
 
 
 def test_bad_dpm_spacing_names_the_choices(schedule):

@@ -1,4 +1,5 @@
-"""minid's CLIP tokenizer against transformers' on the real SD1.4 vocabulary, and the word → position lookup."""
+"""minid's CLIP tokenizer against transformers' on the real SD1.4 vocabulary, and the word →
+position lookup."""
 
 from __future__ import annotations
 
@@ -35,18 +36,38 @@ def reference(folder):
     def encode(prompt: str) -> list[int]:
         ids = slow(prompt, padding="max_length", max_length=77, truncation=True).input_ids
         ids_fast = fast(prompt, padding="max_length", max_length=77, truncation=True).input_ids
-        assert ids == ids_fast, f"transformers' CLIPTokenizer and CLIPTokenizerFast disagree on {prompt!r}"
+        assert ids == ids_fast, (
+            f"transformers' CLIPTokenizer and CLIPTokenizerFast disagree on {prompt!r}"
+        )
         return ids
 
     return encode
 
 
 def _prompts() -> list[str]:
-    subjects = ["a man", "a woman", "an old man", "a girl", "a person", "a dog", "Barack Obama", "a cat"]
-    edits = ["wearing black glasses", "wearing sunglasses", "with a red hat", "smiling", "with a beard",
-             "in a blue suit", "with earrings", "holding an umbrella"]
+    subjects = [
+        "a man",
+        "a woman",
+        "an old man",
+        "a girl",
+        "a person",
+        "a dog",
+        "Barack Obama",
+        "a cat",
+    ]
+    edits = [
+        "wearing black glasses",
+        "wearing sunglasses",
+        "with a red hat",
+        "smiling",
+        "with a beard",
+        "in a blue suit",
+        "with earrings",
+        "holding an umbrella",
+    ]
     styles = ["a photo of", "a portrait of", "a painting of", "a close-up photo of", ""]
-    plain = [f"{s} {sub} {e}".strip() for s, sub, e in itertools.product(styles, subjects, edits)]  # 320
+    # 320
+    plain = [f"{s} {sub} {e}".strip() for s, sub, e in itertools.product(styles, subjects, edits)]
     special = [
         "",
         " ",
@@ -87,7 +108,9 @@ def test_known_sd14_ids(tok):
 
 def test_matches_transformers(tok, reference):
     assert len(PROMPTS) > 300
-    mismatches = [(p, tok.encode(p), reference(p)) for p in PROMPTS if tok.encode(p) != reference(p)]
+    mismatches = [
+        (p, tok.encode(p), reference(p)) for p in PROMPTS if tok.encode(p) != reference(p)
+    ]
     assert not mismatches, f"{len(mismatches)} prompts differ, first: {mismatches[0]}"
 
 
@@ -97,15 +120,19 @@ def test_frame(tok):
         content = tok._content(p).ids  # untruncated
         ids = tok.encode(p)
         n = min(len(content), 75)
-        assert len(ids) == 77 and ids[0] == BOS and ids[1:1 + n] == content[:n], f"{p!r}: {ids}"
-        assert ids[1 + n:] == [EOS] * (76 - n), f"{p!r}: after {n} content tokens expected eos only, got {ids}"
+        assert len(ids) == 77 and ids[0] == BOS and ids[1 : 1 + n] == content[:n], f"{p!r}: {ids}"
+        assert ids[1 + n :] == [EOS] * (76 - n), (
+            f"{p!r}: after {n} content tokens expected eos only, got {ids}"
+        )
     long_content = tok._content("a very long prompt " * 30).ids
     assert len(long_content) > 75, f"the long prompt has {len(long_content)} tokens, expected > 75"
 
 
 def test_batch_call(tok):
     batch = tok(PROMPTS[:5])
-    assert batch.dtype == torch.long and batch.shape == (5, 77), f"{batch.dtype}, {tuple(batch.shape)}"
+    assert batch.dtype == torch.long and batch.shape == (5, 77), (
+        f"{batch.dtype}, {tuple(batch.shape)}"
+    )
     assert batch.tolist() == [tok.encode(p) for p in PROMPTS[:5]]
     assert tok("a man").shape == (1, 77)
 
@@ -127,15 +154,19 @@ def test_matches_transformers_generated(tok, reference, text):
     assert tok.encode(text) == reference(text), f"text {text!r}"
 
 
-# --- word positions -----------------------------------------------------------------------------------------
+# --- word positions -------------------------------------------------------------------------------
 
 
 def test_positions_single_and_multi_token(tok):
     prompt = "a photo of a man wearing black glasses"
     assert tok.token_positions(prompt, "man") == [5]
     assert tok.token_positions(prompt, "glasses") == [8]
-    assert tok.token_positions(prompt, "black glasses") == [7, 8], "a phrase spans its words' tokens"
-    assert tok.token_positions("a man wearing eyeglasses", "eyeglasses") == [4, 5], "eye + glasses</w>"
+    assert tok.token_positions(prompt, "black glasses") == [7, 8], (
+        "a phrase spans its words' tokens"
+    )
+    assert tok.token_positions("a man wearing eyeglasses", "eyeglasses") == [4, 5], (
+        "eye + glasses</w>"
+    )
     assert tok.token_positions("a a a", "a a") == [1, 2], "occurrences do not overlap"
     # a word BPE splits: every token of it, and exactly those
     prompt = "a man wearing supercalifragilistic sunglasses"
@@ -163,7 +194,11 @@ def test_positions_whole_words_only(tok):
     with pytest.raises(ValueError) as e:
         tok.token_positions("a man wearing sunglasses", "glasses")
     message = str(e.value)
-    assert "'glasses'" in message and "a man wearing sunglasses" in message and "'sunglasses'" in message, message
+    assert (
+        "'glasses'" in message
+        and "a man wearing sunglasses" in message
+        and "'sunglasses'" in message
+    ), message
     with pytest.raises(ValueError, match="woman"):
         tok.token_positions("a woman", "man")
 
@@ -191,31 +226,50 @@ def test_align_tokens(tok):
         tok.align_tokens("a man", "a man and a man", "man")
 
 
-words = st.sampled_from(["a", "man", "woman", "photo", "of", "sunglasses", "black", "glasses", "smiling",
-                         "supercalifragilistic", "don't", ",", "42", "café", "😀"])
+words = st.sampled_from(
+    [
+        "a",
+        "man",
+        "woman",
+        "photo",
+        "of",
+        "sunglasses",
+        "black",
+        "glasses",
+        "smiling",
+        "supercalifragilistic",
+        "don't",
+        ",",
+        "42",
+        "café",
+        "😀",
+    ]
+)
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(words, min_size=1, max_size=40), st.data())
 def test_positions_property(tok, prompt_words, data):
-    """For a prompt built from known words, the positions of a word are exactly the tokens that word's
-    occurrences produce, and the ids at those positions spell the word."""
+    """For a prompt built from known words, the positions of a word are exactly the tokens that
+    word's occurrences produce, and the ids at those positions spell the word."""
     prompt = " ".join(prompt_words)
     word = data.draw(st.sampled_from(prompt_words))
     positions = tok.token_positions(prompt, word)
     ids = tok.encode(prompt)
-    word_ids = tok.encode(word)[1:tok.encode(word).index(EOS, 1)]
+    word_ids = tok.encode(word)[1 : tok.encode(word).index(EOS, 1)]
     # Walk the prompt word by word to find where each word's tokens start.
     expected, cursor = [], 1
     for w in prompt_words:
-        n = len(tok.encode(w)[1:tok.encode(w).index(EOS, 1)])
+        n = len(tok.encode(w)[1 : tok.encode(w).index(EOS, 1)])
         if w == word:
             expected += [p for p in range(cursor, cursor + n) if p <= 75]
         cursor += n
     assert positions == expected, f"{prompt!r}, {word!r}: {positions} != {expected}"
     for start in range(0, len(positions), len(word_ids)):
-        chunk = positions[start:start + len(word_ids)]
-        assert [ids[p] for p in chunk] == word_ids[:len(chunk)], f"ids at {chunk} do not spell {word!r}"
+        chunk = positions[start : start + len(word_ids)]
+        assert [ids[p] for p in chunk] == word_ids[: len(chunk)], (
+            f"ids at {chunk} do not spell {word!r}"
+        )
 
 
 def test_missing_files_name_the_path(tmp_path):

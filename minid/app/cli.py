@@ -1,7 +1,8 @@
-"""The `minid` command: demo, restore, calibrate, validate, generate, eval, download, convert, keymap.
+"""The `minid` command: demo, restore, calibrate, validate, generate, eval, download, convert,
+keymap.
 
-Each sub-command is a thin layer over a library function; the heavy imports happen inside the command, so
-`minid --help` answers at once.
+Each sub-command is a thin layer over a library function; the heavy imports happen inside the
+command, so `minid --help` answers at once.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from minid.app.options import Parser, method_config
 
 
 def _device_and_dtype(device: str | None, dtype: str | None):
-    """(device, torch dtype) of --device and --dtype, checked before anything loads (a ValueError naming the
-    flag for a device PyTorch does not know or this machine lacks)."""
+    """(device, torch dtype) of --device and --dtype, checked before anything loads (a ValueError
+    naming the flag for a device PyTorch does not know or this machine lacks)."""
     import torch
 
     from minid.loading.checkpoint import check_device_dtype
@@ -33,17 +34,23 @@ def _device_and_dtype(device: str | None, dtype: str | None):
 
 
 def _load(args):
-    """Load SD1.4 from --weights, or from weights/sd-v1-4, downloaded and verified first when needed."""
-    from minid.loading import checkpoint, download as weights
+    """Load SD1.4 from --weights, or from weights/sd-v1-4, downloaded and verified first when
+    needed."""
+    from minid.loading import checkpoint
+    from minid.loading import download as weights
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
     if args.weights is None:
         source = checkpoint.DEFAULT_WEIGHTS
-        # Verifies what is there (no network needed when every file is present) and fetches what is not.
+        # Verifies what is there (no network needed when every file is present) and fetches what is
+        # not.
         weights.download(source, precision="fp32" if dtype == _torch().float32 else "fp16")
     else:
         source = Path(args.weights)
-    print(f"minid: loading {source} as {str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
+    print(
+        f"minid: loading {source} as {str(dtype).removeprefix('torch.')} on {device}",
+        file=sys.stderr,
+    )
     return checkpoint.load_stable_diffusion(source, dtype=dtype, device=device)
 
 
@@ -54,29 +61,37 @@ def _torch():
 
 
 def _tokenizer(args):
-    """The tokenizer of --weights (cheap: no model), to check prompts and words before anything loads."""
+    """The tokenizer of --weights (cheap: no model), to check prompts and words before anything
+    loads."""
     from minid.loading import checkpoint
 
-    return checkpoint.load_tokenizer(args.weights if args.weights is not None else checkpoint.DEFAULT_WEIGHTS)
+    return checkpoint.load_tokenizer(
+        args.weights if args.weights is not None else checkpoint.DEFAULT_WEIGHTS
+    )
 
 
 def _check_word(tokenizer, prompt: str, word: str, flags: str) -> None:
-    """`word` in `prompt` within the 75 tokens the text encoder reads, or a ValueError naming the flags."""
+    """`word` in `prompt` within the 75 tokens the text encoder reads, or a ValueError naming the
+    flags."""
     try:
         found = tokenizer.token_positions(prompt, word)
     except ValueError as e:
         raise ValueError(f"{flags}: {e}") from None
     if not found:
-        raise ValueError(f"{flags}: {word!r} lies beyond the first {tokenizer.max_content_tokens} tokens of "
-                         f"{prompt[:50]!r}…, which are all SD1.4's text encoder reads")
+        raise ValueError(
+            f"{flags}: {word!r} lies beyond the first {tokenizer.max_content_tokens} tokens of "
+            f"{prompt[:50]!r}…, which are all SD1.4's text encoder reads"
+        )
 
 
 def _prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
-    """{flag: prompt} → a ValueError naming the flag for a prompt that is not text; the notes of prompts
-    longer than the text encoder reads (to print once every check has passed)."""
+    """{flag: prompt} → a ValueError naming the flag for a prompt that is not text; the notes of
+    prompts longer than the text encoder reads (to print once every check has passed)."""
     from minid.restore.inputs import prompt_note
 
-    return [note for flag, prompt in prompts.items() if (note := prompt_note(tokenizer, prompt, flag))]
+    return [
+        note for flag, prompt in prompts.items() if (note := prompt_note(tokenizer, prompt, flag))
+    ]
 
 
 def _print_notes(notes: list[str]) -> None:
@@ -85,15 +100,24 @@ def _print_notes(notes: list[str]) -> None:
 
 
 def cmd_demo(args) -> int:
+    from minid.app.demo import (
+        DEMO_FILES,
+        demo,
+        demo_settings,
+        demo_unet_images,
+        seconds_per_unet_image,
+    )
     from minid.restore import report
-    from minid.app.demo import DEMO_FILES, demo, demo_settings, demo_unet_images, seconds_per_unet_image
 
-    # every check before anything loads: device, the output folder, the prompt and words, the numbers
+    # every check before anything loads: device, the output folder, the prompt and words, the
+    # numbers
     _device_and_dtype(args.device, args.dtype)
     report.check_result_folder(args.out, overwrite=args.overwrite, what="--out", names=DEMO_FILES)
     tokenizer = _tokenizer(args)
     prompt_edited = f"{args.prompt} wearing {args.element}"
-    notes = _prompt_notes(tokenizer, {"--prompt and --element ('PROMPT wearing ELEMENT')": prompt_edited})
+    notes = _prompt_notes(
+        tokenizer, {"--prompt and --element ('PROMPT wearing ELEMENT')": prompt_edited}
+    )
     _check_word(tokenizer, args.prompt, args.subject_word, "--subject-word")
     _check_word(tokenizer, prompt_edited, args.element_word, "--element-word")
     config = method_config(args)
@@ -104,14 +128,31 @@ def cmd_demo(args) -> int:
     per_image = seconds_per_unet_image(sd, args.image_size)
     paper = sum(demo_unet_images(*demo_settings(device, config.method, True)).values()) * per_image
     chosen = sum(demo_unet_images(steps, method).values()) * per_image
-    print(f"minid demo: one image through the UNet takes {per_image:.2f} s here; the paper's settings would take "
-          f"about {paper / 60:.0f} min", file=sys.stderr)
+    print(
+        f"minid demo: one image through the UNet takes {per_image:.2f} s here; the paper's "
+        f"settings would take "
+        f"about {paper / 60:.0f} min",
+        file=sys.stderr,
+    )
     if method is not config.method:
-        print(f"minid demo: on this CPU it runs {steps} generation steps and direct inversion instead, about "
-              f"{chosen / 60:.0f} min (--paper-settings runs the paper's)", file=sys.stderr)
-    paths = demo(sd, args.out, prompt=args.prompt, subject_word=args.subject_word, element=args.element,
-                 element_word=args.element_word, seed=args.seed, size=args.image_size, generate_steps=steps,
-                 config=dataclasses.replace(config, method=method))
+        print(
+            f"minid demo: on this CPU it runs {steps} generation steps and direct inversion "
+            f"instead, about "
+            f"{chosen / 60:.0f} min (--paper-settings runs the paper's)",
+            file=sys.stderr,
+        )
+    paths = demo(
+        sd,
+        args.out,
+        prompt=args.prompt,
+        subject_word=args.subject_word,
+        element=args.element,
+        element_word=args.element_word,
+        seed=args.seed,
+        size=args.image_size,
+        generate_steps=steps,
+        config=dataclasses.replace(config, method=method),
+    )
     print("minid demo: wrote")
     for name, path in paths.items():
         print(f"  {name:24s} {path}")
@@ -122,97 +163,168 @@ def _face_analyzer(args):
     from minid.faces.analyzer import FaceAnalyzer
 
     try:
-        return FaceAnalyzer.from_pack(args.face_pack, root=args.face_root, download=args.download_faces)
+        return FaceAnalyzer.from_pack(
+            args.face_pack, root=args.face_root, download=args.download_faces
+        )
     except ImportError as e:
         if args.command != "restore":
             raise
-        raise ImportError(f"{e}; or restore without the face models: --face-mask FILE or --mask-source "
-                          "attention") from None
+        raise ImportError(
+            f"{e}; or restore without the face models: --face-mask FILE or --mask-source attention"
+        ) from None
 
 
 def _pairs(text: str | None):
-    """"0:1,2:0" -> [(0, 1), (2, 0)]: (face index in the original, face index in the edited image)."""
+    """ "0:1,2:0" -> [(0, 1), (2, 0)]: (face index in the original, face index in the edited
+    image)."""
     if text is None:
         return None
     try:
         return [tuple(int(i) for i in item.split(":")) for item in text.split(",")]
     except ValueError:
-        raise ValueError(f"--pairs must look like 0:1,2:0 (original face : edited face), got {text!r}") from None
+        raise ValueError(
+            f"--pairs must look like 0:1,2:0 (original face : edited face), got {text!r}"
+        ) from None
 
 
 def cmd_restore(args) -> int:
     from minid.imaging import images
     from minid.restore import report
+    from minid.restore.inputs import RestorePair, check_pair, prompt_note
     from minid.restore.multiface import restore_faces
     from minid.restore.pipeline import EditedID
-    from minid.restore.inputs import RestorePair, check_pair, prompt_note
 
     out = Path(args.out)
-    mask_free = args.face_mask == "none"  # IdGlow's mask-free mode: identity through the tokens only
+    # IdGlow's mask-free mode: identity through the tokens only
+    mask_free = args.face_mask == "none"
     face_mask = None if mask_free else args.face_mask
-    # Every check before any heavy work: device; outputs (never over an input, masks included; an existing
-    # file only with --overwrite; writable folders); then prompts, words, images and masks as the run will
-    # check them (check_pair), and the numbers (argparse and _method_config).
+    # Every check before any heavy work: device; outputs (never over an input, masks included; an
+    # existing file only with --overwrite; writable folders); then prompts, words, images and masks
+    # as the run will check them (check_pair), and the numbers (argparse and _method_config).
     _device_and_dtype(args.device, args.dtype)
-    inputs = [Path(p) for p in (args.original, args.edited, face_mask, args.element_mask) if p is not None]
+    inputs = [
+        Path(p) for p in (args.original, args.edited, face_mask, args.element_mask) if p is not None
+    ]
     images.check_output_path(out, inputs, overwrite=args.overwrite, what="--out")
     if args.save_intermediates is not None:
-        if out.parent.resolve() == Path(args.save_intermediates).resolve() and out.name in report.RESULT_FILES:
-            raise ValueError(f"--out {out} is a file --save-intermediates writes too; choose another name")
+        if (
+            out.parent.resolve() == Path(args.save_intermediates).resolve()
+            and out.name in report.RESULT_FILES
+        ):
+            raise ValueError(
+                f"--out {out} is a file --save-intermediates writes too; choose another name"
+            )
         report.check_result_folder(args.save_intermediates, inputs, overwrite=args.overwrite)
     for flag, p in (("--face-mask", face_mask), ("--element-mask", args.element_mask)):
         if p is not None and Path(p).is_dir():
-            raise IsADirectoryError(f"{flag} {p} is a folder; give the mask image (PNG, white = region)")
+            raise IsADirectoryError(
+                f"{flag} {p} is a folder; give the mask image (PNG, white = region)"
+            )
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"{flag} {p}: file not found")
     if mask_free and args.regions:
-        raise ValueError("--face-mask none (no spatial mask) and --regions (region masks) exclude each other")
+        raise ValueError(
+            "--face-mask none (no spatial mask) and --regions (region masks) exclude each other"
+        )
     config = method_config(args)
     if mask_free:
-        config = dataclasses.replace(config, method=dataclasses.replace(config.method, mask_free=True))
+        config = dataclasses.replace(
+            config, method=dataclasses.replace(config.method, mask_free=True)
+        )
     tokenizer = _tokenizer(args)
-    notes = _prompt_notes(tokenizer, {"--prompt-original": args.prompt_original,
-                                      "--prompt-edited": args.prompt_edited})
-    pending = check_pair(RestorePair(args.original, args.edited, args.prompt_original, args.prompt_edited,
-                                     args.id_words, args.element_words, face_mask, args.element_mask,
-                                     seed=args.seed, regions=args.regions or None),
-                         tokenizer, config)
-    # check_pair's notes, said now (before the long run, and not again after it), its prompt notes in the
-    # flags' words
-    said = {prompt_note(tokenizer, p, what) for p, what in ((args.prompt_original, "prompt_original"),
-                                                            (args.prompt_edited, "prompt_edited"))}
+    notes = _prompt_notes(
+        tokenizer,
+        {"--prompt-original": args.prompt_original, "--prompt-edited": args.prompt_edited},
+    )
+    pending = check_pair(
+        RestorePair(
+            args.original,
+            args.edited,
+            args.prompt_original,
+            args.prompt_edited,
+            args.id_words,
+            args.element_words,
+            face_mask,
+            args.element_mask,
+            seed=args.seed,
+            regions=args.regions or None,
+        ),
+        tokenizer,
+        config,
+    )
+    # check_pair's notes, said now (before the long run, and not again after it), its prompt notes
+    # in the flags' words
+    said = {
+        prompt_note(tokenizer, p, what)
+        for p, what in (
+            (args.prompt_original, "prompt_original"),
+            (args.prompt_edited, "prompt_edited"),
+        )
+    }
     _print_notes(notes + [note for note in pending.notes if note not in said])
     checked_notes = list(pending.notes)  # the run appends its own notes to the pair's
     regions = pending.regions
     pairs = _pairs(args.pairs)
-    # Landmark face masks (the default) and regions need the face models: load them before the diffusion
-    # models, so a missing model pack is reported at once.
-    use_landmarks = args.multi_face or bool(regions) or (face_mask is None and not mask_free
-                                                         and args.mask_source == "landmarks")
+    # Landmark face masks (the default) and regions need the face models: load them before the
+    # diffusion models, so a missing model pack is reported at once.
+    use_landmarks = (
+        args.multi_face
+        or bool(regions)
+        or (face_mask is None and not mask_free and args.mask_source == "landmarks")
+    )
     analyzer = _face_analyzer(args) if use_landmarks else None
     sd = _load(args)
     method = EditedID(sd, config)
     if args.multi_face:
-        result = restore_faces(method, args.original, args.edited, analyzer, args.prompt_original,
-                               args.prompt_edited, args.id_words, args.element_words, pairs=pairs,
-                               seed=args.seed, progress=True)
+        result = restore_faces(
+            method,
+            args.original,
+            args.edited,
+            analyzer,
+            args.prompt_original,
+            args.prompt_edited,
+            args.id_words,
+            args.element_words,
+            pairs=pairs,
+            seed=args.seed,
+            progress=True,
+        )
         written = images.save_image(result.image, out, inputs, overwrite=args.overwrite)
         for face in result.faces:
-            sims = "" if face.id_sim_before is None else (f", ID-Sim {face.id_sim_before:.3f} -> "
-                                                          f"{face.id_sim_after:.3f}")
-            print(f"face {face.pair[0]} (original) : {face.pair[1]} (edited): reconstruction PSNR "
-                  + ", ".join(f"{k} {v:.1f} dB" for k, v in face.psnr.items()) + sims)
+            sims = (
+                ""
+                if face.id_sim_before is None
+                else (f", ID-Sim {face.id_sim_before:.3f} -> {face.id_sim_after:.3f}")
+            )
+            print(
+                f"face {face.pair[0]} (original) : {face.pair[1]} (edited): reconstruction PSNR "
+                + ", ".join(f"{k} {v:.1f} dB" for k, v in face.psnr.items())
+                + sims
+            )
     else:
-        result = method.restore_checked(pending, progress=True, save_intermediates=args.save_intermediates,
-                                        analyzer=analyzer, name=f"the original image {args.original}")
-        written = images.save_restored(result, out, frame=pending.frames[1], inputs=inputs,
-                                       overwrite=args.overwrite)
-        print("reconstruction PSNR: " + ", ".join(f"{k} {v:.1f} dB" for k, v in result.psnr.items()))
+        result = method.restore_checked(
+            pending,
+            progress=True,
+            save_intermediates=args.save_intermediates,
+            analyzer=analyzer,
+            name=f"the original image {args.original}",
+        )
+        written = images.save_restored(
+            result, out, frame=pending.frames[1], inputs=inputs, overwrite=args.overwrite
+        )
+        print(
+            "reconstruction PSNR: " + ", ".join(f"{k} {v:.1f} dB" for k, v in result.psnr.items())
+        )
         for region, scores in result.regions.items():
-            print(f"region {region}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f} (result vs original)")
+            print(
+                f"region {region}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f} (result "
+                f"vs original)"
+            )
         calls = result.unet_calls.get("disentangle", {})
-        print(f"Stage 2: {result.inversion} inversion, {calls.get('forward', 0)} UNet calls "
-              f"({calls.get('backward', 0)} differentiated)")
+        print(
+            f"Stage 2: {result.inversion} inversion, {calls.get('forward', 0)} UNet calls "
+            f"({calls.get('backward', 0)} differentiated)"
+        )
     for note in result.notes:
         if note not in checked_notes:  # the notes of the checks were said before the run
             print(f"note: {note}", file=sys.stderr)
@@ -221,10 +333,11 @@ def cmd_restore(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from minid.loading import checkpoint, download as weights
     from minid.dataset.job import CalibrateConfig, calibrate, require_ray
-    from minid.dataset.report import format_summary
     from minid.dataset.manifest import read_manifest
+    from minid.dataset.report import format_summary
+    from minid.loading import checkpoint
+    from minid.loading import download as weights
 
     manifest = read_manifest(args.manifest)  # a manifest error before anything loads
     try:
@@ -242,61 +355,112 @@ def cmd_calibrate(args) -> int:
             cuda = args.device.startswith("cuda") if args.device else _torch().cuda.is_available()
             gpus = 1.0 if cuda else 0.0
         device = args.device or ("cuda" if gpus > 0 else "cpu")
-        dtype = _device_and_dtype("cpu", args.dtype or ("fp16" if device.startswith("cuda") else "fp32"))[1]
-    if args.weights is None:  # as _load: verify (or fetch) weights/sd-v1-4 once, then every worker reads it
-        weights.download(checkpoint.DEFAULT_WEIGHTS, precision="fp32" if dtype == _torch().float32 else "fp16")
+        dtype = _device_and_dtype(
+            "cpu", args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+        )[1]
+    # as _load: verify (or fetch) weights/sd-v1-4 once, then every worker reads it
+    if args.weights is None:
+        weights.download(
+            checkpoint.DEFAULT_WEIGHTS, precision="fp32" if dtype == _torch().float32 else "fp16"
+        )
         args.weights = str(checkpoint.DEFAULT_WEIGHTS)
     measure = args.mask_source == "landmarks" or args.id_sim
-    config = CalibrateConfig(restore=method_config(args), batch_size=args.batch, seed=args.seed,
-                             mask_source=args.mask_source, face_pack=args.face_pack if measure else None,
-                             face_root=args.face_root, download_faces=args.download_faces,
-                             save_intermediates=args.save_intermediates, engine=args.engine,
-                             ray_address=args.ray_address, num_workers=args.num_workers, gpus_per_worker=gpus)
-    result = calibrate(manifest, args.out, config, weights=args.weights, dtype=dtype, device=device,
-                       sd=(lambda: _load(args)) if args.engine == "local" else None)
+    config = CalibrateConfig(
+        restore=method_config(args),
+        batch_size=args.batch,
+        seed=args.seed,
+        mask_source=args.mask_source,
+        face_pack=args.face_pack if measure else None,
+        face_root=args.face_root,
+        download_faces=args.download_faces,
+        save_intermediates=args.save_intermediates,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        num_workers=args.num_workers,
+        gpus_per_worker=gpus,
+    )
+    result = calibrate(
+        manifest,
+        args.out,
+        config,
+        weights=args.weights,
+        dtype=dtype,
+        device=device,
+        sd=(lambda: _load(args)) if args.engine == "local" else None,
+    )
     print(format_summary(result.summary))
     print("minid calibrate: wrote " + ", ".join(str(p) for p in result.paths.values()))
     return 0
 
 
 def cmd_validate(args) -> int:
+    from minid.app.validate import (
+        VALIDATE_FILES,
+        find_pairs,
+        folder_notes,
+        format_table,
+        read_pairs,
+        validate_pairs,
+        write_report,
+    )
     from minid.imaging import images
     from minid.restore import report
     from minid.restore.pipeline import EditedID
-    from minid.app.validate import (VALIDATE_FILES, find_pairs, folder_notes, format_table, read_pairs, validate_pairs,
-                                write_report)
 
-    # Every check before any model loads: device; the pairs folder's layout and images; the output folder (never
-    # over an input; an existing file only with --overwrite); the numbers; prompts, words and images as the
-    # restore will check them (check_pair, in read_pairs).
+    # Every check before any model loads: device; the pairs folder's layout and images; the output
+    # folder (never over an input; an existing file only with --overwrite); the numbers; prompts,
+    # words and images as the restore will check them (check_pair, in read_pairs).
     _device_and_dtype(args.device, args.dtype)
     found, missing = find_pairs(args.pairs)
     inputs = [path for _, paths in found for path in paths.values()]
     for path in inputs:
         images.check_image_file(path)
     out = args.out if args.out is not None else args.pairs
-    report.check_result_folder(out, inputs, overwrite=args.overwrite, what="--out", names=VALIDATE_FILES)
+    report.check_result_folder(
+        out, inputs, overwrite=args.overwrite, what="--out", names=VALIDATE_FILES
+    )
     config = method_config(args)
     tokenizer = _tokenizer(args)
-    words = dict(prompt_original=args.prompt_original, prompt_edited=args.prompt_edited, id_words=args.id_words,
-                 element_words=args.element_words, seed=args.seed)
-    notes = _prompt_notes(tokenizer, {"--prompt-original": args.prompt_original,
-                                      "--prompt-edited": args.prompt_edited})
+    words = dict(
+        prompt_original=args.prompt_original,
+        prompt_edited=args.prompt_edited,
+        id_words=args.id_words,
+        element_words=args.element_words,
+        seed=args.seed,
+    )
+    notes = _prompt_notes(
+        tokenizer,
+        {"--prompt-original": args.prompt_original, "--prompt-edited": args.prompt_edited},
+    )
     read_pairs(args.pairs, tokenizer, config, **words)
     analyzer, missing_pack = None, []
-    try:  # the face models: landmark face masks and ID-Sim; without them, neither (one note), not an error
+    # the face models: landmark face masks and ID-Sim; without them, neither (one note), not an
+    # error
+    try:
         analyzer = _face_analyzer(args)
     except (ImportError, OSError) as e:
-        masks = "face masks from the cross-attention maps, " if args.mask_source == "landmarks" else ""
+        masks = (
+            "face masks from the cross-attention maps, " if args.mask_source == "landmarks" else ""
+        )
         missing_pack = [f"no face models, so {masks}no ID-Sim: {e}"]
     _print_notes(notes + missing_pack + folder_notes(missing, args.element_words))
     sd = _load(args)
-    rows, summary = validate_pairs(EditedID(sd, config), args.pairs, **words, analyzer=analyzer,
-                                   mask_source=args.mask_source, min_psnr=args.min_psnr, notes=missing_pack)
+    rows, summary = validate_pairs(
+        EditedID(sd, config),
+        args.pairs,
+        **words,
+        analyzer=analyzer,
+        mask_source=args.mask_source,
+        min_psnr=args.min_psnr,
+        notes=missing_pack,
+    )
     paths = write_report(rows, summary, out, inputs)
     print(format_table(rows, args.min_psnr))
-    print(f"minid validate: {summary['passing']} of {summary['pairs']} pairs reconstruct at ≥ {args.min_psnr:g} dB "
-          "(both images, after Stage 2)")
+    print(
+        f"minid validate: {summary['passing']} of {summary['pairs']} pairs reconstruct at ≥ "
+        f"{args.min_psnr:g} dB "
+        "(both images, after Stage 2)"
+    )
     print("minid validate: wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -309,23 +473,34 @@ def cmd_generate(args) -> int:
     images.check_output_path(Path(args.out), [], overwrite=args.overwrite, what="--out")
     _print_notes(_prompt_notes(_tokenizer(args), {"--prompt": args.prompt}))
     sd = _load(args)
-    image = generate(sd, args.prompt, num_steps=args.steps, guidance=args.guidance, solver=args.solver,
-                     seed=args.seed, size=args.size, progress=True)
+    image = generate(
+        sd,
+        args.prompt,
+        num_steps=args.steps,
+        guidance=args.guidance,
+        solver=args.solver,
+        seed=args.seed,
+        size=args.size,
+        progress=True,
+    )
     print(f"minid generate: wrote {images.save_image(image, args.out, overwrite=args.overwrite)}")
     return 0
 
 
 def cmd_eval(args) -> int:
+    from minid.app.evaluate import evaluate_folder, find_triples
     from minid.imaging import images
     from minid.restore import report
-    from minid.app.evaluate import evaluate_folder, find_triples
 
-    triples, _ = find_triples(args.folder)  # the folder's layout and its images, before the face models load
+    # the folder's layout and its images, before the face models load
+    triples, _ = find_triples(args.folder)
     for _, paths in triples:
         for path in paths.values():
             images.check_image_file(path)
     out = args.out if args.out is not None else args.folder
-    report.check_result_folder(out, overwrite=args.overwrite, what="--out", names=("metrics.csv", "metrics.json"))
+    report.check_result_folder(
+        out, overwrite=args.overwrite, what="--out", names=("metrics.csv", "metrics.json")
+    )
     summary = evaluate_folder(args.folder, _face_analyzer(args), out_dir=args.out, progress=True)
     print(summary.get("summary", summary))
     return 0
@@ -363,21 +538,53 @@ def cmd_manifest(args) -> int:
 
 # the sub-commands with options: name, help, the options (options.py), what runs
 COMMANDS = (
-    ("demo", "generate a portrait, edit it (identity drifts), restore it with EditedID", options.add_demo_args,
-     cmd_demo),
-    ("restore", "restore the original's face identity in an edited image", options.add_restore_args, cmd_restore),
-    ("calibrate", "restore every pair of a dataset manifest (CSV or JSON Lines); resumable",
-     options.add_calibrate_args, cmd_calibrate),
-    ("validate", "check the weights on (original, edited) pairs: Stage 2's reconstruction PSNR against 25 dB, "
-                 "the w schedule, Table 11's metrics, ID-Sim", options.add_validate_args, cmd_validate),
+    (
+        "demo",
+        "generate a portrait, edit it (identity drifts), restore it with EditedID",
+        options.add_demo_args,
+        cmd_demo,
+    ),
+    (
+        "restore",
+        "restore the original's face identity in an edited image",
+        options.add_restore_args,
+        cmd_restore,
+    ),
+    (
+        "calibrate",
+        "restore every pair of a dataset manifest (CSV or JSON Lines); resumable",
+        options.add_calibrate_args,
+        cmd_calibrate,
+    ),
+    (
+        "validate",
+        "check the weights on (original, edited) pairs: Stage 2's reconstruction PSNR against 25 "
+        "dB, "
+        "the w schedule, Table 11's metrics, ID-Sim",
+        options.add_validate_args,
+        cmd_validate,
+    ),
     ("generate", "text to image with SD1.4", options.add_generate_args, cmd_generate),
-    ("eval", "ID similarity and PSNR over a folder of (original, edited, result) triples", options.add_eval_args,
-     cmd_eval),
+    (
+        "eval",
+        "ID similarity and PSNR over a folder of (original, edited, result) triples",
+        options.add_eval_args,
+        cmd_eval,
+    ),
     ("download", "fetch and verify the SD1.4 weights", options.add_download_args, cmd_download),
-    ("convert", "convert a pickle checkpoint to .safetensors", options.add_convert_args, cmd_convert),
+    (
+        "convert",
+        "convert a pickle checkpoint to .safetensors",
+        options.add_convert_args,
+        cmd_convert,
+    ),
     ("keymap", "print the hub -> single-file key map", options.add_keymap_args, cmd_keymap),
-    ("manifest", "print the weights manifest from layouts.json and the hub's small files (maintainers)",
-     options.add_manifest_args, cmd_manifest),
+    (
+        "manifest",
+        "print the weights manifest from layouts.json and the hub's small files (maintainers)",
+        options.add_manifest_args,
+        cmd_manifest,
+    ),
 )
 
 
@@ -392,16 +599,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; a user's error is one line on stderr and exit code 2, Ctrl-C one line and 130."""
+    """Run a command; a user's error is one line on stderr and exit code 2, Ctrl-C one line and
+    130."""
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "minid"
     try:
         with warnings.catch_warnings():
-            # the library warns Python users of a resized mask; here the same words come once, as a note
+            # the library warns Python users of a resized mask; here the same words come once, as a
+            # note
             warnings.filterwarnings("ignore", message=r"mask .* resized to", category=UserWarning)
             args = build_parser().parse_args(argv)
             return args.func(args)
-    except SystemExit as e:  # argparse's errors (already printed, one line): the code, for callers in Python too
+    # argparse's errors (already printed, one line): the code, for callers in Python too
+    except SystemExit as e:
         if not e.code:
             raise  # --help
         return e.code
@@ -409,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nminid {command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as e:
-        # ValueError: bad inputs and settings; OSError: files, folders, the network; ImportError: a missing extra
+        # ValueError: bad inputs and settings; OSError: files, folders, the network; ImportError: a
+        # missing extra
         print(f"minid {command}: error: {e}", file=sys.stderr)
         return 2
 

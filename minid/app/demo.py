@@ -1,8 +1,8 @@
 """The demo: a portrait, an edit whose face drifted, its restoration.
 
-`demo` makes a complete EditedID example: generate a portrait, edit it with prompt-to-prompt (add an element)
-while fresh noise in the subject's region makes the face drift to another identity, restore it, and save
-everything.
+`demo` makes a complete EditedID example: generate a portrait, edit it with prompt-to-prompt (add an
+element) while fresh noise in the subject's region makes the face drift to another identity, restore
+it, and save everything.
 """
 
 from __future__ import annotations
@@ -26,17 +26,20 @@ from minid.sampling.hybrid import HybridSchedule
 from minid.sampling.schedule import NoiseSchedule
 from minid.sampling.text_to_image import solver_plan
 
-
-DEMO_FILES = RESULT_FILES + ("original.png", "edited.png", "comparison.png")  # what `demo` writes in its folder
+# what `demo` writes in its folder
+DEMO_FILES = RESULT_FILES + ("original.png", "edited.png", "comparison.png")
 
 
 @torch.no_grad()
-def _edit_with_drift(sd, plan, z_T, prompt, prompt_edited, subject_word, element_word, guidance, seed, drift):
-    """Prompt-to-prompt refine from `prompt` to `prompt_edited`, with fresh noise in the subject's region.
+def _edit_with_drift(
+    sd, plan, z_T, prompt, prompt_edited, subject_word, element_word, guidance, seed, drift
+):
+    """Prompt-to-prompt refine from `prompt` to `prompt_edited`, with fresh noise in the subject's
+    region.
 
-    Branch 0 regenerates the original, branch 1 the edit; the subject's region of branch 1's start latent
-    is re-drawn (weight `drift`), so its face comes out as another identity while the layout is kept.
-    Returns the edited image and the subject region (latent size) used.
+    Branch 0 regenerates the original, branch 1 the edit; the subject's region of branch 1's start
+    latent is re-drawn (weight `drift`), so its face comes out as another identity while the layout
+    is kept. Returns the edited image and the subject region (latent size) used.
     """
     tok = sd.tokenizer
     device = z_T.device
@@ -50,16 +53,23 @@ def _edit_with_drift(sd, plan, z_T, prompt, prompt_edited, subject_word, element
     region = word_mask(store, 0, tok.token_positions(prompt, subject_word), side)
     g = torch.Generator().manual_seed(seed + 1)
     fresh = torch.randn(z_T.shape, generator=g).to(device, z_T.dtype)
-    # variance-preserving re-draw inside the region: sqrt(1−drift) z + sqrt(drift) ε (region is 0 or 1)
-    z_edit = z_T * (1 - region) + region * ((1 - drift) ** 0.5 * z_T + drift ** 0.5 * fresh)
-    p2p = PromptToPrompt(BatchLayout(2, cfg=True), [prompt_alignment(tok, prompt, prompt_edited, "refine")],
-                         cross_window=(0.0, 0.8), self_window=(0.0, 0.2), num_steps=len(plan.steps))
+    # variance-preserving re-draw inside the region: sqrt(1−drift) z + sqrt(drift) ε (region is 0 or
+    # 1)
+    z_edit = z_T * (1 - region) + region * ((1 - drift) ** 0.5 * z_T + drift**0.5 * fresh)
+    p2p = PromptToPrompt(
+        BatchLayout(2, cfg=True),
+        [prompt_alignment(tok, prompt, prompt_edited, "refine")],
+        cross_window=(0.0, 0.8),
+        self_window=(0.0, 0.2),
+        num_steps=len(plan.steps),
+    )
     elem_positions = tok.token_positions(prompt_edited, element_word)
     blend_store = AttentionStore()  # the element's cross-attention, for the local blend
     z = torch.cat([z_T, z_edit])
 
     def on_step(i, z):
-        # local blend on the element: the edit changes the element region and the re-drawn subject only
+        # local blend on the element: the edit changes the element region and the re-drawn subject
+        # only
         try:
             m = word_mask(blend_store, 3, elem_positions, side)
         except ValueError:
@@ -67,21 +77,41 @@ def _edit_with_drift(sd, plan, z_T, prompt, prompt_edited, subject_word, element
         m = torch.maximum(m.to(z.device, z.dtype), region)
         return torch.cat([z[0:1], local_blend(z[0:1], z[1:2], m)])
 
-    latents = reconstruct(sd.unet, plan, z, cond, uncond, guidance, controller=Chain(p2p, blend_store),
-                          on_step=on_step)
+    latents = reconstruct(
+        sd.unet,
+        plan,
+        z,
+        cond,
+        uncond,
+        guidance,
+        controller=Chain(p2p, blend_store),
+        on_step=on_step,
+    )
     image = sd.vae.decode_latent(latents[-1][1:2]).float().clamp(-1, 1).cpu()
     return image, region
 
 
-def demo(sd, out_dir: str | Path, prompt: str = "a photo of a man", subject_word: str = "man",
-         element: str = "black glasses", element_word: str = "glasses", seed: int = 0, num_steps: int = 6,
-         generate_steps: int = 20, size: int = 512, drift: float = 0.8,
-         config: RestoreConfig | None = None, progress: bool = True) -> dict[str, Path]:
-    """Generate a portrait, edit it with prompt-to-prompt (add `element`) while its face drifts to another
-    identity (fresh noise in the face region), restore it with EditedID, and save everything.
+def demo(
+    sd,
+    out_dir: str | Path,
+    prompt: str = "a photo of a man",
+    subject_word: str = "man",
+    element: str = "black glasses",
+    element_word: str = "glasses",
+    seed: int = 0,
+    num_steps: int = 6,
+    generate_steps: int = 20,
+    size: int = 512,
+    drift: float = 0.8,
+    config: RestoreConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Generate a portrait, edit it with prompt-to-prompt (add `element`) while its face drifts to
+    another identity (fresh noise in the face region), restore it with EditedID, and save
+    everything.
 
-    Writes original.png, edited.png, restored.png, comparison.png (side by side), masks, the w schedule
-    (JSON, PNG) and attention grids under `out_dir`; returns their paths.
+    Writes original.png, edited.png, restored.png, comparison.png (side by side), masks, the w
+    schedule (JSON, PNG) and attention grids under `out_dir`; returns their paths.
     """
     out = Path(out_dir)
     prompt_edited = f"{prompt} wearing {element}"
@@ -89,24 +119,42 @@ def demo(sd, out_dir: str | Path, prompt: str = "a photo of a man", subject_word
     dtype = next(sd.unet.parameters()).dtype
     plan = solver_plan("ddim", generate_steps, NoiseSchedule.scaled_linear())
     g = torch.Generator().manual_seed(seed)
-    z_T = torch.randn(1, sd.unet.cfg.in_channels, size // 8, size // 8, generator=g).to(device, dtype)
+    z_T = torch.randn(1, sd.unet.cfg.in_channels, size // 8, size // 8, generator=g).to(
+        device, dtype
+    )
     ctx = sd.text_encoder(sd.tokenizer(["", prompt]).to(device)).to(dtype)
     with torch.no_grad():
         z0 = reconstruct(sd.unet, plan, z_T, ctx[1:2], ctx[0:1], 7.5)[-1]
         original = sd.vae.decode_latent(z0).float().clamp(-1, 1).cpu()
-    edited, _ = _edit_with_drift(sd, plan, z_T, prompt, prompt_edited, subject_word, element_word, 7.5, seed, drift)
-    cfg = config or RestoreConfig(EditedIDConfig(solver=HybridSchedule(num_steps=num_steps)), image_size=size)
+    edited, _ = _edit_with_drift(
+        sd, plan, z_T, prompt, prompt_edited, subject_word, element_word, 7.5, seed, drift
+    )
+    cfg = config or RestoreConfig(
+        EditedIDConfig(solver=HybridSchedule(num_steps=num_steps)), image_size=size
+    )
     if cfg.image_size != size:
         cfg = dataclasses.replace(cfg, image_size=size)
-    result = EditedID(sd, cfg).restore(original, edited, prompt, prompt_edited, id_words=[subject_word],
-                                       element_words=[element_word], seed=seed, progress=progress,
-                                       save_intermediates=out)
+    result = EditedID(sd, cfg).restore(
+        original,
+        edited,
+        prompt,
+        prompt_edited,
+        id_words=[subject_word],
+        element_words=[element_word],
+        seed=seed,
+        progress=progress,
+        save_intermediates=out,
+    )
     paths = dict(result.paths)
     paths["original"] = images.save_image(original, out / "original.png")
     paths["edited"] = images.save_image(edited, out / "edited.png")
-    panel = labelled_row([("original", images.tensor_to_pil(original)),
-                          (f"edited (+ {element}, face drifted)", images.tensor_to_pil(edited)),
-                          ("restored (EditedID)", result.pil)])
+    panel = labelled_row(
+        [
+            ("original", images.tensor_to_pil(original)),
+            (f"edited (+ {element}, face drifted)", images.tensor_to_pil(edited)),
+            ("restored (EditedID)", result.pil),
+        ]
+    )
     paths["comparison"] = images.save_image(panel, out / "comparison.png")
     return paths
 
@@ -118,21 +166,30 @@ CPU_GENERATE_STEPS = 10  # on a CPU, where every full-size UNet call costs secon
 
 
 def demo_unet_images(generate_steps: int, method: EditedIDConfig) -> dict[str, int]:
-    """How many images the demo sends through the UNet, per phase: a batch of B counts B, and a call that is
-    differentiated counts 3 (its backward costs about two forwards). Null-text is counted at its most
-    (`inner_steps` updates at every step; early stops only make it cheaper)."""
+    """How many images the demo sends through the UNet, per phase: a batch of B counts B, and a call
+    that is differentiated counts 3 (its backward costs about two forwards). Null-text is counted at
+    its most (`inner_steps` updates at every step; early stops only make it cheaper)."""
     g, n = generate_steps, method.num_steps
-    stage2 = {"null-text": n * (2 + 3 * 2 * method.null_text.inner_steps + 2),  # ε(c); updates; the kept ∅'s ε̃
-              "direct": 2 * n, "negative-prompt": 2 * n}[method.inversion]
-    return {"generate": 2 * g,  # [uncond; cond]
-            "edit": 2 * g + 4 * g,  # the subject's maps, then source and edit with guidance
-            "align": 2 * n, "disentangle": stage2, "entangle": 6 * n}  # O and E; O, E, T with guidance
+    # ε(c); updates; the kept ∅'s ε̃
+    stage2 = {
+        "null-text": n * (2 + 3 * 2 * method.null_text.inner_steps + 2),
+        "direct": 2 * n,
+        "negative-prompt": 2 * n,
+    }[method.inversion]
+    return {
+        "generate": 2 * g,  # [uncond; cond]
+        "edit": 2 * g + 4 * g,  # the subject's maps, then source and edit with guidance
+        # O and E; O, E, T with guidance
+        "align": 2 * n,
+        "disentangle": stage2,
+        "entangle": 6 * n,
+    }
 
 
 @torch.no_grad()
 def seconds_per_unet_image(sd, size: int, repeats: int = 1) -> float:
-    """The time one image takes through the UNet at this working size, measured on a batch of two (the
-    median of `repeats` calls after one that warms up)."""
+    """The time one image takes through the UNet at this working size, measured on a batch of two
+    (the median of `repeats` calls after one that warms up)."""
     device = next(sd.unet.parameters()).device
     dtype = next(sd.unet.parameters()).dtype
     z = torch.zeros(2, sd.unet.cfg.in_channels, size // 8, size // 8, device=device, dtype=dtype)
@@ -149,9 +206,11 @@ def seconds_per_unet_image(sd, size: int, repeats: int = 1) -> float:
     return statistics.median(times[1:]) / 2
 
 
-def demo_settings(device: str, method: EditedIDConfig, paper_settings: bool = False) -> tuple[int, EditedIDConfig]:
-    """(generation steps, method) of the demo: the paper's on a GPU or when asked for; on a CPU, fewer
-    generation steps and direct inversion, which finish in minutes instead of hours."""
+def demo_settings(
+    device: str, method: EditedIDConfig, paper_settings: bool = False
+) -> tuple[int, EditedIDConfig]:
+    """(generation steps, method) of the demo: the paper's on a GPU or when asked for; on a CPU,
+    fewer generation steps and direct inversion, which finish in minutes instead of hours."""
     if paper_settings or not str(device).startswith("cpu"):
         return PAPER_GENERATE_STEPS, method
     return CPU_GENERATE_STEPS, dataclasses.replace(method, inversion="direct")

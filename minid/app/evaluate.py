@@ -14,41 +14,46 @@ import torch
 
 from minid.faces.regions import REGIONS
 from minid.imaging.images import IMAGE_SUFFIXES
-from minid.loading.files import json_safe
 from minid.imaging.metrics import SAME_PERSON_THRESHOLD, column_stats, id_similarity, psnr
-
+from minid.loading.files import json_safe
 
 ROLES = ("original", "edited", "result")
 
 
 def _region_columns(images: dict[str, np.ndarray], faces_original: list) -> dict[str, float | None]:
-    """Per region (eyes, brows, nose, mouth, skin) PSNR and SSIM of the result against the original in the
-    aligned frame of the original's largest face (`regions.region_scores`; ConsistentID's fine-grained
-    score); None where there is no face or the two images differ in size."""
+    """Per region (eyes, brows, nose, mouth, skin) PSNR and SSIM of the result against the original
+    in the aligned frame of the original's largest face (`regions.region_scores`; ConsistentID's
+    fine-grained score); None where there is no face or the two images differ in size."""
     empty = {f"{r}_{s}": None for r in REGIONS for s in ("psnr", "ssim")}
     if not faces_original or images["original"].shape != images["result"].shape:
         return empty
     from minid.faces.regions import region_scores
 
     face = max(faces_original, key=lambda f: f.area)
-    as_tensor = lambda a: torch.from_numpy(a.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)  # noqa: E731
+
+    def as_tensor(a):
+        return torch.from_numpy(a.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+
     try:
-        scores = region_scores(as_tensor(images["original"]), as_tensor(images["result"]), face.kps,
-                               face.landmarks_106)
-    except ValueError:  # keypoints that define no face frame (coinciding points): nothing to measure
+        scores = region_scores(
+            as_tensor(images["original"]), as_tensor(images["result"]), face.kps, face.landmarks_106
+        )
+    # keypoints that define no face frame (coinciding points): nothing to measure
+    except ValueError:
         return empty
     return {f"{r}_{s}": scores[r][s] for r in REGIONS for s in ("psnr", "ssim")}
 
 
-def find_triples(folder: str | Path,
-                 roles: tuple[str, ...] = ROLES) -> tuple[list[tuple[str, dict[str, Path]]], list[str]]:
+def find_triples(
+    folder: str | Path, roles: tuple[str, ...] = ROLES
+) -> tuple[list[tuple[str, dict[str, Path]]], list[str]]:
     """The (original, edited, result) image triples of an evaluation folder, and what is missing.
 
     Layout: three sub-folders `original/`, `edited/` and `result/` holding images with the same stem
-    (`original/0001.png`, `edited/0001.jpg`, `result/0001.png` form the triple "0001"); the stems of the
-    first role's folder drive the evaluation. `roles` names other sub-folders: ("original", "edited") gives
-    the pairs `minid validate` reads. Returns [(stem, {role: path})] sorted by stem, and one message per
-    stem that lacks an image of another role.
+    (`original/0001.png`, `edited/0001.jpg`, `result/0001.png` form the triple "0001"); the stems of
+    the first role's folder drive the evaluation. `roles` names other sub-folders: ("original",
+    "edited") gives the pairs `minid validate` reads. Returns [(stem, {role: path})] sorted by stem,
+    and one message per stem that lacks an image of another role.
     """
     folder = Path(folder)
     found: dict[str, dict[str, Path]] = {role: {} for role in roles}
@@ -56,7 +61,8 @@ def find_triples(folder: str | Path,
         sub = folder / role
         if not sub.is_dir():
             raise FileNotFoundError(
-                f"{sub} does not exist; the folder {folder} must hold {', '.join(r + '/' for r in roles)} with "
+                f"{sub} does not exist; the folder {folder} must hold "
+                f"{', '.join(r + '/' for r in roles)} with "
                 "images of the same name in each"
             )
         for path in sorted(sub.iterdir()):
@@ -83,14 +89,18 @@ def evaluate_folder(
     min_iou: float = 0.3,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """ID-Sim and PSNR over the (original, edited, result) triples of `folder` (layout: see `find_triples`).
+    """ID-Sim and PSNR over the (original, edited, result) triples of `folder` (layout: see
+    `find_triples`).
 
-    For each triple the faces of the three images are found with `analyzer` (a `minid.faces.analyzer.FaceAnalyzer`,
-    or anything with `analyze(image) -> list[Face]` whose faces carry embeddings) and paired with the
-    original's faces by position. Per image:
-      id_sim_edited   mean ArcFace cosine, edited vs original, over the paired faces (how far the edit drifted)
-      id_sim_result   the same for result vs original (how much identity the restoration brought back)
-      psnr_result_edited  PSNR in dB of result vs edited on 0-255 pixels (how much of the edited image is kept)
+    For each triple the faces of the three images are found with `analyzer` (a
+    `minid.faces.analyzer.FaceAnalyzer`, or anything with `analyze(image) -> list[Face]` whose faces
+    carry embeddings) and paired with the original's faces by position. Per image:
+      id_sim_edited   mean ArcFace cosine, edited vs original, over the paired faces (how far the
+                      edit drifted)
+      id_sim_result   the same for result vs original (how much identity the restoration brought
+                      back)
+      psnr_result_edited  PSNR in dB of result vs edited on 0-255 pixels (how much of the edited
+                          image is kept)
     Writes metrics.csv (one row per image) and metrics.json (summary and rows) to `out_dir` (default
     `folder`) and returns the summary.
     """
@@ -104,7 +114,8 @@ def evaluate_folder(
     triples, missing = find_triples(folder)
     rows = []
     for stem, paths in tqdm(triples, desc="minid eval", unit="image", disable=not progress):
-        images = {role: np.asarray(to_rgb(open_image(paths[role])[0])) for role in ROLES}  # clear errors
+        # clear errors
+        images = {role: np.asarray(to_rgb(open_image(paths[role])[0])) for role in ROLES}
         faces = {role: analyzer.analyze(images[role]) for role in ROLES}
         row: dict[str, Any] = {"name": stem, "faces_original": len(faces["original"]), "note": ""}
         notes = [] if faces["original"] else ["no face in original"]
@@ -120,15 +131,23 @@ def evaluate_folder(
                     size_a=images["original"].shape[1::-1],  # (width, height)
                     size_b=images[role].shape[1::-1],
                 )
-                sims = [id_similarity(faces["original"][i].embedding, faces[role][j].embedding) for i, j in pairing.pairs]
+                sims = [
+                    id_similarity(faces["original"][i].embedding, faces[role][j].embedding)
+                    for i, j in pairing.pairs
+                ]
                 if pairing.unpaired_a:
-                    notes.append(f"{len(pairing.unpaired_a)} original face(s) without a matching {role} face")
+                    notes.append(
+                        f"{len(pairing.unpaired_a)} original face(s) without a matching {role} face"
+                    )
             row[f"id_sim_{role}"] = _mean(sims)
         if images["result"].shape == images["edited"].shape:
             row["psnr_result_edited"] = psnr(images["result"], images["edited"], 255.0)
         else:
             row["psnr_result_edited"] = None
-            notes.append(f"result is {images['result'].shape[1::-1]}, edited {images['edited'].shape[1::-1]}: no PSNR")
+            notes.append(
+                f"result is {images['result'].shape[1::-1]}, edited "
+                f"{images['edited'].shape[1::-1]}: no PSNR"
+            )
         row.update(_region_columns(images, faces["original"]))
         row["note"] = "; ".join(notes)
         rows.append(row)
@@ -137,11 +156,15 @@ def evaluate_folder(
     summary = {
         "folder": str(folder),
         "images": len(rows),
-        "images_with_faces": sum(1 for r in rows if r["id_sim_edited"] is not None or r["id_sim_result"] is not None),
+        "images_with_faces": sum(
+            1 for r in rows if r["id_sim_edited"] is not None or r["id_sim_result"] is not None
+        ),
         "mean_id_sim_edited": _mean([r["id_sim_edited"] for r in rows]),
         "mean_id_sim_result": _mean(result_sims),
         "same_person_rate_result": (
-            float(np.mean([s >= SAME_PERSON_THRESHOLD for s in result_sims])) if result_sims else None
+            float(np.mean([s >= SAME_PERSON_THRESHOLD for s in result_sims]))
+            if result_sims
+            else None
         ),
         # inf (identical images) is left out of the mean, which would otherwise be inf.
         "mean_psnr_result_edited": _mean([r["psnr_result_edited"] for r in rows]),

@@ -1,4 +1,5 @@
-"""Calibrating a face dataset: the manifest, the rows, the job (local engine or Ray Data), the report.
+"""Calibrating a face dataset: the manifest, the rows, the job (local engine or Ray Data), the
+report.
 
 Reading order: manifest, rows, job, report.
 """

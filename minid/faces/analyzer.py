@@ -1,25 +1,30 @@
 """Faces: detection, landmarks and ArcFace embeddings (insightface's model packs).
 
-EditedID needs faces for three things: ArcFace embeddings to measure identity (the paper's ID-Sim), landmarks
-for face masks, and square crops around each face for multi-person images (paper A.16): detect the faces of
-both images, pair them by position, crop a square patch around each pair, restore the patches, paste them back
-with a feathered mask. This module finds the faces; the geometry around them (alignment, crops, paste-back)
-and the pairing are in `minid.imaging.crops`.
+EditedID needs faces for three things: ArcFace embeddings to measure identity (the paper's ID-Sim),
+landmarks for face masks, and square crops around each face for multi-person images (paper A.16):
+detect the faces of both images, pair them by position, crop a square patch around each pair,
+restore the patches, paste them back with a feathered mask. This module finds the faces; the
+geometry around them (alignment, crops, paste-back) and the pairing are in `minid.imaging.crops`.
 
-The networks are insightface's ONNX model packs (default "buffalo_l"): a SCRFD detector (det_10g.onnx), a
-106-point landmark regressor (2d106det.onnx) and an ArcFace recogniser (w600k_r50.onnx). The code around the
-ONNX sessions is minid's own and mirrors insightface's FaceAnalysis step for step, so a real pack and the tiny
-ONNX graphs the tests build go through the same lines:
+The networks are insightface's ONNX model packs (default "buffalo_l"): a SCRFD detector
+(det_10g.onnx), a 106-point landmark regressor (2d106det.onnx) and an ArcFace recogniser
+(w600k_r50.onnx). The code around the ONNX sessions is minid's own and mirrors insightface's
+FaceAnalysis step for step, so a real pack and the tiny ONNX graphs the tests build go through the
+same lines:
 
-    image (RGB) ─ letterbox resize to det_size, (x − 127.5)/128 ─ SCRFD ─ decode anchors ─ NMS ─ boxes, 5 kps
+    image (RGB) ─ letterbox resize to det_size, (x − 127.5)/128 ─ SCRFD ─ decode anchors ─ NMS ─
+    boxes, 5 kps
         ├─ square crop of 1.5 × box side, 192² ─ landmark net ─ 106 points
-        └─ 5-point similarity to the ArcFace template, 112² ─ ArcFace (batched) ─ L2-normalised 512-d embedding
+        └─ 5-point similarity to the ArcFace template, 112² ─ ArcFace (batched) ─ L2-normalised
+        512-d embedding
 
 Conventions:
-- Images are RGB. The analyzer takes a PIL image, a uint8 array (H, W, 3) or a float tensor (3, H, W) in [0, 1].
-- Points (a Face's kps and landmarks) are float64 numpy arrays in pixel-index coordinates (pixel (i, j) is the
-  point x = j, y = i), the convention of cv2.warpAffine and of insightface's keypoints. Boxes are
-  (x0, y0, x1, y1) in pixel-edge coordinates (the box (0, 0, W, H) is the whole image). See `minid.imaging.crops`.
+- Images are RGB. The analyzer takes a PIL image, a uint8 array (H, W, 3) or a float tensor (3, H,
+  W) in [0, 1].
+- Points (a Face's kps and landmarks) are float64 numpy arrays in pixel-index coordinates (pixel (i,
+  j) is the point x = j, y = i), the convention of cv2.warpAffine and of insightface's keypoints.
+  Boxes are (x0, y0, x1, y1) in pixel-edge coordinates (the box (0, 0, W, H) is the whole image).
+  See `minid.imaging.crops`.
 
 onnxruntime (and onnx, to read the input normalisation of a pack's models) are an optional extra:
 `pip install minid[faces]`. They are imported inside the functions that need them.
@@ -38,19 +43,23 @@ import torch.nn.functional as F
 
 from minid.imaging.crops import align_face, apply_affine, box_iou, invert_affine, warp
 
-INSTALL_HINT = ("install the faces extra: pip install -e \".[faces]\" in the minid checkout (or: pip install insightface "
-                "onnx onnxruntime, onnxruntime-gpu on a CUDA machine)")
+INSTALL_HINT = (
+    'install the faces extra: pip install -e ".[faces]" in the minid checkout (or: pip install '
+    "insightface "
+    "onnx onnxruntime, onnxruntime-gpu on a CUDA machine)"
+)
 ROOT_ENV = "MINID_INSIGHTFACE_ROOT"
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configuration and results
 
 
 @dataclass(frozen=True)
 class FaceAnalyzerConfig:
     pack: str = "buffalo_l"  # insightface model pack: a folder <root>/models/<pack> of .onnx files
-    root: str | None = None  # folder holding models/<pack>; None: $MINID_INSIGHTFACE_ROOT, else ~/.insightface
+    # folder holding models/<pack>; None: $MINID_INSIGHTFACE_ROOT, else ~/.insightface
+    root: str | None = None
     det_size: int = 640  # side of the square detector input; the image is letterboxed into it
     det_threshold: float = 0.5  # minimum detector score of a face (insightface's default)
     nms_threshold: float = 0.4  # boxes overlapping a better one by more IoU than this are dropped
@@ -74,7 +83,7 @@ class Face:
         return float(max(self.box[2] - self.box[0], 0) * max(self.box[3] - self.box[1], 0))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # ONNX plumbing: providers, the model pack, running sessions in batches
 
 
@@ -82,64 +91,82 @@ def _import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError(f"minid.faces.analyzer needs onnxruntime, which is not installed; {INSTALL_HINT}") from None
+        raise ImportError(
+            f"minid.faces.analyzer needs onnxruntime, which is not installed; {INSTALL_HINT}"
+        ) from None
     return onnxruntime
 
 
 def choose_providers(available: Sequence[str] | None = None) -> list[str]:
     """ONNX Runtime execution providers: CUDA first when this onnxruntime build offers it, then CPU.
 
-    `available` defaults to `onnxruntime.get_available_providers()` (onnxruntime-gpu lists CUDA; the CPU
-    wheel does not). CPU is always last so every model runs even where a CUDA kernel is missing.
+    `available` defaults to `onnxruntime.get_available_providers()` (onnxruntime-gpu lists CUDA; the
+    CPU wheel does not). CPU is always last so every model runs even where a CUDA kernel is missing.
     """
     if available is None:
         available = _import_onnxruntime().get_available_providers()
-        # a GPU build of onnxruntime lists CUDA even where there is no GPU, then logs an error at every session
-        # and falls back: offer CUDA only where PyTorch sees a GPU too
+        # a GPU build of onnxruntime lists CUDA even where there is no GPU, then logs an error at
+        # every session and falls back: offer CUDA only where PyTorch sees a GPU too
         if not torch.cuda.is_available():
             available = [p for p in available if p != "CUDAExecutionProvider"]
-    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + [
+        "CPUExecutionProvider"
+    ]
 
 
 def model_root(root: str | os.PathLike | None = None) -> Path:
-    """Where model packs live: `root`, else $MINID_INSIGHTFACE_ROOT, else ~/.insightface (insightface's own)."""
+    """Where model packs live: `root`, else $MINID_INSIGHTFACE_ROOT, else ~/.insightface
+    (insightface's own)."""
     if root is None:
         root = os.environ.get(ROOT_ENV) or "~/.insightface"
     return Path(root).expanduser()
 
 
-def find_model_pack(pack: str = "buffalo_l", root: str | os.PathLike | None = None, download: bool = False) -> Path:
-    """The folder <root>/models/<pack> with the pack's .onnx files; a folder path for `pack` is used as is."""
+def find_model_pack(
+    pack: str = "buffalo_l", root: str | os.PathLike | None = None, download: bool = False
+) -> Path:
+    """The folder <root>/models/<pack> with the pack's .onnx files; a folder path for `pack` is used
+    as is."""
     direct = Path(pack).expanduser()
     folder = direct if direct.is_dir() else model_root(root) / "models" / pack
     if not any(folder.glob("*.onnx")) and download:
         try:
             from insightface.utils.storage import ensure_available
         except ImportError:
-            raise ImportError(f"downloading a model pack needs insightface; {INSTALL_HINT}") from None
+            raise ImportError(
+                f"downloading a model pack needs insightface; {INSTALL_HINT}"
+            ) from None
         try:
             ensure_available("models", pack, root=str(model_root(root)))
         except Exception as e:  # network errors come from requests and urllib, with pages of detail
             first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-            raise ConnectionError(f"downloading the insightface model pack {pack!r} failed ({type(e).__name__}: "
-                                  f"{first}); check the network, or unzip {pack}.zip from insightface's model-zoo "
-                                  f"release into {folder} yourself") from None
+            raise ConnectionError(
+                f"downloading the insightface model pack {pack!r} failed ({type(e).__name__}: "
+                f"{first}); check the network, or unzip {pack}.zip from insightface's model-zoo "
+                f"release into {folder} yourself"
+            ) from None
     if not any(folder.glob("*.onnx")):
         raise FileNotFoundError(
-            f"no .onnx files for the insightface model pack {pack!r} in {folder}. Get the pack with "
-            f"--download-faces (Python: FaceAnalyzer.from_pack({pack!r}, download=True)), or unzip {pack}.zip "
-            f"into {folder} yourself (--face-root or ${ROOT_ENV} for another folder); or, to restore without "
+            f"no .onnx files for the insightface model pack {pack!r} in {folder}. Get the pack "
+            f"with "
+            f"--download-faces (Python: FaceAnalyzer.from_pack({pack!r}, download=True)), or unzip "
+            f"{pack}.zip "
+            f"into {folder} yourself (--face-root or ${ROOT_ENV} for another folder); or, to "
+            f"restore without "
             "it, give --face-mask or --mask-source attention."
         )
     return folder
 
 
-def input_normalisation(model_path: str | os.PathLike, default: tuple[float, float]) -> tuple[float, float]:
+def input_normalisation(
+    model_path: str | os.PathLike, default: tuple[float, float]
+) -> tuple[float, float]:
     """(mean, std) the model expects its 0-255 input normalised with.
 
-    Models converted from MXNet carry the normalisation in the graph (their first nodes are named Sub…/Mul…
-    or _minus…/_mul…, or bn_data): they take raw pixels, mean 0 and std 1. Others take (x − mean)/std with the
-    network's default. This is insightface's rule, read from the graph's first 8 nodes.
+    Models converted from MXNet carry the normalisation in the graph (their first nodes are named
+    Sub…/Mul… or _minus…/_mul…, or bn_data): they take raw pixels, mean 0 and std 1. Others take (x
+    − mean)/std with the network's default. This is insightface's rule, read from the graph's first
+    8 nodes.
     """
     try:
         import onnx
@@ -156,25 +183,35 @@ def input_normalisation(model_path: str | os.PathLike, default: tuple[float, flo
 
 
 def _run_batched(session: Any, blob: np.ndarray, max_batch: int) -> list[np.ndarray]:
-    """Run a single-input session over the first axis of `blob` in chunks; outputs concatenated per output."""
+    """Run a single-input session over the first axis of `blob` in chunks; outputs concatenated per
+    output."""
     spec = session.get_inputs()[0]
     fixed = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     step = fixed or max(1, max_batch)
     names = [o.name for o in session.get_outputs()]
     chunks: list[list[np.ndarray]] = []
     for start in range(0, len(blob), step):
-        chunks.append(session.run(names, {spec.name: np.ascontiguousarray(blob[start : start + step], dtype=np.float32)}))
+        chunks.append(
+            session.run(
+                names,
+                {spec.name: np.ascontiguousarray(blob[start : start + step], dtype=np.float32)},
+            )
+        )
     return [np.concatenate([c[k] for c in chunks], axis=0) for k in range(len(names))]
 
 
 def as_pixels(image: Any) -> torch.Tensor:
     """An RGB image as a float32 tensor (3, H, W) with values 0-255.
 
-    Takes a PIL image, a uint8 array (H, W, 3) / (H, W) / (H, W, 4) or a float tensor (3, H, W) in [0, 1].
+    Takes a PIL image, a uint8 array (H, W, 3) / (H, W) / (H, W, 4) or a float tensor (3, H, W) in
+    [0, 1].
     """
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"faces: expected an image tensor (3, H, W) in [0, 1], found shape {tuple(image.shape)}")
+            raise ValueError(
+                f"faces: expected an image tensor (3, H, W) in [0, 1], found shape "
+                f"{tuple(image.shape)}"
+            )
         return image.detach().float().cpu() * 255.0
     try:
         from PIL import Image
@@ -187,16 +224,19 @@ def as_pixels(image: Any) -> torch.Tensor:
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(f"faces: expected an RGB image (H, W, 3), found an array of shape {array.shape}")
+        raise ValueError(
+            f"faces: expected an RGB image (H, W, 3), found an array of shape {array.shape}"
+        )
     return torch.from_numpy(np.array(array[:, :, :3])).permute(2, 0, 1).float()  # a writable copy
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The three networks
 
 
 def distance_to_boxes(centers: np.ndarray, distances: np.ndarray) -> np.ndarray:
-    """SCRFD box decoding: distances (left, top, right, bottom) from each anchor centre → (x0, y0, x1, y1)."""
+    """SCRFD box decoding: distances (left, top, right, bottom) from each anchor centre → (x0, y0,
+    x1, y1)."""
     return np.concatenate([centers - distances[:, 0:2], centers + distances[:, 2:4]], axis=1)
 
 
@@ -206,7 +246,8 @@ def distance_to_points(centers: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
-    """Greedy non-maximum suppression: indices kept, best score first (ties keep the earlier box)."""
+    """Greedy non-maximum suppression: indices kept, best score first (ties keep the earlier
+    box)."""
     order = list(np.argsort(-scores, kind="stable"))
     keep: list[int] = []
     while order:
@@ -221,15 +262,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int
 class SCRFD:
     """The SCRFD face detector of insightface's packs around an onnxruntime session.
 
-    Outputs come in groups of F feature levels (strides 8, 16, 32 with 2 anchors per cell, or strides 8…128
-    with 1): F score maps (K, 1), F box-distance maps (K, 4) and, in the 9/15-output variants, F keypoint maps
-    (K, 10), where K = (H/stride)·(W/stride)·anchors, cells in row-major order, anchors of a cell adjacent.
-    Distances are in units of the stride and measured from the cell's top-left corner (x·stride, y·stride).
+    Outputs come in groups of F feature levels (strides 8, 16, 32 with 2 anchors per cell, or
+    strides 8…128 with 1): F score maps (K, 1), F box-distance maps (K, 4) and, in the 9/15-output
+    variants, F keypoint maps (K, 10), where K = (H/stride)·(W/stride)·anchors, cells in row-major
+    order, anchors of a cell adjacent. Distances are in units of the stride and measured from the
+    cell's top-left corner (x·stride, y·stride).
     """
 
     mean, std = 127.5, 128.0  # the detector's input normalisation, (x − 127.5)/128
 
-    def __init__(self, session: Any, det_size: int = 640, threshold: float = 0.5, nms_threshold: float = 0.4):
+    def __init__(
+        self, session: Any, det_size: int = 640, threshold: float = 0.5, nms_threshold: float = 0.4
+    ):
         self.session = session
         self.det_size = det_size
         self.threshold = threshold
@@ -240,11 +284,14 @@ class SCRFD:
         elif n_out in (10, 15):
             self.strides, self.anchors = (8, 16, 32, 64, 128), 1
         else:
-            raise ValueError(f"faces.SCRFD: a SCRFD detector has 6, 9, 10 or 15 outputs, this model has {n_out}")
+            raise ValueError(
+                f"faces.SCRFD: a SCRFD detector has 6, 9, 10 or 15 outputs, this model has {n_out}"
+            )
         self.use_kps = n_out in (9, 15)
 
     def preprocess(self, pixels: torch.Tensor) -> tuple[np.ndarray, float]:
-        """Letterbox: resize keeping the aspect ratio so the image fits det_size², pad right/bottom with 0."""
+        """Letterbox: resize keeping the aspect ratio so the image fits det_size², pad right/bottom
+        with 0."""
         height, width = pixels.shape[-2:]
         side = self.det_size
         im_ratio = height / width
@@ -253,13 +300,18 @@ class SCRFD:
         else:
             new_w, new_h = side, int(side * im_ratio)
         det_scale = new_h / height
-        resized = F.interpolate(pixels[None], size=(new_h, new_w), mode="bilinear", align_corners=False)
+        resized = F.interpolate(
+            pixels[None], size=(new_h, new_w), mode="bilinear", align_corners=False
+        )
         canvas = torch.zeros(1, 3, side, side)
         canvas[:, :, :new_h, :new_w] = resized
         return ((canvas - self.mean) / self.std).numpy(), det_scale
 
-    def decode(self, outputs: list[np.ndarray], input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw outputs → (boxes (K, 4), scores (K,), kps (K, 5, 2)) above the threshold, in input coordinates."""
+    def decode(
+        self, outputs: list[np.ndarray], input_hw: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw outputs → (boxes (K, 4), scores (K,), kps (K, 5, 2)) above the threshold, in input
+        coordinates."""
         levels = len(self.strides)
         boxes, scores, kps = [], [], []
         for level, stride in enumerate(self.strides):
@@ -267,11 +319,14 @@ class SCRFD:
             dist = outputs[level + levels].reshape(-1, 4) * stride
             grid_h, grid_w = input_hw[0] // stride, input_hw[1] // stride
             ys, xs = np.mgrid[:grid_h, :grid_w]
-            centers = np.stack([xs, ys], axis=-1).reshape(-1, 2).astype(np.float64) * stride  # (cells, 2)
-            centers = np.repeat(centers, self.anchors, axis=0)  # (K, 2): the anchors of a cell share a centre
+            # (cells, 2)
+            centers = np.stack([xs, ys], axis=-1).reshape(-1, 2).astype(np.float64) * stride
+            # (K, 2): the anchors of a cell share a centre
+            centers = np.repeat(centers, self.anchors, axis=0)
             if len(score) != len(centers):
                 raise ValueError(
-                    f"faces.SCRFD: stride {stride} output has {len(score)} scores, expected {len(centers)} "
+                    f"faces.SCRFD: stride {stride} output has {len(score)} scores, expected "
+                    f"{len(centers)} "
                     f"for a {input_hw[1]}×{input_hw[0]} input with {self.anchors} anchor(s)"
                 )
             hit = score >= self.threshold
@@ -285,7 +340,8 @@ class SCRFD:
         return np.concatenate(boxes), np.concatenate(scores), np.concatenate(kps)
 
     def detect(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Faces in an image (3, H, W) 0-255 → (boxes (N, 4), scores (N,), kps (N, 5, 2)), best first."""
+        """Faces in an image (3, H, W) 0-255 → (boxes (N, 4), scores (N,), kps (N, 5, 2)), best
+        first."""
         blob, det_scale = self.preprocess(pixels)
         spec = self.session.get_inputs()[0]
         outputs = self.session.run([o.name for o in self.session.get_outputs()], {spec.name: blob})
@@ -295,7 +351,8 @@ class SCRFD:
 
 
 class Landmark106:
-    """The 2d106det landmark network: a 192² crop of 1.5 × the box side around the box centre → 106 points.
+    """The 2d106det landmark network: a 192² crop of 1.5 × the box side around the box centre → 106
+    points.
 
     The network predicts points in [−1, 1] crop coordinates; (p + 1)·96 gives crop pixels.
     """
@@ -308,7 +365,9 @@ class Landmark106:
         x0, y0, x1, y1 = (float(v) for v in box)
         s = self.size / (max(x1 - x0, y1 - y0) * 1.5)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        return np.array([[s, 0, self.size / 2 - s * cx], [0, s, self.size / 2 - s * cy]], dtype=np.float64)
+        return np.array(
+            [[s, 0, self.size / 2 - s * cx], [0, s, self.size / 2 - s * cy]], dtype=np.float64
+        )
 
     def predict(self, pixels: torch.Tensor, boxes: np.ndarray) -> np.ndarray:
         """(N, 106, 2) landmarks in image coordinates for N boxes."""
@@ -316,7 +375,9 @@ class Landmark106:
             return np.zeros((0, 106, 2))
         affines = [self.crop_affine(b) for b in boxes]
         crops = torch.stack([warp(pixels, a, self.size) for a in affines])  # (N, 3, 192, 192)
-        pred = _run_batched(self.session, ((crops - self.mean) / self.std).numpy(), self.max_batch)[0]
+        pred = _run_batched(self.session, ((crops - self.mean) / self.std).numpy(), self.max_batch)[
+            0
+        ]
         pred = pred.reshape(len(boxes), -1, 2).astype(np.float64)
         pred = (pred + 1) * (self.size // 2)
         return np.stack([apply_affine(p, invert_affine(a)) for p, a in zip(pred, affines)])
@@ -331,7 +392,9 @@ class ArcFace:
 
     def embed_crops(self, crops: torch.Tensor) -> np.ndarray:
         """(N, 3, size, size) aligned crops with values 0-255 → (N, 512) unit vectors."""
-        feats = _run_batched(self.session, ((crops - self.mean) / self.std).numpy(), self.max_batch)[0]
+        feats = _run_batched(
+            self.session, ((crops - self.mean) / self.std).numpy(), self.max_batch
+        )[0]
         feats = feats.reshape(len(crops), -1).astype(np.float64)
         norms = np.linalg.norm(feats, axis=1, keepdims=True)
         return feats / np.where(norms > 0, norms, 1.0)
@@ -344,7 +407,8 @@ class ArcFace:
 
 
 def _identify(session: Any) -> str | None:
-    """Which network of a pack a session is, from its input and output shapes (insightface's routing)."""
+    """Which network of a pack a session is, from its input and output shapes (insightface's
+    routing)."""
     outputs = session.get_outputs()
     shape = session.get_inputs()[0].shape
     if len(outputs) >= 5:
@@ -359,13 +423,17 @@ def _identify(session: Any) -> str | None:
 
 
 class FaceAnalyzer:
-    """Detection, 106-point landmarks and ArcFace embeddings: insightface's FaceAnalysis, in minid's code.
+    """Detection, 106-point landmarks and ArcFace embeddings: insightface's FaceAnalysis, in minid's
+    code.
 
-    Build it from a model pack with `FaceAnalyzer.from_pack()`, or from the three networks directly (the
-    tests pass tiny ONNX graphs). `analyze(image)` returns every face, best detector score first.
+    Build it from a model pack with `FaceAnalyzer.from_pack()`, or from the three networks directly
+    (the tests pass tiny ONNX graphs). `analyze(image)` returns every face, best detector score
+    first.
     """
 
-    def __init__(self, detector: SCRFD, arcface: ArcFace | None = None, landmark: Landmark106 | None = None):
+    def __init__(
+        self, detector: SCRFD, arcface: ArcFace | None = None, landmark: Landmark106 | None = None
+    ):
         self.detector, self.arcface, self.landmark = detector, arcface, landmark
 
     @classmethod
@@ -378,28 +446,43 @@ class FaceAnalyzer:
         download: bool = False,
     ) -> "FaceAnalyzer":
         ort = _import_onnxruntime()
-        folder = find_model_pack(pack or config.pack, root if root is not None else config.root, download)
+        folder = find_model_pack(
+            pack or config.pack, root if root is not None else config.root, download
+        )
         providers = list(providers) if providers is not None else choose_providers()
         found: dict[str, tuple[Any, Path]] = {}
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: no provider fallback chatter for providers not asked for
+        # errors only: no provider fallback chatter for providers not asked for
+        options.log_severity_level = 3
         for path in sorted(folder.glob("*.onnx")):
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
             role = _identify(session)
             if role is not None and role not in found:
                 found[role] = (session, path)
         if "detector" not in found:
-            raise FileNotFoundError(f"faces: no SCRFD detector (a model with 6-15 outputs) among the .onnx files in {folder}")
-        detector = SCRFD(found["detector"][0], config.det_size, config.det_threshold, config.nms_threshold)
+            raise FileNotFoundError(
+                f"faces: no SCRFD detector (a model with 6-15 outputs) among the .onnx files in "
+                f"{folder}"
+            )
+        detector = SCRFD(
+            found["detector"][0], config.det_size, config.det_threshold, config.nms_threshold
+        )
         arcface = landmark = None
         if config.embeddings:
             if "arcface" not in found:
-                raise FileNotFoundError(f"faces: no ArcFace model (112² input, 512 outputs) among the .onnx files in {folder}")
+                raise FileNotFoundError(
+                    f"faces: no ArcFace model (112² input, 512 outputs) among the .onnx files in "
+                    f"{folder}"
+                )
             session, path = found["arcface"]
-            arcface = ArcFace(session, *input_normalisation(path, (127.5, 127.5)), max_batch=config.max_batch)
+            arcface = ArcFace(
+                session, *input_normalisation(path, (127.5, 127.5)), max_batch=config.max_batch
+            )
         if config.landmarks and "landmark_106" in found:
             session, path = found["landmark_106"]
-            landmark = Landmark106(session, *input_normalisation(path, (127.5, 128.0)), max_batch=config.max_batch)
+            landmark = Landmark106(
+                session, *input_normalisation(path, (127.5, 128.0)), max_batch=config.max_batch
+            )
         return cls(detector, arcface, landmark)
 
     def analyze(self, image: Any) -> list[Face]:
@@ -420,11 +503,13 @@ class FaceAnalyzer:
         ]
 
     def largest_face(self, image: Any, name: str = "the image") -> Face:
-        """The largest face; `name` (a file name) is used in the error raised when there is no face."""
+        """The largest face; `name` (a file name) is used in the error raised when there is no
+        face."""
         faces = self.analyze(image)
         if not faces:
             raise ValueError(
                 f"faces: no face found in {name} (detector threshold {self.detector.threshold}); "
-                "check that the face is visible and not tiny, or lower FaceAnalyzerConfig.det_threshold"
+                "check that the face is visible and not tiny, or lower "
+                "FaceAnalyzerConfig.det_threshold"
             )
         return max(faces, key=lambda f: f.area)

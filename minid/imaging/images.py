@@ -4,18 +4,20 @@ The aligned crop (what `load_image` does, and what `paste_back` undoes):
 1. EXIF orientation is applied, so the pixels are the ones a viewer shows.
 2. Any mode becomes RGB: transparency is composited on white, palettes and grey levels are expanded,
    16-bit and float images are scaled to 8 bits by their own maximum.
-3. The largest square centred on the image is cut out (`CropFrame.box`, in the original's pixels): SD1.4
-   works on squares, and centring keeps a portrait's subject, who is usually in the middle.
-4. The square is resized to `size` (512) with a Lanczos filter: SD1.4 was trained at 512², and 512 is a
-   multiple of 8, the VAE's downsampling factor.
-`crops.paste_back(original, restored, frame.affine)` warps the restored square back onto the crop's square of a
-copy of the original, so the parts outside the square come back untouched (`save_restored` does it).
+3. The largest square centred on the image is cut out (`CropFrame.box`, in the original's pixels):
+   SD1.4 works on squares, and centring keeps a portrait's subject, who is usually in the middle.
+4. The square is resized to `size` (512) with a Lanczos filter: SD1.4 was trained at 512², and 512
+   is a multiple of 8, the VAE's downsampling factor.
+`crops.paste_back(original, restored, frame.affine)` warps the restored square back onto the crop's
+square of a copy of the original, so the parts outside the square come back untouched
+(`save_restored` does it).
 
-Writes are atomic (a temporary file in the target folder, then `os.replace`), with the mode a plain `open`
-would give (0o666 less the umask; an overwritten file keeps its own), and `save_image` refuses to write over
-any file that was an input, so a restore can never destroy the photo it started from. `check_output_path`
-says before any heavy work whether a path can take an output: not an input, not a folder, in a folder that
-can be written, and not an existing file unless `overwrite` (the commands' `--overwrite`).
+Writes are atomic (a temporary file in the target folder, then `os.replace`), with the mode a plain
+`open` would give (0o666 less the umask; an overwritten file keeps its own), and `save_image`
+refuses to write over any file that was an input, so a restore can never destroy the photo it
+started from. `check_output_path` says before any heavy work whether a path can take an output: not
+an input, not a folder, in a folder that can be written, and not an existing file unless `overwrite`
+(the commands' `--overwrite`).
 """
 
 from __future__ import annotations
@@ -41,15 +43,18 @@ class CropFrame:
     """Where the 512² square came from: enough to map a result back onto the original picture."""
 
     original_size: tuple[int, int]  # (width, height) of the original after EXIF rotation
-    box: tuple[int, int, int, int]  # (left, top, right, bottom) of the centred square in the original
+    # (left, top, right, bottom) of the centred square in the original
+    box: tuple[int, int, int, int]
     size: int  # side of the square the models see
     source: Path | None = None  # the file it was read from, protected from overwriting
-    # the picture itself (RGB, 8-bit, after EXIF rotation), kept for the paste-back so it is read once
+    # the picture itself (RGB, 8-bit, after EXIF rotation), kept for the paste-back so it is read
+    # once
     picture: Image.Image | None = field(default=None, compare=False, repr=False)
 
     @property
     def affine(self) -> np.ndarray:
-        """The 2×3 affine original → square (`crops.square_affine`), what `crops.paste_back` inverts."""
+        """The 2×3 affine original → square (`crops.square_affine`), what `crops.paste_back`
+        inverts."""
         from minid.imaging.crops import square_affine
 
         left, top, right, _ = self.box
@@ -57,13 +62,18 @@ class CropFrame:
 
 
 def open_image(image: ImageLike) -> tuple[Image.Image, Path | None]:
-    """A PIL image as it is, or a file read whole; a clear error for a missing or unreadable file."""
+    """A PIL image as it is, or a file read whole; a clear error for a missing or unreadable
+    file."""
     if isinstance(image, Image.Image):
         return image, None
     if not isinstance(image, (str, os.PathLike)):
-        hint = {"ndarray": " (wrap an array with PIL.Image.fromarray)",
-                "bytes": " (wrap file contents with PIL.Image.open(io.BytesIO(data)))"}.get(type(image).__name__, "")
-        raise TypeError(f"an image must be a file path or a PIL image, got {type(image).__name__}{hint}")
+        hint = {
+            "ndarray": " (wrap an array with PIL.Image.fromarray)",
+            "bytes": " (wrap file contents with PIL.Image.open(io.BytesIO(data)))",
+        }.get(type(image).__name__, "")
+        raise TypeError(
+            f"an image must be a file path or a PIL image, got {type(image).__name__}{hint}"
+        )
     path = Path(image)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the path of an image file (PNG or JPEG)")
@@ -73,16 +83,18 @@ def open_image(image: ImageLike) -> tuple[Image.Image, Path | None]:
         img = Image.open(path)
         img.load()
     except Image.DecompressionBombError as e:
-        raise ValueError(f"{path} is too large to read safely ({e}); resize it below "
-                         f"{Image.MAX_IMAGE_PIXELS:,} pixels first") from None
+        raise ValueError(
+            f"{path} is too large to read safely ({e}); resize it below "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels first"
+        ) from None
     except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some malformed files
         raise ValueError(f"{path} could not be read as an image ({e})") from None
     return img, path
 
 
 def check_image_file(path: str | Path) -> None:
-    """Raise the errors of `open_image` for a file that is not an image, reading only its header (cheap: for
-    checking a folder of inputs before any work)."""
+    """Raise the errors of `open_image` for a file that is not an image, reading only its header
+    (cheap: for checking a folder of inputs before any work)."""
     path = Path(path)
     if not path.is_file():
         open_image(path)  # the folder / not-found errors
@@ -122,7 +134,8 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB PIL image (values outside [-1, 1] are clipped)."""
+    """(1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB PIL image (values outside [-1, 1] are
+    clipped)."""
     if x.dim() == 4:
         if x.shape[0] != 1:
             raise ValueError(f"tensor_to_pil takes one image, found a batch of {x.shape[0]}")
@@ -134,26 +147,33 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
 
 
 def load_image(image: ImageLike, size: int = 512) -> tuple[torch.Tensor, CropFrame]:
-    """Read a picture of any size and mode; return the (1, 3, size, size) tensor in [-1, 1] and its frame."""
+    """Read a picture of any size and mode; return the (1, 3, size, size) tensor in [-1, 1] and its
+    frame."""
     img, path = open_image(image)
     img = to_rgb(img)
     least = min(MIN_SIDE, size)  # (tests work on smaller squares)
     if min(img.size) < least:
         name = f"the image {path}" if path is not None else "the image"
-        raise ValueError(f"{name} is {img.width}×{img.height} px; minid needs at least {least} px on each side "
-                         f"(it works on a {size}² square)")
+        raise ValueError(
+            f"{name} is {img.width}×{img.height} px; minid needs at least {least} px on each side "
+            f"(it works on a {size}² square)"
+        )
     box = centre_square(*img.size)
     square = img.crop(box).resize((size, size), Image.Resampling.LANCZOS)
-    return pil_to_tensor(square), CropFrame(original_size=img.size, box=box, size=size, source=path,
-                                            picture=img)
+    return pil_to_tensor(square), CropFrame(
+        original_size=img.size, box=box, size=size, source=path, picture=img
+    )
 
 
 def _refuse_inputs(path: Path, inputs) -> None:
     """Raise when `path` is one of the files a run read: no output is ever written over an input."""
     for src in inputs:
-        if src is not None and (_same_file(path, Path(src)) or path.resolve() == Path(src).resolve()):
-            raise FileExistsError(f"refusing to write {path}: it is the input image {src}; choose another output "
-                                  "path")
+        if src is not None and (
+            _same_file(path, Path(src)) or path.resolve() == Path(src).resolve()
+        ):
+            raise FileExistsError(
+                f"refusing to write {path}: it is the input image {src}; choose another output path"
+            )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -163,15 +183,21 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def save_image(image: torch.Tensor | Image.Image, path: str | Path,
-               inputs: tuple[str | Path | None, ...] | list[str | Path | None] = (), overwrite: bool = True) -> Path:
-    """Write a PNG/JPEG atomically; refuse to write over any of `inputs` (the files the run read), and over
-    an existing file unless `overwrite`."""
+def save_image(
+    image: torch.Tensor | Image.Image,
+    path: str | Path,
+    inputs: tuple[str | Path | None, ...] | list[str | Path | None] = (),
+    overwrite: bool = True,
+) -> Path:
+    """Write a PNG/JPEG atomically; refuse to write over any of `inputs` (the files the run read),
+    and over an existing file unless `overwrite`."""
     path = Path(path)
     _refuse_inputs(path, inputs)
     if not overwrite and path.exists():
-        raise FileExistsError(f"{path} already exists; choose another path, or pass --overwrite (overwrite=True) "
-                              "to replace it")
+        raise FileExistsError(
+            f"{path} already exists; choose another path, or pass --overwrite (overwrite=True) "
+            "to replace it"
+        )
     img = image if isinstance(image, Image.Image) else tensor_to_pil(image)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), "PNG")
     return write_atomic(path, lambda f: img.save(f, format=fmt))
@@ -193,30 +219,46 @@ SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg")  # what minid writes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # what the folder commands read
 
 
-def check_output_path(path: str | Path, inputs=(), overwrite: bool = True, what: str = "output",
-                      suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> Path:
-    """Fail before any heavy work if `path` cannot take an output: a folder, an unknown format, an input file,
-    an existing file when not `overwrite`, or a folder that cannot be written. `what` names it in the
-    messages (e.g. "--out")."""
+def check_output_path(
+    path: str | Path,
+    inputs=(),
+    overwrite: bool = True,
+    what: str = "output",
+    suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES,
+) -> Path:
+    """Fail before any heavy work if `path` cannot take an output: a folder, an unknown format, an
+    input file, an existing file when not `overwrite`, or a folder that cannot be written. `what`
+    names it in the messages (e.g. "--out")."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder; give a file name such as {path / 'out.png'}")
+        raise IsADirectoryError(
+            f"{what} {path} is a folder; give a file name such as {path / 'out.png'}"
+        )
     if suffixes and path.suffix.lower() not in suffixes:
         raise ValueError(f"{what} {path} must end in one of {', '.join(suffixes)}")
     _refuse_inputs(path, inputs)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{what} {path} already exists; choose another path, or pass --overwrite "
-                              "(overwrite=True) to replace it")
+        raise FileExistsError(
+            f"{what} {path} already exists; choose another path, or pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
     check_writable(path.parent, f"folder of {what}")
     return path
 
 
-def save_restored(result, path: str | Path, original: ImageLike | None = None, inputs=(),
-                  overwrite: bool = True, frame: CropFrame | None = None) -> Path:
-    """Write a restore's image: pasted back into the edited photo at its own size through the inverse of the
-    crop (`crops.paste_back` with the crop's affine), else the square as it is. The photo is `frame.picture`
-    (the edited image's `CropFrame`, read when the pair was checked), or `original` (a file or PIL image,
-    read here). Pixels outside the crop's square stay the photo's."""
+def save_restored(
+    result,
+    path: str | Path,
+    original: ImageLike | None = None,
+    inputs=(),
+    overwrite: bool = True,
+    frame: CropFrame | None = None,
+) -> Path:
+    """Write a restore's image: pasted back into the edited photo at its own size through the
+    inverse of the crop (`crops.paste_back` with the crop's affine), else the square as it is. The
+    photo is `frame.picture` (the edited image's `CropFrame`, read when the pair was checked), or
+    `original` (a file or PIL image, read here). Pixels outside the crop's square stay the
+    photo's."""
     from minid.imaging.crops import paste_back
 
     path = check_output_path(path, inputs, overwrite=overwrite)
@@ -227,9 +269,12 @@ def save_restored(result, path: str | Path, original: ImageLike | None = None, i
     if picture is not None:
         base = pil_to_tensor(picture)  # (1, 3, H, W)
         size = image.shape[-1]
-        frame = CropFrame(original_size=(base.shape[-1], base.shape[-2]), box=centre_square(base.shape[-1],
-                                                                                            base.shape[-2]), size=size)
-        image = paste_back(base, image.float(), frame.affine, mask=torch.ones(size, size)).clamp(-1, 1)
+        frame = CropFrame(
+            original_size=(base.shape[-1], base.shape[-2]),
+            box=centre_square(base.shape[-1], base.shape[-2]),
+            size=size,
+        )
+        image = paste_back(base, image.float(), frame.affine, mask=torch.ones(size, size)).clamp(
+            -1, 1
+        )
     return save_image(image, path, inputs, overwrite=overwrite)
-
-

@@ -1,13 +1,14 @@
 """Masks: where an edit may act. Float tensors in [0, 1], 1 = inside.
 
-EditedID restores the face of the original inside a face mask M_O and keeps the edited elements inside
-M_E (docs/editedid.md, "Masks"). The masks come from a PNG the user gives, from face landmarks, or from
-attention maps; they are then softened (feathering), grown (dilation), combined (union) and resized to
-the resolution of each latent or attention layer (64, 32, 16, 8 for a 512² image).
+EditedID restores the face of the original inside a face mask M_O and keeps the edited elements
+inside M_E (docs/editedid.md, "Masks"). The masks come from a PNG the user gives, from face
+landmarks, or from attention maps; they are then softened (feathering), grown (dilation), combined
+(union) and resized to the resolution of each latent or attention layer (64, 32, 16, 8 for a 512²
+image).
 
 Shapes: a mask is (H, W); the functions that filter or resize also take (..., H, W) and keep the
-leading axes. Points are (x, y) in pixel-index coordinates (pixel (i, j) is the point x = j, y = i), the
-convention of `minid.imaging.crops`.
+leading axes. Points are (x, y) in pixel-index coordinates (pixel (i, j) is the point x = j, y = i),
+the convention of `minid.imaging.crops`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ import torch.nn.functional as F
 
 
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    return (
+        (int(size), int(size))
+        if isinstance(size, (int, np.integer))
+        else (int(size[0]), int(size[1]))
+    )
 
 
 def _as_4d(mask: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -39,13 +44,14 @@ def require_nonempty(mask: torch.Tensor, what: str = "mask") -> torch.Tensor:
     """Raise when a mask that must select something is empty (all zero)."""
     if not bool((mask > 0).any()):
         raise ValueError(
-            f"masks: the {what} is empty (all {mask.numel()} values are 0); give a mask that covers the region "
+            f"masks: the {what} is empty (all {mask.numel()} values are 0); give a mask that "
+            f"covers the region "
             "to edit (check the PNG, or that the face was found)"
         )
     return mask
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # From a file
 
 
@@ -57,14 +63,14 @@ def load_mask(
 ) -> torch.Tensor:
     """A mask from an image file or a tensor → float (H, W) in [0, 1].
 
-    File: any mode. The alpha channel is the mask when the image has a non-trivial one (a cut-out); otherwise
-    the grey level is (white = 1); 16-bit and float masks are scaled by their maximum. With `frame` (the
-    `images.CropFrame` of the image the mask belongs to) the mask goes through that image's crop: a mask of
-    another size than its image is stretched onto it first (with a warning naming both sizes), the frame's
-    square is cut out and resized to the frame's working size. Without a frame, a mask of another size than
-    `size` (h, w) is resized bilinearly, with a warning naming both sizes.
-    Tensor: (H, W), (1, H, W) or (1, 1, H, W) with values in [0, 1], resized like a file.
-    `required`: raise when the mask is empty.
+    File: any mode. The alpha channel is the mask when the image has a non-trivial one (a cut-out);
+    otherwise the grey level is (white = 1); 16-bit and float masks are scaled by their maximum.
+    With `frame` (the `images.CropFrame` of the image the mask belongs to) the mask goes through
+    that image's crop: a mask of another size than its image is stretched onto it first (with a
+    warning naming both sizes), the frame's square is cut out and resized to the frame's working
+    size. Without a frame, a mask of another size than `size` (h, w) is resized bilinearly, with a
+    warning naming both sizes. Tensor: (H, W), (1, H, W) or (1, 1, H, W) with values in [0, 1],
+    resized like a file. `required`: raise when the mask is empty.
     """
     name = "mask tensor" if isinstance(source, torch.Tensor) else str(source)
     mask = _tensor_mask(source) if isinstance(source, torch.Tensor) else _file_mask(Path(source))
@@ -96,7 +102,8 @@ def _file_mask(path: Path) -> torch.Tensor:
         values = alpha.astype(np.float32) / 255.0
     elif image.mode in ("I", "I;16", "I;16B", "F"):
         values = np.asarray(image, dtype=np.float32)
-        values = values / max(float(values.max()), 1e-12)  # 16-bit or float masks: scale the maximum to 1
+        # 16-bit or float masks: scale the maximum to 1
+        values = values / max(float(values.max()), 1e-12)
     else:
         values = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(values)).clamp(0, 1)
@@ -107,52 +114,69 @@ def _tensor_mask(mask: torch.Tensor) -> torch.Tensor:
     while m.dim() > 2 and m.shape[0] == 1:
         m = m[0]
     if m.dim() != 2:
-        raise ValueError(f"a mask tensor must be (H, W), (1, H, W) or (1, 1, H, W), found "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"a mask tensor must be (H, W), (1, H, W) or (1, 1, H, W), found {tuple(mask.shape)}"
+        )
     if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
-        raise ValueError(f"a mask tensor must have finite values in [0, 1]; found "
-                         f"[{float(m.min()):.3g}, {float(m.max()):.3g}]")
+        raise ValueError(
+            f"a mask tensor must have finite values in [0, 1]; found "
+            f"[{float(m.min()):.3g}, {float(m.max()):.3g}]"
+        )
     return m
 
 
-def _resized(mask: torch.Tensor, target: tuple[int, int], name: str, what: str | None) -> torch.Tensor:
+def _resized(
+    mask: torch.Tensor, target: tuple[int, int], name: str, what: str | None
+) -> torch.Tensor:
     """Bilinear resize of an (H, W) mask; a warning names both sizes unless `what` is None."""
     if tuple(mask.shape) == target:
         return mask
     if what is not None:
-        warnings.warn(f"mask {name} is {mask.shape[1]}×{mask.shape[0]} (w×h); resized to {target[1]}×{target[0]}, "
-                      f"the size of {what}", stacklevel=3)
-    return F.interpolate(mask[None, None], size=target, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+        warnings.warn(
+            f"mask {name} is {mask.shape[1]}×{mask.shape[0]} (w×h); resized to "
+            f"{target[1]}×{target[0]}, "
+            f"the size of {what}",
+            stacklevel=3,
+        )
+    return F.interpolate(mask[None, None], size=target, mode="bilinear", align_corners=False)[
+        0, 0
+    ].clamp(0, 1)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # From face landmarks
 
 
 @dataclass(frozen=True)
 class FaceMaskConfig:
-    """Proportions of the masks drawn from the 5 keypoints, in units of the eye distance d_eye (between the
-    eye centres) and of the eye-mouth distance d_em (between the eyes' and the mouth corners' midpoints).
-    The defaults cover the face from the eyebrows to the chin on the ArcFace template."""
+    """Proportions of the masks drawn from the 5 keypoints, in units of the eye distance d_eye
+    (between the eye centres) and of the eye-mouth distance d_em (between the eyes' and the mouth
+    corners' midpoints). The defaults cover the face from the eyebrows to the chin on the ArcFace
+    template."""
 
-    ellipse_center: float = 0.4  # face-ellipse centre: this fraction of the way from the eyes to the mouth
+    # face-ellipse centre: this fraction of the way from the eyes to the mouth
+    ellipse_center: float = 0.4
     ellipse_half_width: float = 1.05  # half of the ellipse's width, in d_eye
     ellipse_half_height: float = 1.15  # half of the ellipse's height, in d_em
     eye_radius: float = 0.3  # radius of each eye disc, in d_eye
     nose_radius: float = 0.3  # radius of the nose disc, in d_eye
-    mouth_half_width: float = 0.75  # half-width of the mouth ellipse, in the distance between the mouth corners
+    # half-width of the mouth ellipse, in the distance between the mouth corners
+    mouth_half_width: float = 0.75
     mouth_half_height: float = 0.3  # half-height of the mouth ellipse, in d_em
 
 
 def _pixel_grid(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     ys, xs = torch.meshgrid(
-        torch.arange(size[0], dtype=torch.float64), torch.arange(size[1], dtype=torch.float64), indexing="ij"
+        torch.arange(size[0], dtype=torch.float64),
+        torch.arange(size[1], dtype=torch.float64),
+        indexing="ij",
     )
     return xs, ys
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray:
-    """Vertices of the convex hull of (N, 2) points, counter-clockwise in a y-up frame (monotone chain)."""
+    """Vertices of the convex hull of (N, 2) points, counter-clockwise in a y-up frame (monotone
+    chain)."""
     pts = sorted(set(map(tuple, np.asarray(points, dtype=np.float64).tolist())))
     if len(pts) < 3:
         return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
@@ -174,11 +198,15 @@ def convex_hull(points: np.ndarray) -> np.ndarray:
 
 
 def polygon_mask(points: np.ndarray, size: int | Sequence[int]) -> torch.Tensor:
-    """Binary (H, W) mask of the convex hull of `points`: pixels whose centre is inside or on an edge."""
+    """Binary (H, W) mask of the convex hull of `points`: pixels whose centre is inside or on an
+    edge."""
     size = _hw(size)
     hull = convex_hull(points)
     if len(hull) < 3:
-        raise ValueError(f"masks.polygon_mask: the {len(np.asarray(points))} points span no area (all on one line)")
+        raise ValueError(
+            f"masks.polygon_mask: the {len(np.asarray(points))} points span no area (all on one "
+            f"line)"
+        )
     xs, ys = _pixel_grid(size)
     inside = torch.ones(size, dtype=torch.bool)
     # Counter-clockwise hull: a point is inside when it is left of (or on) every edge.
@@ -190,7 +218,8 @@ def polygon_mask(points: np.ndarray, size: int | Sequence[int]) -> torch.Tensor:
 def ellipse_mask(
     center: Sequence[float], half_axes: Sequence[float], angle: float, size: int | Sequence[int]
 ) -> torch.Tensor:
-    """Binary (H, W) mask of an ellipse; `angle` (radians) turns its first axis from the x axis towards y."""
+    """Binary (H, W) mask of an ellipse; `angle` (radians) turns its first axis from the x axis
+    towards y."""
     xs, ys = _pixel_grid(_hw(size))
     dx, dy = xs - center[0], ys - center[1]
     c, s = math.cos(angle), math.sin(angle)
@@ -208,20 +237,24 @@ def face_mask(
 ) -> torch.Tensor:
     """A binary (H, W) mask of a face or a part of it, from insightface's landmarks.
 
-    part "face": the convex hull of the 106 landmarks when given (jaw line to eyebrows), else an ellipse
-    fitted to the 5 keypoints (tilted with the eye line, see FaceMaskConfig). "eyes", "nose", "mouth":
-    discs and an ellipse around the 5 keypoints (eyes, nose tip, mouth corners). Raises when the mask comes
-    out empty (the face lies outside the image).
+    part "face": the convex hull of the 106 landmarks when given (jaw line to eyebrows), else an
+    ellipse fitted to the 5 keypoints (tilted with the eye line, see FaceMaskConfig). "eyes",
+    "nose", "mouth": discs and an ellipse around the 5 keypoints (eyes, nose tip, mouth corners).
+    Raises when the mask comes out empty (the face lies outside the image).
     """
     size = _hw(size)
     if part == "face" and landmarks_106 is not None:
         mask = polygon_mask(np.asarray(landmarks_106, dtype=np.float64), size)
         return require_nonempty(mask, "face mask from 106 landmarks")
     if kps is None:
-        raise ValueError(f"masks.face_mask: part {part!r} needs the 5 keypoints (kps); none were given")
+        raise ValueError(
+            f"masks.face_mask: part {part!r} needs the 5 keypoints (kps); none were given"
+        )
     kps = np.asarray(kps, dtype=np.float64)
     if kps.shape != (5, 2):
-        raise ValueError(f"masks.face_mask: expected 5 keypoints of shape (5, 2), found {kps.shape}")
+        raise ValueError(
+            f"masks.face_mask: expected 5 keypoints of shape (5, 2), found {kps.shape}"
+        )
     eyes = (kps[0] + kps[1]) / 2
     mouth = (kps[3] + kps[4]) / 2
     d_eye = float(np.linalg.norm(kps[1] - kps[0]))
@@ -230,23 +263,31 @@ def face_mask(
     c = config
     if part == "face":
         center = eyes + c.ellipse_center * (mouth - eyes)
-        mask = ellipse_mask(center, (c.ellipse_half_width * d_eye, c.ellipse_half_height * d_em), angle, size)
+        mask = ellipse_mask(
+            center, (c.ellipse_half_width * d_eye, c.ellipse_half_height * d_em), angle, size
+        )
     elif part == "eyes":
         r = c.eye_radius * d_eye
-        mask = union(ellipse_mask(kps[0], (r, r), 0.0, size), ellipse_mask(kps[1], (r, r), 0.0, size))
+        mask = union(
+            ellipse_mask(kps[0], (r, r), 0.0, size), ellipse_mask(kps[1], (r, r), 0.0, size)
+        )
     elif part == "nose":
         r = c.nose_radius * d_eye
         mask = ellipse_mask(kps[2], (r, r), 0.0, size)
     elif part == "mouth":
         d_mouth = float(np.linalg.norm(kps[4] - kps[3]))
         mouth_angle = math.atan2(kps[4, 1] - kps[3, 1], kps[4, 0] - kps[3, 0])
-        mask = ellipse_mask(mouth, (c.mouth_half_width * d_mouth, c.mouth_half_height * d_em), mouth_angle, size)
+        mask = ellipse_mask(
+            mouth, (c.mouth_half_width * d_mouth, c.mouth_half_height * d_em), mouth_angle, size
+        )
     else:
-        raise ValueError(f"masks.face_mask: part must be 'face', 'eyes', 'nose' or 'mouth', found {part!r}")
+        raise ValueError(
+            f"masks.face_mask: part must be 'face', 'eyes', 'nose' or 'mouth', found {part!r}"
+        )
     return require_nonempty(mask, f"{part} mask from 5 keypoints")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Filters, resizing, combination
 
 
@@ -258,7 +299,8 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Grow a mask by `pixels` in every direction (grey dilation with a (2p+1)² square: a max filter)."""
+    """Grow a mask by `pixels` in every direction (grey dilation with a (2p+1)² square: a max
+    filter)."""
     if pixels <= 0:
         return mask.float()
     m, lead = _as_4d(mask)
@@ -267,8 +309,8 @@ def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
 
 
 def erode(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Shrink a mask by `pixels` (a min filter over a (2p+1)² square). Beyond the image border the edge value
-    repeats, so a mask that touches the border does not shrink away from it."""
+    """Shrink a mask by `pixels` (a min filter over a (2p+1)² square). Beyond the image border the
+    edge value repeats, so a mask that touches the border does not shrink away from it."""
     if pixels <= 0:
         return mask.float()
     m, lead = _as_4d(mask)
@@ -280,8 +322,8 @@ def erode(mask: torch.Tensor, pixels: int) -> torch.Tensor:
 def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     """Soften a mask's edge with a Gaussian blur of std `sigma` pixels; stays in [0, 1].
 
-    Pixels whose whole blur window is 1 stay exactly 1 and pixels whose window is all 0 stay exactly 0
-    (a plain blur gives 1 − ε there, which would leak a trace of the other image into a paste).
+    Pixels whose whole blur window is 1 stay exactly 1 and pixels whose window is all 0 stay exactly
+    0 (a plain blur gives 1 − ε there, which would leak a trace of the other image into a paste).
     The blur window reaches ⌈3σ⌉ pixels; edges of the image repeat the border value.
     """
     if sigma <= 0:
@@ -294,18 +336,24 @@ def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     blurred = F.conv2d(F.pad(blurred, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
     full = erode(m, r) >= 1.0  # whole window inside
     empty = dilate(m, r) <= 0.0  # whole window outside
-    out = torch.where(full, torch.ones_like(blurred), torch.where(empty, torch.zeros_like(blurred), blurred.clamp(0, 1)))
+    out = torch.where(
+        full,
+        torch.ones_like(blurred),
+        torch.where(empty, torch.zeros_like(blurred), blurred.clamp(0, 1)),
+    )
     return out.reshape(*lead, *out.shape[-2:])
 
 
-def to_resolution(mask: torch.Tensor, side: int | Sequence[int],
-                  how: Literal["area", "max", "nearest"] = "area") -> torch.Tensor:
+def to_resolution(
+    mask: torch.Tensor, side: int | Sequence[int], how: Literal["area", "max", "nearest"] = "area"
+) -> torch.Tensor:
     """Resize a mask (..., H, W) to a latent or attention grid: `side` (square) or (h, w).
 
-    "area" (default): shrinking averages each target cell's area (a 512² mask at 64² is the fraction of each
-    8×8 block inside), so thin structures survive as partial values; enlarging is bilinear. "max": a target
-    cell takes the largest value it covers (a cell touched by the region is inside: what blending needs, so
-    that nothing of the region is left out). "nearest": nearest neighbour (a binary mask stays binary).
+    "area" (default): shrinking averages each target cell's area (a 512² mask at 64² is the fraction
+    of each 8×8 block inside), so thin structures survive as partial values; enlarging is bilinear.
+    "max": a target cell takes the largest value it covers (a cell touched by the region is inside:
+    what blending needs, so that nothing of the region is left out). "nearest": nearest neighbour (a
+    binary mask stays binary).
     """
     target = _hw(side)
     m, lead = _as_4d(mask)
@@ -314,7 +362,9 @@ def to_resolution(mask: torch.Tensor, side: int | Sequence[int],
     elif how == "nearest":
         out = F.interpolate(m, size=target, mode="nearest")
     elif how != "area":
-        raise ValueError(f"masks.to_resolution: how must be 'area', 'max' or 'nearest', found {how!r}")
+        raise ValueError(
+            f"masks.to_resolution: how must be 'area', 'max' or 'nearest', found {how!r}"
+        )
     elif target[0] <= m.shape[-2] and target[1] <= m.shape[-1]:
         out = F.adaptive_avg_pool2d(m, target)
     else:
@@ -328,7 +378,10 @@ def union(*masks: torch.Tensor) -> torch.Tensor:
         raise ValueError("masks.union: give at least one mask")
     shapes = {tuple(m.shape) for m in masks}
     if len(shapes) != 1:
-        raise ValueError(f"masks.union: masks differ in shape {sorted(shapes)}; resize them with to_resolution first")
+        raise ValueError(
+            f"masks.union: masks differ in shape {sorted(shapes)}; resize them with to_resolution "
+            f"first"
+        )
     out = masks[0].float()
     for m in masks[1:]:
         out = torch.maximum(out, m.float())

@@ -1,5 +1,5 @@
-"""Files on disk, written safely: atomic writes, a folder's writability checked before the work, JSON
-without non-finite floats, and a file's sha256.
+"""Files on disk, written safely: atomic writes, a folder's writability checked before the work,
+JSON without non-finite floats, and a file's sha256.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_atomic(path: Path, write) -> Path:
-    """`write(f)` into a temporary file beside `path`, then rename it over `path`: atomic on one filesystem,
-    so readers see the old file or the new one, and an interruption leaves no partial file."""
+    """`write(f)` into a temporary file beside `path`, then rename it over `path`: atomic on one
+    filesystem, so readers see the old file or the new one, and an interruption leaves no partial
+    file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkstemp makes the file 0600, and the mode survives the rename: give it what a plain open would
     mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
@@ -45,8 +46,9 @@ def _umask() -> int:
 
 
 def check_writable(folder: str | Path, what: str = "output folder") -> None:
-    """Raise PermissionError/NotADirectoryError now if files cannot be created in `folder` (or, when it does not
-    exist yet, in the nearest folder above it that does), instead of after the compute."""
+    """Raise PermissionError/NotADirectoryError now if files cannot be created in `folder` (or, when
+    it does not exist yet, in the nearest folder above it that does), instead of after the
+    compute."""
     folder = Path(folder).absolute()
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -56,15 +58,19 @@ def check_writable(folder: str | Path, what: str = "output folder") -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=".minid-write-check.", dir=probe)
     except OSError as e:
-        raise PermissionError(f"cannot write into the {what} {folder} ({e.strerror or e}); choose a folder you "
-                              "can write to") from None
+        raise PermissionError(
+            f"cannot write into the {what} {folder} ({e.strerror or e}); choose a folder you "
+            "can write to"
+        ) from None
     os.close(fd)
     os.unlink(tmp)
 
 
 def json_safe(record: dict) -> dict:
-    """A record's non-finite floats for JSON, which has neither: ±inf (the PSNR of an exact reconstruction) as
-    the strings "inf" / "-inf", as the CSV files write them; NaN (no value) as null."""
+    """A record's non-finite floats for JSON, which has neither: ±inf (the PSNR of an exact
+    reconstruction) as the strings "inf" / "-inf", as the CSV files write them; NaN (no value) as
+    null."""
+
     def safe(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None if math.isnan(v) else str(v)

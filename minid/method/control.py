@@ -1,26 +1,28 @@
-"""Attention controllers: observe or edit the UNet's attention at the seam of `minid.models.attention`.
+"""Attention controllers: observe or edit the UNet's attention at the seam of
+`minid.models.attention`.
 
-A controller is a callable `controller(q, k, v, site) -> out | None` passed to one `UNet.forward` call;
-q is (B, heads, Nq, d), k and v (B, heads, Nk, d). Returning None lets the default attention run.
+A controller is a callable `controller(q, k, v, site) -> out | None` passed to one `UNet.forward`
+call; q is (B, heads, Nq, d), k and v (B, heads, Nk, d). Returning None lets the default attention
+run.
 
 Batch layout (every controller here knows it explicitly, through `BatchLayout`):
-the UNet batch holds `branches` images (for EditedID: O, E, T in that order; for prompt-to-prompt: the
-source first, then the edited prompts). With classifier-free guidance the batch is the unconditional half
-followed by the conditional half, each in branch order:
+the UNet batch holds `branches` images (for EditedID: O, E, T in that order; for prompt-to-prompt:
+the source first, then the edited prompts). With classifier-free guidance the batch is the
+unconditional half followed by the conditional half, each in branch order:
 
     cfg=True:   [uncond b0, uncond b1, …, uncond b(n-1), cond b0, cond b1, …, cond b(n-1)]
     cfg=False:  [cond b0, …, cond b(n-1)]
 
 Edits never write attention maps to memory: replacing rows of a self-attention map and taking token
 columns of a cross-attention map are both linear in V (`(Σ_s w_s ⊙ P_s) V = Σ_s w_s ⊙ (P_s V)`;
-`P[:, J] V[J]`), which the fused ops of `minid.models.attention` exploit. Cross-attention maps (77 columns) are
-cheap and are the only maps stored.
+`P[:, J] V[J]`), which the fused ops of `minid.models.attention` exploit. Cross-attention maps (77
+columns) are cheap and are the only maps stored.
 
 Controllers here:
 - `AttentionStore`: head-averaged cross-attention maps per site, summed over calls.
 - `word_map` / `word_mask`: a map / region from the stored maps of some words (P2P's local blend).
-Prompt-to-prompt's controller lives in prompt_to_prompt.py; EditedID's own, the attentional gating of
-Stage 3, in gating.py.
+Prompt-to-prompt's controller lives in prompt_to_prompt.py; EditedID's own, the attentional gating
+of Stage 3, in gating.py.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from minid.models.attention import Site
 from minid.kernels.dispatch import attention_with_map
+from minid.models.attention import Site
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,11 @@ class BatchLayout:
 
     def check(self, q: torch.Tensor, site: Site) -> None:
         if q.shape[0] != self.size:
-            raise ValueError(f"at {site} the batch has {q.shape[0]} rows, the controller's layout "
-                             f"expects {self.size} ({self.branches} branches, cfg={self.cfg}); build the "
-                             f"controller with the layout of the UNet call")
+            raise ValueError(
+                f"at {site} the batch has {q.shape[0]} rows, the controller's layout "
+                f"expects {self.size} ({self.branches} branches, cfg={self.cfg}); build the "
+                f"controller with the layout of the UNet call"
+            )
 
 
 def _site_key(site: Site) -> tuple:
@@ -65,9 +69,10 @@ def _site_key(site: Site) -> tuple:
 
 
 class Chain:
-    """One editing controller and observers at the same seam: `Chain(editor, *observers)`. The editor's output
-    (or None) is what the UNet uses; each observer then sees the same q, k, v and its output is ignored (e.g.
-    `Chain(prompt_to_prompt, store)` edits and records the unedited maps)."""
+    """One editing controller and observers at the same seam: `Chain(editor, *observers)`. The
+    editor's output (or None) is what the UNet uses; each observer then sees the same q, k, v and
+    its output is ignored (e.g. `Chain(prompt_to_prompt, store)` edits and records the unedited
+    maps)."""
 
     def __init__(self, editor, *observers):
         self.editor = editor
@@ -80,16 +85,16 @@ class Chain:
         return out
 
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Observing
 
 
 class AttentionStore:
     """Keeps head-averaged cross-attention maps per site, summed over every call it sees.
 
-    `maps[key]` is (B, Nq, 77) fp32 for the rows in `rows` (all rows when None); `counts[key]` is how many
-    calls were summed, so `mean(key)` is the average over steps. Self-attention is not stored (4096² per
-    head at 64×64 is what minid never writes to memory).
+    `maps[key]` is (B, Nq, 77) fp32 for the rows in `rows` (all rows when None); `counts[key]` is
+    how many calls were summed, so `mean(key)` is the average over steps. Self-attention is not
+    stored (4096² per head at 64×64 is what minid never writes to memory).
     """
 
     def __init__(self, rows: list[int] | None = None):
@@ -98,11 +103,13 @@ class AttentionStore:
         self.counts: dict[tuple, int] = {}
         self.sites: dict[tuple, Site] = {}
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site,
-                 step: int | None = None) -> torch.Tensor | None:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site, step: int | None = None
+    ) -> torch.Tensor | None:
         if not site.is_cross:
             return None
-        out, amap, _ = attention_with_map(q, k, v, want_map=True, want_lse=False)  # amap (B, Nq, Nk)
+        # amap (B, Nq, Nk)
+        out, amap, _ = attention_with_map(q, k, v, want_map=True, want_lse=False)
         amap = amap.detach().float()
         if self.rows is not None:
             amap = amap[self.rows]
@@ -121,15 +128,27 @@ class AttentionStore:
 
     def at_sides(self, sides: tuple[int, ...]) -> list[tuple[Site, torch.Tensor]]:
         """(site, mean map (B, Nq, 77)) of every stored site whose query grid side is in `sides`."""
-        return [(self.sites[key], self.mean(key)) for key in self.maps if self.sites[key].height in sides]
+        return [
+            (self.sites[key], self.mean(key))
+            for key in self.maps
+            if self.sites[key].height in sides
+        ]
 
 
-def word_map(store: AttentionStore, row: int, positions: list[int], latent_size: tuple[int, int],
-             map_factors: tuple[int, ...] = (2, 4), pool: int = 3) -> torch.Tensor:
-    """How much some tokens are attended to, per latent pixel, normalised to a maximum of 1 (1, 1, h, w).
+def word_map(
+    store: AttentionStore,
+    row: int,
+    positions: list[int],
+    latent_size: tuple[int, int],
+    map_factors: tuple[int, ...] = (2, 4),
+    pool: int = 3,
+) -> torch.Tensor:
+    """How much some tokens are attended to, per latent pixel, normalised to a maximum of 1 (1, 1,
+    h, w).
 
-    1. the stored maps at the layers whose side is latent side / f for f in `map_factors` ((2, 4) are the
-       32×32 and 16×16 layers of a 512² image) are averaged over those layers (heads are already averaged);
+    1. the stored maps at the layers whose side is latent side / f for f in `map_factors` ((2, 4)
+       are the 32×32 and 16×16 layers of a 512² image) are averaged over those layers (heads are
+       already averaged);
     2. the columns `positions` are summed (a word may span several tokens);
     3. max-pooling with a `pool`×`pool` window (stride 1) closes small holes;
     4. upsampled to the latent grid and divided by its maximum.
@@ -139,9 +158,11 @@ def word_map(store: AttentionStore, row: int, positions: list[int], latent_size:
     found = store.at_sides(sides)
     if not found:
         have = sorted({s.height for s in store.sites.values()})
-        raise ValueError(f"no stored cross-attention maps of side {sides} (latent {h}×{w}, "
-                         f"map_factors {map_factors}); the store has sides {have}. Run the UNet with the "
-                         f"store attached, or change map_factors")
+        raise ValueError(
+            f"no stored cross-attention maps of side {sides} (latent {h}×{w}, "
+            f"map_factors {map_factors}); the store has sides {have}. Run the UNet with the "
+            f"store attached, or change map_factors"
+        )
     if not positions:
         raise ValueError("word_mask needs at least one token position")
     acc = torch.zeros(1, 1, h, w)
@@ -155,14 +176,19 @@ def word_map(store: AttentionStore, row: int, positions: list[int], latent_size:
     return acc / acc.amax().clamp_min(1e-12)
 
 
-def word_mask(store: AttentionStore, row: int, positions: list[int], latent_size: tuple[int, int],
-              map_factors: tuple[int, ...] = (2, 4), pool: int = 3, threshold: float = 0.3) -> torch.Tensor:
-    """A binary region where some tokens are attended to, as prompt-to-prompt's local blend makes it:
-    `word_map` thresholded at `threshold`. Returns (1, 1, h, w) with values 0. or 1."""
+def word_mask(
+    store: AttentionStore,
+    row: int,
+    positions: list[int],
+    latent_size: tuple[int, int],
+    map_factors: tuple[int, ...] = (2, 4),
+    pool: int = 3,
+    threshold: float = 0.3,
+) -> torch.Tensor:
+    """A binary region where some tokens are attended to, as prompt-to-prompt's local blend makes
+    it: `word_map` thresholded at `threshold`. Returns (1, 1, h, w) with values 0. or 1."""
     return (word_map(store, row, positions, latent_size, map_factors, pool) > threshold).float()
 
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Prompt-to-prompt
-
-

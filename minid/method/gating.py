@@ -1,13 +1,13 @@
-"""EditedID's attentional gating (Stage 3, Eq. 7-9; docs/editedid.md "Stage 3"), a controller at the seam of
-`minid.models.attention` with the batch layout of control.py.
+"""EditedID's attentional gating (Stage 3, Eq. 7-9; docs/editedid.md "Stage 3"), a controller at the
+seam of `minid.models.attention` with the batch layout of control.py.
 
-- `EditedIDGating`: mask-selective self-attention and token-selective cross-attention replacement for one
-  (O, E, T) batch; `GatingGroup`: K such triples in one batch.
-- `IdentitySchedule`: how much of O the gating lets into T at each step (IdGlow's timestep-scheduled identity
-  injection, seed 002): s_i scales O's weight in the gated self-attention rows and mixes the identity
-  tokens' cross-attention columns, s_i·O + (1 − s_i)·T.
-- Localised token replacement: region words whose cross-attention columns come from O or E only on the query
-  rows inside their region (ConsistentID's localisation, seed 003, at inference).
+- `EditedIDGating`: mask-selective self-attention and token-selective cross-attention replacement
+  for one (O, E, T) batch; `GatingGroup`: K such triples in one batch.
+- `IdentitySchedule`: how much of O the gating lets into T at each step (IdGlow's timestep-scheduled
+  identity injection, seed 002): s_i scales O's weight in the gated self-attention rows and mixes
+  the identity tokens' cross-attention columns, s_i·O + (1 − s_i)·T.
+- Localised token replacement: region words whose cross-attention columns come from O or E only on
+  the query rows inside their region (ConsistentID's localisation, seed 003, at inference).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Literal, get_args
 import torch
 
 from minid.imaging import masks
-from minid.models.attention import Site, default_attention
 from minid.kernels.dispatch import masked_multi_source, token_replace
 from minid.method.control import BatchLayout
+from minid.models.attention import Site, default_attention
 
 GatingMode = Literal["output", "map"]
 GATING_MODES = get_args(GatingMode)
@@ -28,10 +28,12 @@ GATING_MODES = get_args(GatingMode)
 
 @dataclass(frozen=True)
 class IdentitySchedule:
-    """s_i ∈ [0, 1] over the reconstruction steps i = 1 … N: how much of O the gating lets into T at step i.
+    """s_i ∈ [0, 1] over the reconstruction steps i = 1 … N: how much of O the gating lets into T at
+    step i.
 
-    IdGlow's idea (seed 002): identity injected with a timestep-dependent linear decay and concentrated in a
-    window of steps, so that identity does not override structure the edit must change. `spec`:
+    IdGlow's idea (seed 002): identity injected with a timestep-dependent linear decay and
+    concentrated in a window of steps, so that identity does not override structure the edit must
+    change. `spec`:
         "constant"                s ≡ 1: EditedID as the paper has it (bit for bit)
         "decay:S_START:S_END"     linear from S_START at step 1 to S_END at step N
         "window:A:B:S_IN:S_OUT"   S_IN on steps A ≤ i < B (1-based), S_OUT on the others
@@ -53,14 +55,24 @@ class IdentitySchedule:
             except ValueError:
                 values = None
             if arity is None or values is None or len(values) != arity:
-                raise ValueError(f"identity schedule {self.spec!r}: {part.strip()!r} is not one of constant, "
-                                 "decay:S_START:S_END, window:A:B:S_IN:S_OUT (factors joined by '*')")
+                raise ValueError(
+                    f"identity schedule {self.spec!r}: {part.strip()!r} is not one of constant, "
+                    "decay:S_START:S_END, window:A:B:S_IN:S_OUT (factors joined by '*')"
+                )
             strengths = values if name == "decay" else values[2:]
             if any(not 0 <= v <= 1 for v in strengths):
-                raise ValueError(f"identity schedule {self.spec!r}: strengths must lie in [0, 1], got {strengths}")
-            if name == "window" and not (values[0] == int(values[0]) and values[1] == int(values[1])
-                                         and 1 <= values[0] <= values[1]):
-                raise ValueError(f"identity schedule {self.spec!r}: a window A:B needs whole steps 1 ≤ A ≤ B")
+                raise ValueError(
+                    f"identity schedule {self.spec!r}: strengths must lie in [0, 1], got "
+                    f"{strengths}"
+                )
+            if name == "window" and not (
+                values[0] == int(values[0])
+                and values[1] == int(values[1])
+                and 1 <= values[0] <= values[1]
+            ):
+                raise ValueError(
+                    f"identity schedule {self.spec!r}: a window A:B needs whole steps 1 ≤ A ≤ B"
+                )
             out.append((name, values))
         return out
 
@@ -86,12 +98,16 @@ class GatingConfig:
     """Stage 3's attentional gating (EditedID Eq. 7-9; docs/editedid.md, Stage 3)."""
 
     mode: GatingMode = "output"  # blend attention outputs (released code) or maps (Eq. 7-8)
-    lambda_o: float = 0.5  # weight of O where M_O and M_E overlap ("co-existence" ≈ 0.5); λ_E = 1 − λ_O
-    self_blocks: tuple[str, ...] = ("down", "mid")  # blocks whose self-attention is gated (paper A.5)
+    # weight of O where M_O and M_E overlap ("co-existence" ≈ 0.5); λ_E = 1 − λ_O
+    lambda_o: float = 0.5
+    # blocks whose self-attention is gated (paper A.5)
+    self_blocks: tuple[str, ...] = ("down", "mid")
     self_sides: tuple[int, ...] | None = None  # query-grid sides gated (None: all of those blocks)
-    self_steps: tuple[int, int] | None = None  # [start, end) steps with self-attention gating; None: all
+    # [start, end) steps with self-attention gating; None: all
+    self_steps: tuple[int, int] | None = None
     self_uncond: bool = True  # gate the unconditional row of T too
-    identity: IdentitySchedule = IdentitySchedule()  # s_i: O's share per step (constant: the paper's)
+    # s_i: O's share per step (constant: the paper's)
+    identity: IdentitySchedule = IdentitySchedule()
 
     def __post_init__(self):
         if self.mode not in GATING_MODES:
@@ -105,18 +121,26 @@ class GatingConfig:
         return 1.0 - self.lambda_o
 
 
-def gating_weights(mask_o: torch.Tensor, mask_e: torch.Tensor, lambda_o: float, lambda_e: float,
-                   side: tuple[int, int]) -> torch.Tensor:
+def gating_weights(
+    mask_o: torch.Tensor,
+    mask_e: torch.Tensor,
+    lambda_o: float,
+    lambda_e: float,
+    side: tuple[int, int],
+) -> torch.Tensor:
     """Per-row weights (3, Nq) of the branches O, E, T for a query grid of `side` (Eq. 8).
 
-    Exclusive to M_O: O; exclusive to M_E: E; in both: λ_O·O + λ_E·E; elsewhere T. Soft masks (values in
-    (0, 1), e.g. after resizing) interpolate these four cases bilinearly, so each row's weights sum to 1
-    whenever λ_O + λ_E = 1. Masks are resized by area averaging (a coarse cell is the fraction of it covered).
-    λ_O and λ_E may be maps (1, 1, h, w) as well as numbers (regions with their own λ).
+    Exclusive to M_O: O; exclusive to M_E: E; in both: λ_O·O + λ_E·E; elsewhere T. Soft masks
+    (values in (0, 1), e.g. after resizing) interpolate these four cases bilinearly, so each row's
+    weights sum to 1 whenever λ_O + λ_E = 1. Masks are resized by area averaging (a coarse cell is
+    the fraction of it covered). λ_O and λ_E may be maps (1, 1, h, w) as well as numbers (regions
+    with their own λ).
     """
     mo, me = (masks.to_resolution(m, side).reshape(-1) for m in (mask_o, mask_e))  # (Nq,) each
     if isinstance(lambda_o, torch.Tensor):
-        lambda_o, lambda_e = (masks.to_resolution(m, side).reshape(-1) for m in (lambda_o, lambda_e))
+        lambda_o, lambda_e = (
+            masks.to_resolution(m, side).reshape(-1) for m in (lambda_o, lambda_e)
+        )
     w_o = mo * (1 - me) + lambda_o * mo * me
     w_e = me * (1 - mo) + lambda_e * mo * me
     w_t = (1 - mo) * (1 - me)
@@ -128,24 +152,25 @@ class EditedIDGating:
     """EditedID's attentional gating (Eq. 7-9) for one UNet batch of the branches (O, E, T).
 
     Self-attention (mask-selective), at sites whose block is in `config.self_blocks` (and side in
-    `config.self_sides` when given) while the step is in `config.self_steps`: T's output rows are a per-row mix
-    of the branches by `gating_weights`. `mode="output"` mixes each branch's attention output
-    `Σ_s w_s ⊙ (P_s V_s)` (the authors' released fragment); `mode="map"` mixes the maps and multiplies by
-    T's values `(Σ_s w_s ⊙ P_s) V_T` (paper Eq. 7-8). With `self_uncond` the same mix is applied to T's
-    unconditional row (its null-text prediction then carries the same structure as its conditional one).
-    Cross-attention (token-selective), at every site and step, conditional row only: T's columns at
-    `id_tokens` come from O's map, those at `element_tokens` from E's; the rest stay T's.
-    `id_tokens` / `element_tokens` are (T position, source position) pairs, found per prompt and aligned
-    (`CLIPTokenizer.align_tokens`). Masks are (1, 1, h, w) at latent resolution, in [0, 1].
-    The triple's rows are the branches `branch_o`, `branch_e`, `branch_t` of the layout (0, 1, 2 for a batch
-    of one triple; a `GatingGroup` holds K triples in one batch).
+    `config.self_sides` when given) while the step is in `config.self_steps`: T's output rows are a
+    per-row mix of the branches by `gating_weights`. `mode="output"` mixes each branch's attention
+    output `Σ_s w_s ⊙ (P_s V_s)` (the authors' released fragment); `mode="map"` mixes the maps and
+    multiplies by T's values `(Σ_s w_s ⊙ P_s) V_T` (paper Eq. 7-8). With `self_uncond` the same mix
+    is applied to T's unconditional row (its null-text prediction then carries the same structure as
+    its conditional one). Cross-attention (token-selective), at every site and step, conditional row
+    only: T's columns at `id_tokens` come from O's map, those at `element_tokens` from E's; the rest
+    stay T's. `id_tokens` / `element_tokens` are (T position, source position) pairs, found per
+    prompt and aligned (`CLIPTokenizer.align_tokens`). Masks are (1, 1, h, w) at latent resolution,
+    in [0, 1]. The triple's rows are the branches `branch_o`, `branch_e`, `branch_t` of the layout
+    (0, 1, 2 for a batch of one triple; a `GatingGroup` holds K triples in one batch).
 
-    `config.identity` (IdGlow) scales O's part at step i by s_i: O's row weight becomes s_i·w_O with the rest
-    going to T's own attention, and the identity tokens' columns become s_i·O's + (1 − s_i)·T's (linear in
-    V: s_i·(all tokens replaced) + (1 − s_i)·(element tokens only)); s ≡ 1 is the paper's gating exactly.
-    `lambda_map` (1, 1, h, w) replaces the constant λ_O where regions carry their own. `local_tokens`
-    (ConsistentID): words whose columns come from O or E only on the query rows of their region mask (linear
-    again: T's row + r ⊙ (replaced − T's row), so no row outside the region changes).
+    `config.identity` (IdGlow) scales O's part at step i by s_i: O's row weight becomes s_i·w_O with
+    the rest going to T's own attention, and the identity tokens' columns become s_i·O's + (1 −
+    s_i)·T's (linear in V: s_i·(all tokens replaced) + (1 − s_i)·(element tokens only)); s ≡ 1 is
+    the paper's gating exactly. `lambda_map` (1, 1, h, w) replaces the constant λ_O where regions
+    carry their own. `local_tokens` (ConsistentID): words whose columns come from O or E only on the
+    query rows of their region mask (linear again: T's row + r ⊙ (replaced − T's row), so no row
+    outside the region changes).
     """
 
     layout: BatchLayout
@@ -154,24 +179,29 @@ class EditedIDGating:
     id_tokens: list[tuple[int, int]] = field(default_factory=list)
     element_tokens: list[tuple[int, int]] = field(default_factory=list)
     config: GatingConfig = GatingConfig()
-    self_gating: bool = True  # False: no self-attention replacement (the "no entanglement" ablation)
-    # Which implementation runs the fused edits: "auto" (Triton on CUDA, the PyTorch path otherwise), "triton"
-    # or "torch" — the same semantics, so the pipeline's result does not depend on it beyond rounding.
+    # False: no self-attention replacement (the "no entanglement" ablation)
+    self_gating: bool = True
+    # Which implementation runs the fused edits: "auto" (Triton on CUDA, the PyTorch path
+    # otherwise), "triton" or "torch" — the same semantics, so the pipeline's result does not depend
+    # on it beyond rounding.
     backend: str = "auto"
     num_tokens: int = 77
     branch_o: int = 0
     branch_e: int = 1
     branch_t: int = 2
     num_steps: int = 1  # N, for the identity schedule
-    lambda_map: torch.Tensor | None = None  # (1, 1, h, w) λ_O per pixel, else config.lambda_o everywhere
+    # (1, 1, h, w) λ_O per pixel, else config.lambda_o everywhere
+    lambda_map: torch.Tensor | None = None
     local_tokens: list[LocalTokens] = field(default_factory=list)
     _weights: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         branches = (self.branch_o, self.branch_e, self.branch_t)
         if len(set(branches)) != 3 or not all(0 <= b < self.layout.branches for b in branches):
-            raise ValueError(f"EditedIDGating needs three distinct branches O, E, T within the layout's "
-                             f"{self.layout.branches}; found branch_o, branch_e, branch_t = {branches}")
+            raise ValueError(
+                f"EditedIDGating needs three distinct branches O, E, T within the layout's "
+                f"{self.layout.branches}; found branch_o, branch_e, branch_t = {branches}"
+            )
         src_branch = torch.full((self.num_tokens,), -1, dtype=torch.long)
         src_token = torch.zeros(self.num_tokens, dtype=torch.long)
         for branch, pairs in ((0, self.id_tokens), (1, self.element_tokens)):
@@ -181,7 +211,8 @@ class EditedIDGating:
         self.src_branch, self.src_token = src_branch, src_token
         element_only = src_branch.clone()
         element_only[src_branch == 0] = -1
-        self.element_branch = element_only  # the columns replaced when s = 0: the element tokens alone
+        # the columns replaced when s = 0: the element tokens alone
+        self.element_branch = element_only
 
     def _self_active(self, site: Site, step: int) -> bool:
         c = self.config
@@ -197,8 +228,11 @@ class EditedIDGating:
         """(3, Nq) row weights at this site's resolution, or None when T keeps every row."""
         side = (site.height, site.width)
         if side not in self._weights:
-            lam = (self.config.lambda_o, self.config.lambda_e) if self.lambda_map is None else \
-                (self.lambda_map, 1 - self.lambda_map)
+            lam = (
+                (self.config.lambda_o, self.config.lambda_e)
+                if self.lambda_map is None
+                else (self.lambda_map, 1 - self.lambda_map)
+            )
             w = gating_weights(self.mask_o, self.mask_e, *lam, side)
             self._weights[side] = None if bool((w[2] == 1).all()) else w
         w = self._weights[side]
@@ -209,8 +243,9 @@ class EditedIDGating:
         return self.edit(q, k, v, site, step, None)
 
     def edit(self, q, k, v, site: Site, step: int, out: torch.Tensor | None) -> torch.Tensor | None:
-        """Write T's edited rows into `out`, the default attention of the whole batch (computed here when
-        None and T needs an edit); returns `out`, still None when nothing is edited at this site."""
+        """Write T's edited rows into `out`, the default attention of the whole batch (computed here
+        when None and T needs an edit); returns `out`, still None when nothing is edited at this
+        site."""
         lay = self.layout
         s = self.config.identity.value(step, self.num_steps)
         if site.is_cross:
@@ -220,13 +255,22 @@ class EditedIDGating:
             out = default_attention(q, k, v) if out is None else out
 
             def replaced(src_branch, src_token):  # T's conditional row with these columns replaced
-                return token_replace(q[t:t + 1], k[t:t + 1], v[t:t + 1],
-                                     sources=[(q[o:o + 1], k[o:o + 1]), (q[e:e + 1], k[e:e + 1])],
-                                     src_branch=src_branch.to(q.device), src_token=src_token.to(q.device),
-                                     backend=self.backend)
+                return token_replace(
+                    q[t : t + 1],
+                    k[t : t + 1],
+                    v[t : t + 1],
+                    sources=[(q[o : o + 1], k[o : o + 1]), (q[e : e + 1], k[e : e + 1])],
+                    src_branch=src_branch.to(q.device),
+                    src_token=src_token.to(q.device),
+                    backend=self.backend,
+                )
 
             if s == 1.0:
-                row = replaced(self.src_branch, self.src_token) if (self.src_branch >= 0).any() else out[t:t + 1]
+                row = (
+                    replaced(self.src_branch, self.src_token)
+                    if (self.src_branch >= 0).any()
+                    else out[t : t + 1]
+                )
             else:  # IdGlow: identity columns s·O's + (1 − s)·T's, element columns E's
                 row = replaced(self.element_branch, self.src_token)
                 if s > 0 and (self.src_branch == 0).any():
@@ -235,9 +279,13 @@ class EditedIDGating:
                 branch, token = self.src_branch.clone(), self.src_token.clone()
                 for t_pos, s_pos in local.pairs:
                     branch[t_pos], token[t_pos] = local.source, s_pos
-                r = masks.to_resolution(local.mask, (site.height, site.width)).reshape(1, 1, -1, 1).to(row)
+                r = (
+                    masks.to_resolution(local.mask, (site.height, site.width))
+                    .reshape(1, 1, -1, 1)
+                    .to(row)
+                )
                 row = row + r * (replaced(branch, token) - row)
-            out[t:t + 1] = row
+            out[t : t + 1] = row
             return out
         if not self._self_active(site, step):
             return out
@@ -253,15 +301,21 @@ class EditedIDGating:
             o, e, t = (lay.row(b, cond) for b in (self.branch_o, self.branch_e, self.branch_t))
             rows = [o, e, t]
             # The last entry of vs is T's values, what the map reading multiplies the mixed map by.
-            out[t:t + 1] = masked_multi_source([q[r:r + 1] for r in rows], [k[r:r + 1] for r in rows],
-                                               [v[r:r + 1] for r in rows], w.to(q.dtype), mode=self.config.mode,
-                                               backend=self.backend)
+            out[t : t + 1] = masked_multi_source(
+                [q[r : r + 1] for r in rows],
+                [k[r : r + 1] for r in rows],
+                [v[r : r + 1] for r in rows],
+                w.to(q.dtype),
+                mode=self.config.mode,
+                backend=self.backend,
+            )
         return out
 
 
 @dataclass
 class LocalTokens:
-    """Words whose cross-attention columns come from one source only inside a region (ConsistentID)."""
+    """Words whose cross-attention columns come from one source only inside a region
+    (ConsistentID)."""
 
     pairs: list[tuple[int, int]]  # (T position, source position)
     source: int  # 0: from O, 1: from E
@@ -269,12 +323,13 @@ class LocalTokens:
 
 
 class GatingGroup:
-    """K (O, E, T) triples in one UNet batch (multi-person restoration), each gated by its own `EditedIDGating`.
+    """K (O, E, T) triples in one UNet batch (multi-person restoration), each gated by its own
+    `EditedIDGating`.
 
     The layout has 3K branches in the order O_1 … O_K, E_1 … E_K, T_1 … T_K (so the batch is
-    [uncond O_1 … T_K; cond O_1 … T_K]); gating k reads rows O_k, E_k and writes row T_k only, with its own
-    masks, words and λ. The default attention of the whole batch is computed once and each triple's T rows
-    are overwritten in place, so the triples never see each other.
+    [uncond O_1 … T_K; cond O_1 … T_K]); gating k reads rows O_k, E_k and writes row T_k only, with
+    its own masks, words and λ. The default attention of the whole batch is computed once and each
+    triple's T rows are overwritten in place, so the triples never see each other.
     """
 
     def __init__(self, gatings: list[EditedIDGating]):

@@ -1,13 +1,13 @@
 """Stage 1 of EditedID: adaptive-mixing inversion (paper Eq. 1-3).
 
-Both images are inverted in one batch, one pass of the inversion loop of sampling/samplers.py; after each
-step the two latents are mixed with a learnable weight w that gradient descent drives from w_0 toward 0.5,
-and the last step forces w = 0.5 so both trajectories end at one shared z_T. Several pairs may share the
-batch (multi-person restoration), each with its own w.
+Both images are inverted in one batch, one pass of the inversion loop of sampling/samplers.py; after
+each step the two latents are mixed with a learnable weight w that gradient descent drives from w_0
+toward 0.5, and the last step forces w = 0.5 so both trajectories end at one shared z_T. Several
+pairs may share the batch (multi-person restoration), each with its own w.
 
-Steps are indexed as the plan indexes them, from pure noise: step i (0 … N−1) goes from pivots[N−i] to
-pivots[N−i−1] when sampling; its inversion goes from pivots[N−i−1] to pivots[N−i] (same solver, same noise
-levels: the symmetry constraint). The inversion runs i = N−1 … 0.
+Steps are indexed as the plan indexes them, from pure noise: step i (0 … N−1) goes from pivots[N−i]
+to pivots[N−i−1] when sampling; its inversion goes from pivots[N−i−1] to pivots[N−i] (same solver,
+same noise levels: the symmetry constraint). The inversion runs i = N−1 … 0.
 """
 
 from __future__ import annotations
@@ -25,23 +25,27 @@ from minid.sampling.samplers import invert_loop
 class MixingConfig:
     """Stage 1, adaptive mixing (EditedID Eq. 1-3; docs/editedid.md, Stage 1).
 
-    The alignment loss is L(w) = (1−2w)²·D, D = mean((ẑ^O − ẑ^E)²). With `rule="normalised"` (the default)
-    w descends L/D = (1−2w)², so its path does not depend on how far apart the pair is: the gap 0.5 − w
-    shrinks by (1 − 8η) per step, and with `lr=None` η is set from N so that the gap left at the last free
-    step is `reach` × the first (8η = 1 − reach^{1/(N−2)}: η = 0.066 at N = 6). `rule="raw"` descends L itself,
-    whose steps scale with D: a pair that differs only in the face barely moves w before the forced 0.5.
-    Decided on the exact-score testbed (bench/results/mixing_cpu.md).
+    The alignment loss is L(w) = (1−2w)²·D, D = mean((ẑ^O − ẑ^E)²). With `rule="normalised"` (the
+    default) w descends L/D = (1−2w)², so its path does not depend on how far apart the pair is: the
+    gap 0.5 − w shrinks by (1 − 8η) per step, and with `lr=None` η is set from N so that the gap
+    left at the last free step is `reach` × the first (8η = 1 − reach^{1/(N−2)}: η = 0.066 at N =
+    6). `rule="raw"` descends L itself, whose steps scale with D: a pair that differs only in the
+    face barely moves w before the forced 0.5. Decided on the exact-score testbed
+    (bench/results/mixing_cpu.md).
     """
 
-    w0: float = 0.04  # initial mixing weight; too large blends identities, too small leaves a jump at the end
+    # initial mixing weight; too large blends identities, too small leaves a jump at the end
+    w0: float = 0.04
     rule: Literal["normalised", "raw"] = "normalised"
     lr: float | None = None  # η; None: from N and `reach` (normalised), 0.05 (raw)
-    # normalised rule with lr=None: the gap left at the last free step / the first gap. 0.05 keeps the forced
-    # last step (w → 0.5) no larger than the first for every N ≤ 50; 0.2 scored 0.4 dB higher on the testbed at
-    # N = 6 but ends with a larger jump from N = 10 on (bench/results/mixing_cpu.md)
+    # normalised rule with lr=None: the gap left at the last free step / the first gap. 0.05 keeps
+    # the forced last step (w → 0.5) no larger than the first for every N ≤ 50; 0.2 scored 0.4 dB
+    # higher on the testbed at N = 6 but ends with a larger jump from N = 10 on
+    # (bench/results/mixing_cpu.md)
     reach: float = 0.05
     iterations: int = 1  # gradient steps on w per inversion step
-    w_max: float = 0.5  # w is projected onto [0, w_max] after each update, so it never overshoots 0.5
+    # w is projected onto [0, w_max] after each update, so it never overshoots 0.5
+    w_max: float = 0.5
 
     def __post_init__(self):
         if self.rule not in ("normalised", "raw"):
@@ -56,11 +60,11 @@ class MixingConfig:
         return (1.0 - self.reach ** (1.0 / max(num_steps - 2, 1))) / 8.0
 
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Plain inversion and reconstruction
 
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage 1: adaptive mixing
 
 
@@ -69,42 +73,59 @@ class AlignmentResult:
     """Stage 1's result for K pairs (O_k, E_k), k = 0 … K−1, inverted in one batch."""
 
     pivots_o: list[torch.Tensor]  # z^O_0 … z^O_N after mixing, each (K, 4, h, w)
-    pivots_e: list[torch.Tensor]  # z^E_0 … z^E_N; pivots_o[-1] and pivots_e[-1] are the same tensor values
+    # z^E_0 … z^E_N; pivots_o[-1] and pivots_e[-1] are the same tensor values
+    pivots_e: list[torch.Tensor]
     w_schedules: list[list[float]]  # per pair, the w each of the N steps mixed with: w_0, …, 0.5
     alignment_losses: list[list[float]]  # per pair, L(w) = (1−2w)² mean((ẑ^O − ẑ^E)²) at each step
-    differences: list[list[float]] = field(default_factory=list)  # per pair, D = mean((ẑ^O − ẑ^E)²) per step
+    # per pair, D = mean((ẑ^O − ẑ^E)²) per step
+    differences: list[list[float]] = field(default_factory=list)
 
     @property
     def z_T(self) -> torch.Tensor:
         return self.pivots_o[-1]
 
 
-def adaptive_mixing_inversion(unet, plan: Plan, z0_o: torch.Tensor, z0_e: torch.Tensor, cond_o: torch.Tensor,
-                              cond_e: torch.Tensor, mixing: MixingConfig | None = MixingConfig(),
-                              progress: Callable | None = None) -> AlignmentResult:
-    """Invert K pairs (O_k, E_k) together (one batched UNet call per step) and align each (EditedID Eq. 1-3).
+def adaptive_mixing_inversion(
+    unet,
+    plan: Plan,
+    z0_o: torch.Tensor,
+    z0_e: torch.Tensor,
+    cond_o: torch.Tensor,
+    cond_e: torch.Tensor,
+    mixing: MixingConfig | None = MixingConfig(),
+    progress: Callable | None = None,
+) -> AlignmentResult:
+    """Invert K pairs (O_k, E_k) together (one batched UNet call per step) and align each (EditedID
+    Eq. 1-3).
 
-    z0_o, z0_e: (K, 4, h, w); cond_o, cond_e: (K, 77, D). At each step each image takes its own inversion
-    step (ẑ^O, ẑ^E), then each pair is mixed with its own current w:
+    z0_o, z0_e: (K, 4, h, w); cond_o, cond_e: (K, 77, D). At each step each image takes its own
+    inversion step (ẑ^O, ẑ^E), then each pair is mixed with its own current w:
         z^O = (1−w) ẑ^O + w ẑ^E,   z^E = (1−w) ẑ^E + w ẑ^O
     then w takes `mixing.iterations` gradient steps on the pair's alignment loss
         L(w) = mean(((1−w) ẑ^O + w ẑ^E − ((1−w) ẑ^E + w ẑ^O))²) = (1−2w)² mean((ẑ^O − ẑ^E)²),
-    whose minimum is w = 0.5. The last step uses w = 0.5 (constrained convergence, Eq. 3), so the two
-    trajectories end at the same z_T exactly. `mixing=None` inverts the images separately (w = 0).
-    Pairs share nothing but the UNet batch: each has its own w and optimiser, so K pairs give what K
-    separate calls give (up to the UNet's batch-size-dependent rounding).
+    whose minimum is w = 0.5. The last step uses w = 0.5 (constrained convergence, Eq. 3), so the
+    two trajectories end at the same z_T exactly. `mixing=None` inverts the images separately (w =
+    0). Pairs share nothing but the UNet batch: each has its own w and optimiser, so K pairs give
+    what K separate calls give (up to the UNet's batch-size-dependent rounding).
     """
     k_pairs = z0_o.shape[0]
     if z0_e.shape[0] != k_pairs or cond_o.shape[0] != k_pairs or cond_e.shape[0] != k_pairs:
-        raise ValueError(f"adaptive_mixing_inversion needs as many rows in z0_o, z0_e, cond_o, cond_e; "
-                         f"found {z0_o.shape[0]}, {z0_e.shape[0]}, {cond_o.shape[0]}, {cond_e.shape[0]}")
+        raise ValueError(
+            f"adaptive_mixing_inversion needs as many rows in z0_o, z0_e, cond_o, cond_e; "
+            f"found {z0_o.shape[0]}, {z0_e.shape[0]}, {cond_o.shape[0]}, {cond_e.shape[0]}"
+        )
     cond = torch.cat([cond_o, cond_e])  # rows 0..K−1 are O_k, rows K..2K−1 are E_k
     w0 = mixing.w0 if mixing is not None else 0.0
     w = [torch.tensor(float(w0), dtype=torch.float64, requires_grad=True) for _ in range(k_pairs)]
     lr = mixing.step_size(len(plan.steps)) if mixing is not None else 0.0
     opts = [torch.optim.SGD([w_k], lr=lr) for w_k in w]
-    result = AlignmentResult([z0_o], [z0_e], [[] for _ in range(k_pairs)], [[] for _ in range(k_pairs)],
-                             [[] for _ in range(k_pairs)])
+    result = AlignmentResult(
+        [z0_o],
+        [z0_e],
+        [[] for _ in range(k_pairs)],
+        [[] for _ in range(k_pairs)],
+        [[] for _ in range(k_pairs)],
+    )
 
     def model(z, t, i, land):
         with torch.no_grad():
@@ -114,8 +135,9 @@ def adaptive_mixing_inversion(unet, plan: Plan, z0_o: torch.Tensor, z0_e: torch.
         last = i == 0  # the inversion runs the plan backwards: step 0 is its last, to z_T
         mixed_o, mixed_e = [], []
         for k in range(k_pairs):
-            zo, ze = z_hat[k:k + 1], z_hat[k_pairs + k:k_pairs + k + 1]
-            w_j = 0.0 if mixing is None else (0.5 if last else float(w[k].detach()))  # Eq. 3 at the last step
+            zo, ze = z_hat[k : k + 1], z_hat[k_pairs + k : k_pairs + k + 1]
+            # Eq. 3 at the last step
+            w_j = 0.0 if mixing is None else (0.5 if last else float(w[k].detach()))
             if w_j == 0.5:
                 # Computed once and copied, so that z_T^O and z_T^E are equal bit for bit.
                 zo_m = 0.5 * zo + 0.5 * ze
@@ -129,12 +151,15 @@ def adaptive_mixing_inversion(unet, plan: Plan, z0_o: torch.Tensor, z0_e: torch.
             result.differences[k].append(d)
             mixed_o.append(zo_m)
             mixed_e.append(ze_m)
-            scale = 1.0 if mixing is None or mixing.rule == "raw" else d  # normalised: L / D = (1 − 2w)²
+            # normalised: L / D = (1 − 2w)²
+            scale = 1.0 if mixing is None or mixing.rule == "raw" else d
             if mixing is not None and not last and scale > 0:
                 zo_d, ze_d = zo.double(), ze.double()
                 for _ in range(mixing.iterations):
                     opts[k].zero_grad()
-                    loss = (((1 - w[k]) * zo_d + w[k] * ze_d - ((1 - w[k]) * ze_d + w[k] * zo_d)) ** 2).mean() / scale
+                    loss = (
+                        ((1 - w[k]) * zo_d + w[k] * ze_d - ((1 - w[k]) * ze_d + w[k] * zo_d)) ** 2
+                    ).mean() / scale
                     loss.backward()
                     opts[k].step()
                     with torch.no_grad():
@@ -150,7 +175,5 @@ def adaptive_mixing_inversion(unet, plan: Plan, z0_o: torch.Tensor, z0_e: torch.
     return result
 
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage 2: null-text optimisation
-
-

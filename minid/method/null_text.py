@@ -1,9 +1,11 @@
-"""Stage 2 of EditedID: null-text inversion (Mokady et al. 2023) of both images (paper Eq. 4, "dual null-text").
+"""Stage 2 of EditedID: null-text inversion (Mokady et al. 2023) of both images (paper Eq. 4, "dual
+null-text").
 
-Going back from z_T with guidance s, at each step i a per-step unconditional embedding ∅_i is optimised so
-that the guided step lands on the pivot: ∅_i = argmin ||Step_i(z_i, ε̃(z_i, t_i; c, ∅_i)) − pivot_{i+1}||².
-With several images in the batch the loss is the sum over images; each image keeps its own ∅ and its own
-early stop, so a batch of non-interacting images gives what separate runs give.
+Going back from z_T with guidance s, at each step i a per-step unconditional embedding ∅_i is
+optimised so that the guided step lands on the pivot: ∅_i = argmin ||Step_i(z_i, ε̃(z_i, t_i; c,
+∅_i)) − pivot_{i+1}||². With several images in the batch the loss is the sum over images; each image
+keeps its own ∅ and its own early stop, so a batch of non-interacting images gives what separate
+runs give.
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ class NullTextConfig:
     inner_steps: int = 10  # at most this many Adam updates of ∅_i per step
     lr: float = 1e-2  # Adam learning rate at the first step; decays as lr·(1 − i'/100)
     reference_steps: int = 50  # i' = i·reference_steps/N: the decay is scaled to the step count
-    epsilon: float = 1e-5  # early stop when the loss < epsilon + i'·epsilon_growth, i' scaled as the lr's
+    # early stop when the loss < epsilon + i'·epsilon_growth, i' scaled as the lr's
+    epsilon: float = 1e-5
     epsilon_growth: float = 2e-5
-    # The loss is multiplied by this while its gradient crosses the UNet (and the gradient divided by it after):
-    # an fp16 UNet's gradient of ∅ underflows without it (cosine to float64 0.93 at the first threshold, 0.99975
-    # with 2^16; bench/results/precision_cpu.md); exact in float32
-    loss_scale: float = 2.0 ** 16
-    # "last": the authors' loop (null-text notebook): compute the loss, take the Adam step, then stop if that
-    # loss was under the threshold; ∅_i is the last iterate. "best": check the loss before each update, stop
-    # without applying it once under the threshold, and keep the ∅ with the lowest loss seen (one more loss
-    # evaluation per step, one update fewer at every early-stopped step).
+    # The loss is multiplied by this while its gradient crosses the UNet (and the gradient divided
+    # by it after): an fp16 UNet's gradient of ∅ underflows without it (cosine to float64 0.93 at
+    # the first threshold, 0.99975 with 2^16; bench/results/precision_cpu.md); exact in float32
+    loss_scale: float = 2.0**16
+    # "last": the authors' loop (null-text notebook): compute the loss, take the Adam step, then
+    # stop if that loss was under the threshold; ∅_i is the last iterate. "best": check the loss
+    # before each update, stop without applying it once under the threshold, and keep the ∅ with the
+    # lowest loss seen (one more loss evaluation per step, one update fewer at every early-stopped
+    # step).
     keep: Literal["last", "best"] = "last"
 
     def __post_init__(self):
@@ -47,16 +51,21 @@ class NullTextStep:
     """What happened at one reconstruction step, per image of the batch."""
 
     initial_loss: list[float]  # loss with the warm-started ∅ (the previous step's result)
-    final_loss: list[float]  # keep="best": the loss of the ∅ kept; "last": the last loss computed (before its update)
+    # keep="best": the loss of the ∅ kept; "last": the last loss computed (before its update)
+    final_loss: list[float]
     iterations: list[int]  # Adam updates made
     threshold: float  # the early-stop threshold of this step
     reached_threshold: list[bool]
 
     def rows(self, rows: list[int]) -> "NullTextStep":
         """The same statistics for some images of the batch."""
-        return NullTextStep([self.initial_loss[r] for r in rows], [self.final_loss[r] for r in rows],
-                            [self.iterations[r] for r in rows], self.threshold,
-                            [self.reached_threshold[r] for r in rows])
+        return NullTextStep(
+            [self.initial_loss[r] for r in rows],
+            [self.final_loss[r] for r in rows],
+            [self.iterations[r] for r in rows],
+            self.threshold,
+            [self.reached_threshold[r] for r in rows],
+        )
 
 
 @dataclass
@@ -74,23 +83,31 @@ def _per_image_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b) ** 2).flatten(1).mean(1)  # (B,)
 
 
-def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: torch.Tensor,
-                           uncond: torch.Tensor, guidance: float, config: NullTextConfig = NullTextConfig(),
-                           z_T: torch.Tensor | None = None, observer=None,
-                           progress: Callable | None = None) -> NullTextResult:
+def null_text_optimization(
+    unet,
+    plan: Plan,
+    pivots: list[torch.Tensor],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: float,
+    config: NullTextConfig = NullTextConfig(),
+    z_T: torch.Tensor | None = None,
+    observer=None,
+    progress: Callable | None = None,
+) -> NullTextResult:
     """Optimise one ∅ per step and per image so that guided reconstruction follows `pivots`.
 
     pivots: N+1 latents (B, 4, h, w), z_0 first (as `invert` returns them). cond: (B, 77, D) prompt
-    embeddings. uncond: (1 or B, 77, D) starting ∅ (the embedding of ""). guidance: s of ε̃. z_T: the start
-    (default pivots[-1]). observer: a controller attached to the conditional UNet call of each step (e.g. an
-    `AttentionStore`), which sees the final reconstruction's cross-attention.
+    embeddings. uncond: (1 or B, 77, D) starting ∅ (the embedding of ""). guidance: s of ε̃. z_T:
+    the start (default pivots[-1]). observer: a controller attached to the conditional UNet call of
+    each step (e.g. an `AttentionStore`), which sees the final reconstruction's cross-attention.
 
     Per step i (Mokady et al. 2023, Alg. 1): ε(z_i, t_i, c) once without gradient; then up to
     `inner_steps` Adam updates of ∅ on Σ_k mse(Step_i(z_i, ε̃), pivot), lr = lr·(1 − i'/100) with
-    i' = i·reference_steps/N; an image stops when its loss < epsilon + i·epsilon_growth, by the rule of
-    `config.keep` (default: the authors' — the update of the iteration whose loss stops it is still applied,
-    and the last iterate is kept). ∅_{i+1} starts from ∅_i. Then z advances with the kept ∅: the model
-    function returns ε̃ with it, and the loop takes the step.
+    i' = i·reference_steps/N; an image stops when its loss < epsilon + i·epsilon_growth, by the rule
+    of `config.keep` (default: the authors' — the update of the iteration whose loss stops it is
+    still applied, and the last iterate is kept). ∅_{i+1} starts from ∅_i. Then z advances with the
+    kept ∅: the model function returns ε̃ with it, and the loop takes the step.
     """
     n = len(plan.steps)
     if len(pivots) != n + 1:
@@ -107,10 +124,11 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
         with torch.no_grad():
             e_c = unet(z, t, cond, controller=at_step(observer, i))
         lr = config.lr * (1.0 - i * config.reference_steps / n / 100.0)
-        threshold = config.epsilon + i * config.reference_steps / n * config.epsilon_growth  # i scaled as the lr
+        # i scaled as the lr
+        threshold = config.epsilon + i * config.reference_steps / n * config.epsilon_growth
         # fp32 master copies: Adam's small steps would be lost in a half-precision embedding
         master = torch.promote_types(null.dtype, torch.float32)
-        params = [null[k:k + 1].to(master).clone().requires_grad_(True) for k in range(b)]
+        params = [null[k : k + 1].to(master).clone().requires_grad_(True) for k in range(b)]
         opt = torch.optim.Adam(params, lr=lr)
         best = [p.detach().clone() for p in params]
         initial = [float("nan")] * b  # nan: no loss computed (inner_steps = 0)
@@ -119,7 +137,8 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
         iterations = [0] * b
         for it in range(config.inner_steps + (1 if keep_best else 0)):
             e_u = unet(z, t, torch.cat(params).to(cond.dtype))
-            loss_k = _per_image_mse(land(cfg(e_u, e_c, guidance)).to(master), target.to(master))  # (B,)
+            # (B,)
+            loss_k = _per_image_mse(land(cfg(e_u, e_c, guidance)).to(master), target.to(master))
             values = loss_k.detach().tolist()
             live = [k for k in range(b) if active[k]]
             for k in live:
@@ -135,19 +154,22 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
             live = [k for k in live if active[k]]
             if not live or it == config.inner_steps:
                 break
-            # Eq. 4: one loss summed over the images. autograd.grad (not backward) differentiates with respect
-            # to the embeddings only, so UNet weights that require grad get no gradient computed or stored.
-            # The loss is scaled while its gradient crosses the UNet, so that a half-precision UNet's small
-            # gradients do not underflow (exact in float32: a power of two), and unscaled on the embeddings.
+            # Eq. 4: one loss summed over the images. autograd.grad (not backward) differentiates
+            # with respect to the embeddings only, so UNet weights that require grad get no gradient
+            # computed or stored. The loss is scaled while its gradient crosses the UNet, so that a
+            # half-precision UNet's small gradients do not underflow (exact in float32: a power of
+            # two), and unscaled on the embeddings.
             grads = torch.autograd.grad(loss_k.sum() * config.loss_scale, [params[k] for k in live])
             grads = [g / config.loss_scale for g in grads]
             for k in range(b):
-                params[k].grad = None  # Adam skips parameters without a gradient: the stopped images
+                # Adam skips parameters without a gradient: the stopped images
+                params[k].grad = None
             for k, g in zip(live, grads):
                 params[k].grad = g
                 iterations[k] += 1
             opt.step()
-            if not keep_best:  # the authors' rule: the loss computed before this update stops the image
+            # the authors' rule: the loss computed before this update stops the image
+            if not keep_best:
                 for k in live:
                     if values[k] < threshold:
                         active[k] = False
@@ -156,7 +178,9 @@ def null_text_optimization(unet, plan: Plan, pivots: list[torch.Tensor], cond: t
         kept = best if keep_best else [p.detach() for p in params]
         null = torch.cat(kept).detach().to(cond.dtype)
         result.null_embeddings.append(null)
-        result.steps.append(NullTextStep(initial, final, iterations, threshold, [v < threshold for v in final]))
+        result.steps.append(
+            NullTextStep(initial, final, iterations, threshold, [v < threshold for v in final])
+        )
         with torch.no_grad():
             return cfg(unet(z, t, null), e_c, guidance)
 

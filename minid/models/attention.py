@@ -1,11 +1,13 @@
 """The attention seam: every attention call of the UNet goes through `attention()` here.
 
-A call names its `Site` (where in the UNet it happens) and may carry a `controller`: an object the caller
-passes to `UNet.forward` for one call, which sees every site and may return a replacement output. There is
-no global state and no monkeypatching: a UNet called without a controller is plain Stable Diffusion.
+A call names its `Site` (where in the UNet it happens) and may carry a `controller`: an object the
+caller passes to `UNet.forward` for one call, which sees every site and may return a replacement
+output. There is no global state and no monkeypatching: a UNet called without a controller is plain
+Stable Diffusion.
 
 Shapes: q is (B, heads, Nq, d), k and v are (B, heads, Nk, d); the output is (B, heads, Nq, d).
-For self-attention Nq = Nk = height·width of the feature map; for cross-attention Nk = 77 text tokens.
+For self-attention Nq = Nk = height·width of the feature map; for cross-attention Nk = 77 text
+tokens.
 
 What a controller may call instead of materialising attention maps (forward-exact rewrites with
 Triton kernels beside their PyTorch paths) is `minid.kernels.dispatch`: `attention_with_map`,
@@ -22,16 +24,19 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+
 @dataclass(frozen=True)
 class Site:
     """Where an attention call happens.
 
-    SD1.4 has 16 transformer blocks (6 down, 1 mid, 9 up), each with one self- and one cross-attention,
-    so 32 sites per UNet call. `index` counts transformer blocks in forward order (0..15).
+    SD1.4 has 16 transformer blocks (6 down, 1 mid, 9 up), each with one self- and one
+    cross-attention, so 32 sites per UNet call. `index` counts transformer blocks in forward order
+    (0..15).
     """
 
     block: Literal["down", "mid", "up"]  # the UNet half the transformer block sits in
-    level: int  # resolution level of the block within its half (down 0 = highest resolution; up 0 = lowest)
+    # resolution level of the block within its half (down 0 = highest resolution; up 0 = lowest)
+    level: int
     index: int  # running index of the transformer block in forward order, 0..15 for SD1.4
     kind: Literal["self", "cross"]  # attn1 is self-attention, attn2 cross-attention to the text
     height: int = 0  # side lengths of the query grid at this call (64×64 … 8×8 for a 512² image)
@@ -53,13 +58,14 @@ class Site:
 class AttentionController(Protocol):
     """What a controller is: called at every site with that call's q, k, v.
 
-    Return a tensor of q's shape to replace the attention output, or None to let the default attention
-    run. A controller that only observes computes what it needs (for example a head-averaged
-    cross-attention map) and returns None.
+    Return a tensor of q's shape to replace the attention output, or None to let the default
+    attention run. A controller that only observes computes what it needs (for example a
+    head-averaged cross-attention map) and returns None.
     """
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site) -> torch.Tensor | None:
-        ...
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site
+    ) -> torch.Tensor | None: ...
 
 
 def default_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -67,21 +73,29 @@ def default_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site | None = None,
-              controller: AttentionController | None = None) -> torch.Tensor:
-    """The one entry point the models use. (B, h, Nq, d), (B, h, Nk, d), (B, h, Nk, d) -> (B, h, Nq, d)."""
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    site: Site | None = None,
+    controller: AttentionController | None = None,
+) -> torch.Tensor:
+    """The one entry point the models use. (B, h, Nq, d), (B, h, Nk, d), (B, h, Nk, d) -> (B, h, Nq,
+    d)."""
     if controller is not None and site is not None:
         out = controller(q, k, v, site)
         if out is not None:
             if out.shape != q.shape[:-1] + v.shape[-1:]:
-                raise ValueError(f"controller {type(controller).__name__} at {site} returned shape "
-                                 f"{tuple(out.shape)}, expected {tuple(q.shape[:-1] + v.shape[-1:])}")
+                raise ValueError(
+                    f"controller {type(controller).__name__} at {site} returned shape "
+                    f"{tuple(out.shape)}, expected {tuple(q.shape[:-1] + v.shape[-1:])}"
+                )
             return out
     return default_attention(q, k, v)
 
 
 def at_step(controller, i: int):
     """The controller as one UNet call at step i sees it: `controller(q, k, v, site, step=i)` (a
-    `functools.partial`, so `.func` and `.keywords["step"]` say what it binds). The sampling loops pass the
-    step index to the model function, which binds it here; None stays None."""
+    `functools.partial`, so `.func` and `.keywords["step"]` say what it binds). The sampling loops
+    pass the step index to the model function, which binds it here; None stays None."""
     return None if controller is None else functools.partial(controller, step=i)

@@ -1,10 +1,11 @@
-"""SD's classifier-free-guided loops: the guided noise prediction, plain inversion and reconstruction.
+"""SD's classifier-free-guided loops: the guided noise prediction, plain inversion and
+reconstruction.
 
 - `guided_eps`: ε̃ = ε(∅) + s (ε(c) − ε(∅)), both halves in one UNet batch.
-- `invert`: DDIM (or hybrid-solver) inversion with guidance 1, conditional prompt only: the trajectory
-  z_0 … z_N ("pivots").
-- `reconstruct`: the guided pass z_T → z_0 with per-step (or one) unconditional embeddings; text to image
-  and EditedID's Stage 3 run it.
+- `invert`: DDIM (or hybrid-solver) inversion with guidance 1, conditional prompt only: the
+  trajectory z_0 … z_N ("pivots").
+- `reconstruct`: the guided pass z_T → z_0 with per-step (or one) unconditional embeddings; text to
+  image and EditedID's Stage 3 run it.
 
 Each is one pass of the one sampling or inversion loop of samplers.py with its own model function.
 """
@@ -20,10 +21,17 @@ from minid.sampling.plans import Plan
 from minid.sampling.samplers import cfg, invert_loop, sample_loop
 
 
-def guided_eps(unet, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float,
-               controller=None) -> torch.Tensor:
-    """ε̃ = ε(∅) + s (ε(c) − ε(∅)) with both halves in one batch [uncond; cond] (the controllers' layout);
-    scale 1 is ε(c) alone, one UNet call on the conditional half."""
+def guided_eps(
+    unet,
+    z: torch.Tensor,
+    t,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    scale: float,
+    controller=None,
+) -> torch.Tensor:
+    """ε̃ = ε(∅) + s (ε(c) − ε(∅)) with both halves in one batch [uncond; cond] (the controllers'
+    layout); scale 1 is ε(c) alone, one UNet call on the conditional half."""
     if scale == 1.0:
         return unet(z, t, cond, controller=controller)
     both = unet(torch.cat([z, z]), t, torch.cat([uncond, cond]), controller=controller)
@@ -32,8 +40,15 @@ def guided_eps(unet, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tenso
 
 
 @torch.no_grad()
-def invert(unet, plan: Plan, z0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-           guidance: float = 1.0, progress: Callable | None = None) -> list[torch.Tensor]:
+def invert(
+    unet,
+    plan: Plan,
+    z0: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    progress: Callable | None = None,
+) -> list[torch.Tensor]:
     """DDIM / hybrid inversion z_0 → z_N. Returns the N+1 latents (pivots), each (B, 4, h, w)."""
     pivots = [z0]
 
@@ -50,12 +65,21 @@ def invert(unet, plan: Plan, z0: torch.Tensor, cond: torch.Tensor, uncond: torch
 
 
 @torch.no_grad()
-def reconstruct(unet, plan: Plan, z_T: torch.Tensor, cond: torch.Tensor, null_embeddings, guidance: float,
-                controller=None, on_step: Callable | None = None) -> list[torch.Tensor]:
-    """Guided reconstruction z_T → z_0 with per-step ∅ (a list of (B, 77, D)) or one fixed (B, 77, D).
+def reconstruct(
+    unet,
+    plan: Plan,
+    z_T: torch.Tensor,
+    cond: torch.Tensor,
+    null_embeddings,
+    guidance: float,
+    controller=None,
+    on_step: Callable | None = None,
+) -> list[torch.Tensor]:
+    """Guided reconstruction z_T → z_0 with per-step ∅ (a list of (B, 77, D)) or one fixed (B, 77,
+    D).
 
-    The UNet batch is [uncond; cond] (`BatchLayout(B, cfg=True)`); the controller is called with the step
-    index (`at_step`). `on_step(i, z)` may return a new z (blending). Returns z_T … z_0.
+    The UNet batch is [uncond; cond] (`BatchLayout(B, cfg=True)`); the controller is called with the
+    step index (`at_step`). `on_step(i, z)` may return a new z (blending). Returns z_T … z_0.
     """
     latents = [z_T]
 

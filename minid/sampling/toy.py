@@ -1,46 +1,50 @@
-"""An exact-score testbed: a Gaussian mixture in latent space whose noise prediction is known in closed form.
+"""An exact-score testbed: a Gaussian mixture in latent space whose noise prediction is known in
+closed form.
 
-It stands in for the UNet wherever a property of the sampler math is to be measured rather than argued
-(docs/editedid.md, Open items O1 and O2; paper A.8 Fig. 14 and A.13 Table 11: bench/solver_stability.py,
-bench/mixing.py). It has the UNet's call signature, `model(z, timestep, context, controller=None) -> ε`, so
-`samplers.sample_loop` / `invert_loop`, `inversion.adaptive_mixing_inversion` and
-`inversion.null_text_optimization` run on it unchanged.
+It stands in for the UNet wherever a property of the sampler math is to be measured rather than
+argued (docs/editedid.md, Open items O1 and O2; paper A.8 Fig. 14 and A.13 Table 11:
+bench/solver_stability.py, bench/mixing.py). It has the UNet's call signature, `model(z, timestep,
+context, controller=None) -> ε`, so `samplers.sample_loop` / `invert_loop`,
+`inversion.adaptive_mixing_inversion` and `inversion.null_text_optimization` run on it unchanged.
 
 The data. x_0 ∈ R^d with d = C·H·W (4×8×8 = 256 by default), drawn from K components,
 
     x_0 ~ Σ_k π_k(c) N(μ_k + s(c), Σ_k),   Σ_k = A_k A_kᵀ + diag(δ_k),   π(c) = softmax(logits(c))
 
-A_k (d × r, r = 8) carries the "structure": a few large, correlated directions. diag(δ_k), small and per
-coordinate, carries the "details": the directions in which the data vary least, where a sampler that is too
-coarse at low noise loses them first. The responsibilities of the components change with z, so the score
-is nonlinear in z.
+A_k (d × r, r = 8) carries the "structure": a few large, correlated directions. diag(δ_k), small and
+per coordinate, carries the "details": the directions in which the data vary least, where a sampler
+that is too coarse at low noise loses them first. The responsibilities of the components change with
+z, so the score is nonlinear in z.
 
-The noised marginal and its exact ε. With z_t = α_t x_0 + σ_t n (schedule.py) each component stays Gaussian,
-C_k(t) = α_t² Σ_k + σ_t² I, and with Σ_k = V_k diag(e_k) V_kᵀ (precomputed eigendecomposition) and
-m_k = μ_k + s(c)
+The noised marginal and its exact ε. With z_t = α_t x_0 + σ_t n (schedule.py) each component stays
+Gaussian, C_k(t) = α_t² Σ_k + σ_t² I, and with Σ_k = V_k diag(e_k) V_kᵀ (precomputed
+eigendecomposition) and m_k = μ_k + s(c)
 
     p_t(z | c) = Σ_k π_k(c) N(z; α_t m_k, C_k(t))
     ε(z, t, c) = −σ_t ∇_z log p_t(z | c) = σ_t Σ_k γ_k(z) C_k(t)^{-1} (z − α_t m_k)
-    γ_k(z) = softmax_k( logits_k(c) + log N(z; α_t m_k, C_k(t)) )                          (responsibilities)
-    x̂_0 = (z − σ_t ε)/α_t = Σ_k γ_k (m_k + α_t Σ_k C_k(t)^{-1} (z − α_t m_k))                 (= E[x_0 | z_t])
+    γ_k(z) = softmax_k( logits_k(c) + log N(z; α_t m_k, C_k(t)) )
+    (responsibilities)
+    x̂_0 = (z − σ_t ε)/α_t = Σ_k γ_k (m_k + α_t Σ_k C_k(t)^{-1} (z − α_t m_k))                 (=
+    E[x_0 | z_t])
 
-The conditioning. A "prompt embedding" is a vector of component logits, followed (`ToyConfig.offset`, default
-on) by a mean offset s ∈ R^d, shaped (B, 1, K + d) so that code written for SD's (B, 77, 768) embeddings
-(concatenating and slicing along dim 0, `expand(b, −1, −1)`) takes it as it is. `prompt(k)` favours component
-k; `null_prompt()` has equal logits (every component equally likely), the "∅" of classifier-free guidance;
-both have s = 0. ε is differentiable in the whole embedding, so null-text optimisation (Mokady et al. 2023;
-docs/editedid.md, Stage 2) optimises the unconditional embedding exactly as it optimises ∅ on SD. Why the
-offset: with the K logits alone ∅ has K − 1 directions of control over a d-dimensional ε (SD's ∅ has 77·768),
-too few for Stage 2 to follow a pivot that moved in any other direction; s gives it full rank, as on SD.
-Prompts never set s, so the data of a prompt is the mixture above with s = 0.
+The conditioning. A "prompt embedding" is a vector of component logits, followed
+(`ToyConfig.offset`, default on) by a mean offset s ∈ R^d, shaped (B, 1, K + d) so that code written
+for SD's (B, 77, 768) embeddings (concatenating and slicing along dim 0, `expand(b, −1, −1)`) takes
+it as it is. `prompt(k)` favours component k; `null_prompt()` has equal logits (every component
+equally likely), the "∅" of classifier-free guidance; both have s = 0. ε is differentiable in the
+whole embedding, so null-text optimisation (Mokady et al. 2023; docs/editedid.md, Stage 2) optimises
+the unconditional embedding exactly as it optimises ∅ on SD. Why the offset: with the K logits alone
+∅ has K − 1 directions of control over a d-dimensional ε (SD's ∅ has 77·768), too few for Stage 2 to
+follow a pivot that moved in any other direction; s gives it full rank, as on SD. Prompts never set
+s, so the data of a prompt is the mixture above with s = 0.
 
-The "image". There is no decoder: the image of a latent is the latent itself (`image`), and PSNR is taken over
-`data_range` = 6 standard deviations of the data (±3 sd), with `metrics.psnr`.
+The "image". There is no decoder: the image of a latent is the latent itself (`image`), and PSNR is
+taken over `data_range` = 6 standard deviations of the data (±3 sd), with `metrics.psnr`.
 
-The exact probability-flow ODE. In y = z/α and u = σ/α it reads dy/du = ε(α y, t(u)) (DDIM's ODE, Song et al.
-2021, Eq. 14); `flow` integrates it with classical Runge-Kutta on a grid uniform in log(u + 0.01), which
-reaches u = 0 (CLEAN) with no singularity. Many tiny steps make it the reference the samplers are measured
-against.
+The exact probability-flow ODE. In y = z/α and u = σ/α it reads dy/du = ε(α y, t(u)) (DDIM's ODE,
+Song et al. 2021, Eq. 14); `flow` integrates it with classical Runge-Kutta on a grid uniform in
+log(u + 0.01), which reaches u = 0 (CLEAN) with no singularity. Many tiny steps make it the
+reference the samplers are measured against.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ from minid.sampling.schedule import NoiseSchedule
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """The mixture's shape and scales (defaults: SD-like latents, roughly unit variance per coordinate)."""
+    """The mixture's shape and scales (defaults: SD-like latents, roughly unit variance per
+    coordinate)."""
 
     channels: int = 4  # latent channels, as SD's
     side: int = 8  # latent side: d = channels·side² = 256
@@ -63,10 +68,13 @@ class ToyConfig:
     rank: int = 8  # r: large directions of each component's covariance ("structure")
     mean_scale: float = 0.6  # sd of the component means' entries
     structure_scale: float = 0.7  # sd per coordinate of the low-rank part A_k A_kᵀ
-    detail_min: float = 0.005  # the diagonal part δ_k is uniform in [detail_min, detail_max] per coordinate:
+    # the diagonal part δ_k is uniform in [detail_min, detail_max] per coordinate:
+    detail_min: float = 0.005
     detail_max: float = 0.03  # the "details", sd 0.07 … 0.17
-    prompt_strength: float = 2.0  # logit of the favoured component in `prompt(k)`: weight e²/(e² + K − 1) ≈ 0.6
-    offset: bool = True  # the embedding carries a mean offset s after the logits (see the module docstring)
+    # logit of the favoured component in `prompt(k)`: weight e²/(e² + K − 1) ≈ 0.6
+    prompt_strength: float = 2.0
+    # the embedding carries a mean offset s after the logits (see the module docstring)
+    offset: bool = True
     seed: int = 0  # the mixture's parameters are drawn from this seed
 
 
@@ -84,14 +92,19 @@ class GaussianMixtureModel:
         g = torch.Generator().manual_seed(c.seed)
         f64 = torch.float64
         self.means = c.mean_scale * torch.randn(k, d, generator=g, dtype=f64)  # (K, d) μ_k
-        a = c.structure_scale / math.sqrt(r) * torch.randn(k, d, r, generator=g, dtype=f64)  # (K, d, r) A_k
-        detail = c.detail_min + (c.detail_max - c.detail_min) * torch.rand(k, d, generator=g, dtype=f64)
+        # (K, d, r) A_k
+        a = c.structure_scale / math.sqrt(r) * torch.randn(k, d, r, generator=g, dtype=f64)
+        detail = c.detail_min + (c.detail_max - c.detail_min) * torch.rand(
+            k, d, generator=g, dtype=f64
+        )
         self.covariances = a @ a.transpose(1, 2) + torch.diag_embed(detail)  # (K, d, d) Σ_k
-        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.covariances)  # (K, d) e_k, (K, d, d) V_k
-        self._stacked_eigenvectors = self.eigenvectors.transpose(1, 2).reshape(k * d, d)  # (K·d, d): rows V_kᵀ
+        # (K, d) e_k, (K, d, d) V_k
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.covariances)
+        # (K·d, d): rows V_kᵀ
+        self._stacked_eigenvectors = self.eigenvectors.transpose(1, 2).reshape(k * d, d)
         self.data_range = 6.0 * math.sqrt(self._data_variance())  # ±3 sd: the "image" span for PSNR
 
-    # ---- shapes ------------------------------------------------------------------------------------------
+    # ---- shapes ----------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
         return self.means.shape[1]
@@ -110,8 +123,8 @@ class GaussianMixtureModel:
         return self.num_components + (self.dim if self.config.offset else 0)
 
     def prompt(self, component: int | list[int], strength: float | None = None) -> torch.Tensor:
-        """Prompt embeddings favouring the given component(s): (B, 1, E), `strength` on the component's logit,
-        the others and the offset 0."""
+        """Prompt embeddings favouring the given component(s): (B, 1, E), `strength` on the
+        component's logit, the others and the offset 0."""
         ks = [component] if isinstance(component, int) else list(component)
         s = self.config.prompt_strength if strength is None else strength
         embedding = torch.zeros(len(ks), 1, self.embedding_width, dtype=torch.float64)
@@ -129,18 +142,27 @@ class GaussianMixtureModel:
             parts = f"K = {self.num_components} logits"
             if self.config.offset:
                 parts += f", then d = {self.dim} offsets"
-            raise ValueError(f"a prompt embedding is (B, 1, E={self.embedding_width}), {parts}; found "
-                             f"{tuple(context.shape)}; build it with model.prompt(k) or model.null_prompt()")
+            raise ValueError(
+                f"a prompt embedding is (B, 1, E={self.embedding_width}), {parts}; found "
+                f"{tuple(context.shape)}; build it with model.prompt(k) or model.null_prompt()"
+            )
         if context.shape[0] not in (1, batch):
             raise ValueError(f"{context.shape[0]} prompt embeddings for a batch of {batch} latents")
         return context[:, 0].expand(batch, -1)  # (B, E)
 
-    # ---- the model ---------------------------------------------------------------------------------------
-    def __call__(self, z: torch.Tensor, timestep, context: torch.Tensor, controller=None) -> torch.Tensor:
-        """ε(z, t, c), the UNet's signature: z (B, C, H, W), timestep a time on [0, T−1] (int, float, or a
-        (B,) tensor), context (B or 1, 1, E) embeddings. `controller` is accepted and ignored (no attention)."""
+    # ---- the model -------------------------------------------------------------------------------
+    def __call__(
+        self, z: torch.Tensor, timestep, context: torch.Tensor, controller=None
+    ) -> torch.Tensor:
+        """ε(z, t, c), the UNet's signature: z (B, C, H, W), timestep a time on [0, T−1] (int,
+        float, or a (B,) tensor), context (B or 1, 1, E) embeddings. `controller` is accepted and
+        ignored (no attention)."""
         b = z.shape[0]
-        ts = timestep.tolist() if isinstance(timestep, torch.Tensor) and timestep.ndim > 0 else [timestep] * b
+        ts = (
+            timestep.tolist()
+            if isinstance(timestep, torch.Tensor) and timestep.ndim > 0
+            else [timestep] * b
+        )
         if len(ts) != b:
             raise ValueError(f"{len(ts)} timesteps for a batch of {b} latents")
         ts = [float(t) for t in ts]
@@ -148,66 +170,85 @@ class GaussianMixtureModel:
         sigma = torch.tensor([self.schedule.sigma(t) for t in ts], dtype=z.dtype)
         return self.eps_at(z, alpha, sigma, self._condition(context, b))
 
-    def eps_at(self, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-               condition: torch.Tensor) -> torch.Tensor:
-        """ε at noise level (α, σ) (each (B,) or a float) under `condition` (B, E), the embeddings' rows:
-        σ Σ_k γ_k C_k^{-1}(z − α m_k)."""
+    def eps_at(
+        self, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, condition: torch.Tensor
+    ) -> torch.Tensor:
+        """ε at noise level (α, σ) (each (B,) or a float) under `condition` (B, E), the embeddings'
+        rows: σ Σ_k γ_k C_k^{-1}(z − α m_k)."""
         b = z.shape[0]
         r, c, gamma = self._posterior(z, alpha, sigma, condition)
         sigma = torch.as_tensor(sigma, dtype=z.dtype).expand(b)
-        weighted = (gamma[:, :, None] * r / c).reshape(b, -1)  # (B, K·d): γ_k C_k^{-1}(z − α μ_k), eigen-coords
-        eps = weighted @ self._stacked_eigenvectors.to(z.dtype) * sigma[:, None]  # Σ_k V_k (·): (B, d)
+        # (B, K·d): γ_k C_k^{-1}(z − α μ_k), eigen-coords
+        weighted = (gamma[:, :, None] * r / c).reshape(b, -1)
+        # Σ_k V_k (·): (B, d)
+        eps = weighted @ self._stacked_eigenvectors.to(z.dtype) * sigma[:, None]
         return eps.reshape(z.shape)
 
     def log_density(self, z: torch.Tensor, alpha, sigma, condition: torch.Tensor) -> torch.Tensor:
         """log p_t(z | c) at noise level (α, σ), (B,): the density whose −σ·gradient `eps_at` is."""
         r, c, _ = self._posterior(z, alpha, sigma, condition)
-        log_n = -0.5 * (r ** 2 / c).sum(-1) - 0.5 * torch.log(c).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
-        logits = condition[:, :self.num_components].to(z.dtype)
+        log_n = (
+            -0.5 * (r**2 / c).sum(-1)
+            - 0.5 * torch.log(c).sum(-1)
+            - 0.5 * self.dim * math.log(2 * math.pi)
+        )
+        logits = condition[:, : self.num_components].to(z.dtype)
         return torch.logsumexp(torch.log_softmax(logits, -1) + log_n, -1)
 
     def _posterior(self, z, alpha, sigma, condition):
-        """Eigen-coordinates r_k = V_kᵀ(z − α m_k) (B, K, d), variances c_k = α² e_k + σ² (B, K, d), and the
-        responsibilities γ (B, K)."""
+        """Eigen-coordinates r_k = V_kᵀ(z − α m_k) (B, K, d), variances c_k = α² e_k + σ² (B, K, d),
+        and the responsibilities γ (B, K)."""
         b = z.shape[0]
         dt = z.dtype
         alpha = torch.as_tensor(alpha, dtype=dt).expand(b)
         sigma = torch.as_tensor(sigma, dtype=dt).expand(b)
-        logits = condition[:, :self.num_components].to(dt)  # (B, K)
+        logits = condition[:, : self.num_components].to(dt)  # (B, K)
         means = self.means.to(dt)[None]  # (1, K, d) μ_k
         if condition.shape[1] > self.num_components:  # m_k = μ_k + s
-            means = means + condition[:, None, self.num_components:].to(dt)  # (B, K, d)
+            means = means + condition[:, None, self.num_components :].to(dt)  # (B, K, d)
         x = z.reshape(b, self.dim)  # (B, d)
         diff = x[:, None, :] - alpha[:, None, None] * means  # (B, K, d)
         r = torch.bmm(diff.transpose(0, 1), self.eigenvectors.to(dt)).transpose(0, 1)  # (B, K, d)
-        c = alpha[:, None, None] ** 2 * self.eigenvalues.to(dt)[None] + sigma[:, None, None] ** 2  # (B, K, d)
-        log_n = -0.5 * (r ** 2 / c).sum(-1) - 0.5 * torch.log(c).sum(-1)  # (B, K), up to a constant
+        # (B, K, d)
+        c = alpha[:, None, None] ** 2 * self.eigenvalues.to(dt)[None] + sigma[:, None, None] ** 2
+        log_n = -0.5 * (r**2 / c).sum(-1) - 0.5 * torch.log(c).sum(-1)  # (B, K), up to a constant
         gamma = torch.softmax(logits + log_n, dim=-1)
         return r, c, gamma
 
-    # ---- data --------------------------------------------------------------------------------------------
-    def sample(self, context: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One x_0 per prompt embedding (B, 1, E): (B, C, H, W) float64 and the components drawn (B,)."""
+    # ---- data ------------------------------------------------------------------------------------
+    def sample(
+        self, context: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One x_0 per prompt embedding (B, 1, E): (B, C, H, W) float64 and the components drawn
+        (B,)."""
         b = context.shape[0]
         condition = self._condition(context, b).double()
-        probs = torch.softmax(condition[:, :self.num_components], -1)
+        probs = torch.softmax(condition[:, : self.num_components], -1)
         ks = torch.multinomial(probs, 1, generator=generator)[:, 0]
         n = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
         e, v = self.eigenvalues[ks], self.eigenvectors[ks]  # (B, d), (B, d, d)
         x = self.means[ks] + torch.einsum("bde,be->bd", v, e.clamp_min(0).sqrt() * n)
         if condition.shape[1] > self.num_components:
-            x = x + condition[:, self.num_components:]  # the offset s
+            x = x + condition[:, self.num_components :]  # the offset s
         return x.reshape(b, *self.latent_shape), ks
 
-    def edit_region(self, x: torch.Tensor, mask: torch.Tensor, component: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+    def edit_region(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        component: int,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """x with the region `mask` (C, H, W) bool redrawn from component k given the rest of x:
-        x_F ~ N(μ_F + Σ_FN Σ_NN^{-1}(x_N − μ_N), Σ_FF − Σ_FN Σ_NN^{-1} Σ_NF), the Gaussian conditional; its
-        mean when `generator` is None. Outside the region x is kept bit for bit: a pair that "differs only in
-        the face" (paper A.8, Fig. 14) and stays on the data manifold of component k."""
+        x_F ~ N(μ_F + Σ_FN Σ_NN^{-1}(x_N − μ_N), Σ_FF − Σ_FN Σ_NN^{-1} Σ_NF), the Gaussian
+        conditional; its mean when `generator` is None. Outside the region x is kept bit for bit: a
+        pair that "differs only in the face" (paper A.8, Fig. 14) and stays on the data manifold of
+        component k."""
         if mask.shape != self.latent_shape or mask.dtype != torch.bool:
-            raise ValueError(f"the region mask must be a bool tensor of shape {self.latent_shape}, found "
-                             f"{mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"the region mask must be a bool tensor of shape {self.latent_shape}, found "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
         f, nf = mask.flatten(), ~mask.flatten()
         cov, mu = self.covariances[component], self.means[component]
         s_fn, s_nn = cov[f][:, nf], cov[nf][:, nf]
@@ -220,26 +261,31 @@ class GaussianMixtureModel:
         else:
             cond_cov = cov[f][:, f] - gain @ s_fn.T
             chol = torch.linalg.cholesky(0.5 * (cond_cov + cond_cov.T))
-            out[:, f] = mean_f + torch.randn(xs.shape[0], int(f.sum()), generator=generator,
-                                             dtype=torch.float64) @ chol.T
+            out[:, f] = (
+                mean_f
+                + torch.randn(xs.shape[0], int(f.sum()), generator=generator, dtype=torch.float64)
+                @ chol.T
+            )
         return out.reshape(x.shape).to(x.dtype)
 
     def _data_variance(self) -> float:
         """Variance per coordinate of x_0 under ∅ (equal weights), averaged over coordinates."""
-        second = (torch.diagonal(self.covariances, dim1=1, dim2=2) + self.means ** 2).mean(0)  # (d,) E[x²]
+        # (d,) E[x²]
+        second = (torch.diagonal(self.covariances, dim1=1, dim2=2) + self.means**2).mean(0)
         return float((second - self.means.mean(0) ** 2).mean())
 
-    # ---- the image view ----------------------------------------------------------------------------------
+    # ---- the image view --------------------------------------------------------------------------
     @staticmethod
     def image(z: torch.Tensor) -> torch.Tensor:
         """The decoder-free "image" of a latent: the latent itself."""
         return z
 
-    # ---- the exact probability-flow ODE ------------------------------------------------------------------
+    # ---- the exact probability-flow ODE ----------------------------------------------------------
     def flow(self, z: torch.Tensor, t, s, context: torch.Tensor, steps: int = 400) -> torch.Tensor:
-        """The probability-flow ODE's solution from time (or level) t to s, either direction, under the prompt
-        `context` (guidance 1): RK4 on dy/dv = (u + u_c) ε(α y, α, σ), y = z/α, u = σ/α, v = log(u + u_c),
-        u_c = 0.01, `steps` steps uniform in v. t and s may be schedule.FINAL or schedule.CLEAN."""
+        """The probability-flow ODE's solution from time (or level) t to s, either direction, under
+        the prompt `context` (guidance 1): RK4 on dy/dv = (u + u_c) ε(α y, α, σ), y = z/α, u = σ/α,
+        v = log(u + u_c), u_c = 0.01, `steps` steps uniform in v. t and s may be schedule.FINAL or
+        schedule.CLEAN."""
         u_c = 0.01
         condition = self._condition(context, z.shape[0])
 
