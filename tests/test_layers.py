@@ -165,3 +165,122 @@ def test_every_line_of_code_is_at_most_100_characters():
                 if len(line) > 100:
                     long.append(f"{path.relative_to(ROOT)}:{number} ({len(line)})")
     assert not long, f"{len(long)} lines over 100 characters: " + ", ".join(long[:20])
+
+
+# ---- the flow: each input decoded once, and SD without the method --------------------------------
+
+
+def _count_opens(monkeypatch) -> dict[str, int]:
+    """Counts, per file name, the images the run decodes (every picture goes through
+    `open_image`)."""
+    from minid.imaging import images
+
+    opened: dict[str, int] = {}
+    real = images.open_image
+
+    def counting(image):
+        img, path = real(image)
+        if path is not None:
+            opened[path.name] = opened.get(path.name, 0) + 1
+        return img, path
+
+    monkeypatch.setattr(images, "open_image", counting)
+    return opened
+
+
+def _pair_files(folder: Path) -> tuple[Path, Path, Path]:
+    import numpy as np
+    from PIL import Image
+    from tiny_models import IMAGE_SIZE, random_image
+
+    from minid.imaging.images import tensor_to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensor_to_pil(random_image(1)).save(folder / "o.png")
+    tensor_to_pil(random_image(2)).save(folder / "e.png")
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(folder / "m.png")
+    return folder / "o.png", folder / "e.png", folder / "m.png"
+
+
+FAST = ["--steps", "2", "--dpm-start", "2", "--dpm-end", "2", "--null-inner-steps", "1"]
+COMMON = ["--device", "cpu", "--dtype", "fp32", "--image-size", "64"]
+
+
+def test_restore_decodes_each_input_once(tiny_hub, tmp_path, monkeypatch, one_thread):
+    """`minid restore` checks the pair once and the pipeline takes the checked pair as it is: the
+    original, the edited image and the face mask are each read from disk once (the paste-back uses
+    the edited picture kept from the check)."""
+    from minid.app import cli
+
+    original, edited, mask = _pair_files(tmp_path / "in")
+    opened = _count_opens(monkeypatch)
+    argv = [
+        "restore",
+        "--original",
+        str(original),
+        "--edited",
+        str(edited),
+        "--face-mask",
+        str(mask),
+    ]
+    argv += [
+        "--prompt-original",
+        "a photo of a man",
+        "--prompt-edited",
+        "a photo of a man with glasses",
+    ]
+    argv += ["--id-words", "man", "--element-words", "glasses", "--out", str(tmp_path / "r.png")]
+    assert cli.main(argv + ["--weights", str(tiny_hub), *FAST, *COMMON]) == 0
+    assert opened == {"o.png": 1, "e.png": 1, "m.png": 1}, opened
+
+
+def test_calibrate_decodes_each_row_once(tiny_hub, tmp_path, monkeypatch, one_thread):
+    """The scan before any model loads reads headers only; each row's images are decoded once, in
+    its batch, and the checked pair goes to the restore as it is."""
+    from minid.app import cli
+
+    original, edited, mask = _pair_files(tmp_path / "in")
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(
+        "original,edited,prompt_original,prompt_edited,id_words,element_words,face_mask\n"
+        f"{original},{edited},a photo of a man,a photo of a man with glasses,man,glasses,{mask}\n"
+    )
+    opened = _count_opens(monkeypatch)
+    argv = [
+        "calibrate",
+        str(manifest),
+        "--out",
+        str(tmp_path / "cal"),
+        "--mask-source",
+        "attention",
+    ]
+    assert cli.main(argv + ["--weights", str(tiny_hub), *FAST, *COMMON]) == 0
+    # once for the run; the report's contact sheet (its first rows only) reads its thumbnails again
+    assert opened == {"o.png": 2, "e.png": 2, "m.png": 1, "row-00001.png": 1}, opened
+
+
+def test_generate_runs_without_the_method(tiny_hub, tmp_path):
+    """`minid generate` is Stable Diffusion alone: no module of the method or above it is
+    imported."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cat.png"
+    code = (
+        "import sys\n"
+        "from minid.app import cli\n"
+        f"rc = cli.main(['generate', '--prompt', 'a cat', '--out', {str(out)!r}, '--weights', "
+        f"{str(tiny_hub)!r}, '--steps', '2', '--size', '64', '--device', 'cpu', '--dtype', "
+        f"'fp32'])\n"
+        "layers = ('method', 'faces', 'restore', 'dataset')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[:2][-1] in layers\n"
+        "                and m.startswith('minid.'))\n"
+        "print(rc, ','.join(loaded))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rc, _, loaded = run.stdout.strip().splitlines()[-1].partition(" ")
+    assert rc == "0" and out.is_file(), run.stdout + run.stderr[-2000:]
+    assert loaded == "", f"minid generate imported the method or what is built on it: {loaded}"

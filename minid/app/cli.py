@@ -87,7 +87,7 @@ def _check_word(tokenizer, prompt: str, word: str, flags: str) -> None:
 def _prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
     """{flag: prompt} → a ValueError naming the flag for a prompt that is not text; the notes of
     prompts longer than the text encoder reads (to print once every check has passed)."""
-    from minid.restore.inputs import prompt_note
+    from minid.models.tokenizer import prompt_note
 
     return [
         note for flag, prompt in prompts.items() if (note := prompt_note(tokenizer, prompt, flag))
@@ -189,8 +189,9 @@ def _pairs(text: str | None):
 
 def cmd_restore(args) -> int:
     from minid.imaging import images
+    from minid.models.tokenizer import prompt_note
     from minid.restore import report
-    from minid.restore.inputs import RestorePair, check_pair, prompt_note
+    from minid.restore.inputs import RestorePair, check_pair
     from minid.restore.multiface import restore_faces
     from minid.restore.pipeline import EditedID
 
@@ -588,12 +589,17 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with `command`, the options of that one only (the others keep
+    their names and help), so a command imports no more of minid than it runs: `minid generate` no
+    method."""
     parser = Parser(prog="minid", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    known = {name for name, *_ in COMMANDS}
     for name, text, add_args, run in COMMANDS:
         p = sub.add_parser(name, help=text)
-        add_args(p)
+        if command not in known or name == command:
+            add_args(p)
         p.set_defaults(func=run)
     return parser
 
@@ -608,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             # the library warns Python users of a resized mask; here the same words come once, as a
             # note
             warnings.filterwarnings("ignore", message=r"mask .* resized to", category=UserWarning)
-            args = build_parser().parse_args(argv)
+            args = build_parser(argv[0] if argv else None).parse_args(argv)
             return args.func(args)
     # argparse's errors (already printed, one line): the code, for callers in Python too
     except SystemExit as e:

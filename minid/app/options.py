@@ -15,7 +15,7 @@ import argparse
 def number_type(kind: type, low, high=None, low_open: bool = False, multiple: int | None = None):
     """An argparse type: a number of `kind` in the limits (low excluded when `low_open`; a multiple
     of `multiple`), NaN and infinities refused; argparse names the flag in the message."""
-    from minid.method.editedid import number_problem
+    from minid.models.config import number_problem
 
     def parse(text: str):
         try:

@@ -280,7 +280,7 @@ class BatchRunner:
             from minid.restore.report import save_result
 
             save_result(result, inter, inputs=inputs)
-        before, after, sim_notes = self._id_sims(row, png)
+        before, after, sim_notes = self._id_sims(pair, png)
         timings = {k: round(v, 4) for k, v in result.timings.items()}
         rec = record(
             row,
@@ -310,14 +310,17 @@ class BatchRunner:
         write_error(self.out, work.row, rec)
         return rec
 
-    def _id_sims(self, row: Row, result: Path) -> tuple[float | None, float | None, list[str]]:
+    def _id_sims(
+        self, pair: CheckedPair, result: Path
+    ) -> tuple[float | None, float | None, list[str]]:
         """ArcFace cosine of the original's largest face with the edited image's and the result's
-        (paper's ID-Sim), or None with a note where a face or an embedding is missing."""
+        (paper's ID-Sim), or None with a note where a face or an embedding is missing. The inputs
+        are the pictures the check read; the result is read back from its file."""
         if self.analyzer is None:
             return None, None, []
-        read = lambda path: images.to_rgb(images.open_image(path)[0])  # noqa: E731
+        (frame_o, frame_e), written = pair.frames, images.to_rgb(images.open_image(result)[0])
         sims, notes = metrics.id_similarities(
-            self.analyzer, read(row.original), {"edited": read(row.edited), "result": read(result)}
+            self.analyzer, frame_o.picture, {"edited": frame_e.picture, "result": written}
         )
         return sims["edited"], sims["result"], notes
 

@@ -27,7 +27,6 @@ The ablations of the paper's Table 7 are one switch, `EditedIDConfig.ablation`.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal, get_args
 
@@ -39,6 +38,7 @@ from minid.method.gating import EditedIDGating, GatingConfig, GatingGroup, Local
 from minid.method.mixing import AlignmentResult, MixingConfig, adaptive_mixing_inversion
 from minid.method.null_text import NullTextConfig, NullTextStep, null_text_optimization
 from minid.models.attention import at_step
+from minid.models.config import number_problem
 from minid.sampling.guided import reconstruct
 from minid.sampling.hybrid import HybridSchedule, hybrid_plan
 from minid.sampling.plans import Plan, ddim_plan
@@ -68,29 +68,6 @@ NUMBER_LIMITS = {
     "null_text.loss_scale": (float, 0.0, None, True),
     "gating.lambda_o": (float, 0.0, 1.0, False),
 }
-
-
-def number_problem(value, kind: type, low, high, low_open: bool) -> str | None:
-    """What is wrong with `value` against one row of NUMBER_LIMITS, in words ("must be a number in
-    [0, 0.5]"), or None when it fits. NaN and infinities never fit."""
-    if kind is int:
-        words = (
-            f"an integer from {low} to {high}"
-            if high is not None
-            else f"an integer of at least {low}"
-        )
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        words = (
-            f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
-            if high is not None
-            else f"a finite number {'>' if low_open else '≥'} {low:g}"
-        )
-        ok = (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    return None if ok else f"must be {words}"
 
 
 INVERSIONS = get_args(Inversion)
@@ -410,7 +387,8 @@ def entangle(
     # null-texts
     t_null_o = use_o or config.ablation == "baseline"
     nulls = [torch.cat([no, ne, no if t_null_o else ne]) for no, ne in zip(d.null_o, d.null_e)]
-    layout = BatchLayout(3 * k_pairs, cfg=True)
+    # guidance 1 is ε(c) alone: one UNet row per branch, no unconditional half (`guided_eps`)
+    layout = BatchLayout(3 * k_pairs, cfg=config.guidance != 1.0)
     lambda_maps = lambda_maps or [None] * k_pairs
     controller = GatingGroup(
         [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,3 +281,26 @@ class VAEConfig:
             norm_num_groups=8,
             sample_size=64,
         )
+
+
+def number_problem(value, kind: type, low, high, low_open: bool) -> str | None:
+    """What is wrong with `value` against one row of NUMBER_LIMITS, in words ("must be a number in
+    [0, 0.5]"), or None when it fits. NaN and infinities never fit."""
+    if kind is int:
+        words = (
+            f"an integer from {low} to {high}"
+            if high is not None
+            else f"an integer of at least {low}"
+        )
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        words = (
+            f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+            if high is not None
+            else f"a finite number {'>' if low_open else '≥'} {low:g}"
+        )
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    return None if ok else f"must be {words}"

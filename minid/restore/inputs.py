@@ -18,6 +18,7 @@ import torch
 
 from minid.imaging import crops, images, masks
 from minid.method.editedid import PairText, Tokens
+from minid.models.tokenizer import prompt_note
 
 if TYPE_CHECKING:
     from minid.restore.config import RestoreConfig
@@ -173,21 +174,6 @@ def check_pair(pair: RestorePair, tokenizer, config: RestoreConfig, name: str = 
         text=text,
         notes=notes,
         frames=(frame_o, frame_e),
-    )
-
-
-def prompt_note(tokenizer, prompt: str, what: str) -> str | None:
-    """Check that a prompt is text the tokenizer can read (ValueError otherwise) and return a note
-    when it is longer than the text encoder's window (SD's convention: the rest is cut off), else
-    None."""
-    tokenizer.check_text(prompt, what)
-    dropped = tokenizer.dropped_text(prompt)
-    if not dropped:
-        return None
-    return (
-        f"{what} is longer than the {tokenizer.max_content_tokens} tokens SD1.4's text encoder "
-        f"reads; "
-        f"the end is ignored: {dropped[:60]!r}{'…' if len(dropped) > 60 else ''}"
     )
 
 
