@@ -326,3 +326,46 @@ def test_stage_2_in_fp16_with_loss_scaling_reaches_the_fp32_loss(tiny_sd):
         assert a <= 1.5 * b, (
             f"step {i}: fp16 Stage 2 reaches {a:.2e}, float32 {b:.2e}: more than 1.5×"
         )
+
+
+def test_fp16_stage_2_survives_an_overflowing_loss_scale(tiny_sd):
+    """Dynamic loss scaling: started at 2^24, an fp16 UNet's gradient of ∅ overflows; those updates
+    are skipped and the scale halves until the gradient is finite, so ∅ stays finite and the loss
+    still falls at every step (where a fixed scale would have written inf into ∅)."""
+    ctx = _context(tiny_sd, ["", "a photo of a man"])
+    uncond, cond = ctx[0:1], ctx[1:2]
+    pivots = _reachable_pivots(tiny_sd, PLAN, cond, uncond, seed=1, perturbation=0.3)
+    half = torch.float16
+    config = NullTextConfig(inner_steps=20, loss_scale=2.0**24)  # fp16 holds at most 65504
+    result = null_text_optimization(
+        copy.deepcopy(tiny_sd.unet).to(half),
+        PLAN,
+        [p.to(half) for p in pivots],
+        cond.to(half),
+        uncond.to(half),
+        GUIDANCE,
+        config,
+    )
+    assert result.skipped_updates > 0, "a 2^24 scale must overflow an fp16 gradient"
+    assert all(bool(torch.isfinite(n).all()) for n in result.null_embeddings), "∅ went non-finite"
+    assert all(bool(torch.isfinite(z).all()) for z in result.latents)
+    for i, step in enumerate(result.steps):
+        assert sum(step.iterations) > 0, f"step {i}: no update was ever applied"
+        assert step.final_loss[0] < step.initial_loss[0], (
+            f"step {i}: the loss did not fall ({step.initial_loss[0]:.3e} -> {step.final_loss[0]:.3e})"
+        )
+
+
+def test_loss_scale_grows_after_clean_updates_and_keeps_float32_exact(tiny_sd):
+    """In float32 the scale is a power of two that grows after `scale_growth_interval` clean
+    updates; the optimised ∅ are bit for bit those of a scale that never grows."""
+    ctx = _context(tiny_sd, ["", "a photo of a man"])
+    uncond, cond = ctx[0:1], ctx[1:2]
+    pivots = _reachable_pivots(tiny_sd, PLAN, cond, uncond, seed=1, perturbation=0.3)
+    growing = NullTextConfig(inner_steps=6, scale_growth_interval=2)
+    fixed = NullTextConfig(inner_steps=6, scale_growth_interval=10**6)
+    a = null_text_optimization(tiny_sd.unet, PLAN, pivots, cond, uncond, GUIDANCE, growing)
+    b = null_text_optimization(tiny_sd.unet, PLAN, pivots, cond, uncond, GUIDANCE, fixed)
+    assert a.loss_scale > growing.loss_scale and b.loss_scale == fixed.loss_scale
+    assert a.skipped_updates == b.skipped_updates == 0
+    assert all(torch.equal(x, y) for x, y in zip(a.null_embeddings, b.null_embeddings))

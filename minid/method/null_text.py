@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import math
+
 import torch
 
 from minid.models.attention import at_step
@@ -32,8 +34,12 @@ class NullTextConfig:
     epsilon_growth: float = 2e-5
     # The loss is multiplied by this while its gradient crosses the UNet (and the gradient divided
     # by it after): an fp16 UNet's gradient of ∅ underflows without it (cosine to float64 0.93 at
-    # the first threshold, 0.99975 with 2^16; bench/results/precision_cpu.md); exact in float32
+    # the first threshold, 0.99975 with 2^16; bench/results/precision_cpu.md); exact in float32.
+    # It is the starting scale of dynamic loss scaling, as torch's GradScaler does it: an update
+    # whose gradient is not finite is skipped and the scale halved; after `scale_growth_interval`
+    # clean updates in a row the scale doubles. Powers of two keep float32 runs exact.
     loss_scale: float = 2.0**16
+    scale_growth_interval: int = 20
     # "last": the authors' loop (null-text notebook): compute the loss, take the Adam step, then
     # stop if that loss was under the threshold; ∅_i is the last iterate. "best": check the loss
     # before each update, stop without applying it once under the threshold, and keep the ∅ with the
@@ -44,6 +50,15 @@ class NullTextConfig:
     def __post_init__(self):
         if self.keep not in ("last", "best"):
             raise ValueError(f"NullTextConfig.keep must be 'last' or 'best', got {self.keep!r}")
+        if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
+            raise ValueError(
+                f"NullTextConfig.loss_scale must be a positive finite number, got {self.loss_scale}"
+            )
+        if self.scale_growth_interval < 1:
+            raise ValueError(
+                "NullTextConfig.scale_growth_interval must be at least 1, got "
+                f"{self.scale_growth_interval}"
+            )
 
 
 @dataclass
@@ -73,10 +88,33 @@ class NullTextResult:
     null_embeddings: list[torch.Tensor]  # per step i: (B, 77, D), the optimised ∅_i of each image
     latents: list[torch.Tensor]  # reconstruction z_N … z_0 with the optimised ∅ (B, 4, h, w each)
     steps: list[NullTextStep] = field(default_factory=list)
+    # dynamic loss scaling: the updates skipped for a non-finite gradient, and the scale at the end
+    skipped_updates: int = 0
+    loss_scale: float = 0.0
 
     @property
     def z0(self) -> torch.Tensor:
         return self.latents[-1]
+
+
+class _LossScaler:
+    """Dynamic loss scaling (torch.amp.GradScaler's rule) for the gradient of ∅ across the UNet: the
+    scale halves on a non-finite gradient (that update is skipped) and doubles after `interval`
+    clean updates in a row."""
+
+    def __init__(self, scale: float, interval: int):
+        self.scale, self.interval, self.clean = float(scale), interval, 0
+
+    def update(self, grads: list[torch.Tensor]) -> bool:
+        """Whether the (unscaled) gradients are finite, the scale adjusted for the next update."""
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if not finite:
+            self.scale, self.clean = self.scale / 2, 0
+            return False
+        self.clean += 1
+        if self.clean >= self.interval:
+            self.scale, self.clean = self.scale * 2, 0
+        return True
 
 
 def _per_image_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,7 +145,8 @@ def null_text_optimization(
     i' = i·reference_steps/N; an image stops when its loss < epsilon + i·epsilon_growth, by the rule
     of `config.keep` (default: the authors' — the update of the iteration whose loss stops it is
     still applied, and the last iterate is kept). ∅_{i+1} starts from ∅_i. Then z advances with the
-    kept ∅: the model function returns ε̃ with it, and the loop takes the step.
+    kept ∅: the model function returns ε̃ with it, and the loop takes the step. With guidance 1 ε̃
+    is ε(c) and ∅ plays no part: nothing is optimised (one UNet call per step, ∅ stays `uncond`).
     """
     n = len(plan.steps)
     if len(pivots) != n + 1:
@@ -115,6 +154,7 @@ def null_text_optimization(
     b = cond.shape[0]
     z_start = (pivots[-1] if z_T is None else z_T).detach()
     result = NullTextResult([], [z_start])
+    scaler = _LossScaler(config.loss_scale, config.scale_growth_interval)
     null = uncond.detach().expand(b, -1, -1).clone()  # (B, 77, D), warm start for step 0
     keep_best = config.keep == "best"
 
@@ -126,6 +166,14 @@ def null_text_optimization(
         lr = config.lr * (1.0 - i * config.reference_steps / n / 100.0)
         # i scaled as the lr
         threshold = config.epsilon + i * config.reference_steps / n * config.epsilon_growth
+        if guidance == 1.0:  # ε̃ = ε(c): ∅ plays no part, there is nothing to optimise
+            with torch.no_grad():
+                values = _per_image_mse(land(e_c).float(), target.float()).tolist()
+            result.null_embeddings.append(null)
+            result.steps.append(
+                NullTextStep(values, values, [0] * b, threshold, [v < threshold for v in values])
+            )
+            return e_c
         # fp32 master copies: Adam's small steps would be lost in a half-precision embedding
         master = torch.promote_types(null.dtype, torch.float32)
         params = [null[k : k + 1].to(master).clone().requires_grad_(True) for k in range(b)]
@@ -159,15 +207,18 @@ def null_text_optimization(
             # computed or stored. The loss is scaled while its gradient crosses the UNet, so that a
             # half-precision UNet's small gradients do not underflow (exact in float32: a power of
             # two), and unscaled on the embeddings.
-            grads = torch.autograd.grad(loss_k.sum() * config.loss_scale, [params[k] for k in live])
-            grads = [g / config.loss_scale for g in grads]
-            for k in range(b):
-                # Adam skips parameters without a gradient: the stopped images
-                params[k].grad = None
-            for k, g in zip(live, grads):
-                params[k].grad = g
-                iterations[k] += 1
-            opt.step()
+            grads = torch.autograd.grad(loss_k.sum() * scaler.scale, [params[k] for k in live])
+            grads = [g / scaler.scale for g in grads]
+            if scaler.update(grads):
+                for k in range(b):
+                    # Adam skips parameters without a gradient: the stopped images
+                    params[k].grad = None
+                for k, g in zip(live, grads):
+                    params[k].grad = g
+                    iterations[k] += 1
+                opt.step()
+            else:  # an overflow: this update is skipped, the next runs at half the scale
+                result.skipped_updates += 1
             # the authors' rule: the loss computed before this update stops the image
             if not keep_best:
                 for k in live:
@@ -190,4 +241,5 @@ def null_text_optimization(
             progress()
 
     sample_loop(model, z_start, plan, callback=record)
+    result.loss_scale = scaler.scale
     return result
