@@ -24,7 +24,7 @@ def test_id_similarity_known_values():
     assert id_similarity(a, np.array([1.0, 1, 0])) == pytest.approx(1 / math.sqrt(2))
     batch = id_similarity(torch.tensor([[1.0, 0], [0, 2]]), torch.tensor([[3.0, 0], [1, 1]]))
     assert np.allclose(batch, [1.0, 1 / math.sqrt(2)])
-    assert SAME_PERSON_THRESHOLD == 0.5
+    assert SAME_PERSON_THRESHOLD == 0.70  # the paper's Table 13
     with pytest.raises(ValueError, match="all zeros"):
         id_similarity(a, np.zeros(3))
 

@@ -2,7 +2,7 @@
 summary, and two pictures drawn with PIL: the histogram of ID-Sim before and after restoration, and
 a contact sheet of a few rows (original | edited | restored).
 
-The paper reads ID-Sim ≥ 0.5 as the same person (metrics.SAME_PERSON_THRESHOLD); the histogram marks
+The paper reads ID-Sim ≥ 0.70 as the same person (metrics.SAME_PERSON_THRESHOLD); the histogram marks
 it.
 """
 
