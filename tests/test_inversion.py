@@ -369,3 +369,27 @@ def test_loss_scale_grows_after_clean_updates_and_keeps_float32_exact(tiny_sd):
     assert a.loss_scale > growing.loss_scale and b.loss_scale == fixed.loss_scale
     assert a.skipped_updates == b.skipped_updates == 0
     assert all(torch.equal(x, y) for x, y in zip(a.null_embeddings, b.null_embeddings))
+
+
+@pytest.mark.parametrize("forced", [2, 3])
+def test_forced_steps_end_the_last_steps_at_one_half(tiny_sd, forced):
+    """`MixingConfig.forced_steps` (the authors' FINA_STEP): the last `forced` inversion steps mix
+    with w = 0.5, so the two trajectories coincide from the first of them on; the free steps before
+    reach the same gap ratio `reach` over fewer updates."""
+    ctx = _context(tiny_sd, ["a photo of a man", "a photo of a man wearing black glasses"])
+    with torch.no_grad():
+        z0 = tiny_sd.vae.encode_latent(torch.cat([random_image(1), random_image(2)]))
+    config = MixingConfig(forced_steps=forced)
+    res = adaptive_mixing_inversion(
+        tiny_sd.unet, PLAN, z0[0:1], z0[1:2], ctx[0:1], ctx[1:2], config
+    )
+    ws = res.w_schedules[0]
+    assert ws[-forced:] == [0.5] * forced and ws[-forced - 1] < 0.5, ws
+    for j in range(N - forced + 1, N + 1):  # the pivots after each forced step are one latent
+        assert torch.equal(res.pivots_o[j], res.pivots_e[j]), f"pivot {j} differs"
+    assert not torch.equal(res.pivots_o[N - forced], res.pivots_e[N - forced])
+    gap_ratio = (0.5 - ws[-forced - 1]) / (0.5 - ws[0])
+    assert gap_ratio == pytest.approx(config.reach, rel=1e-6), gap_ratio
+    assert MixingConfig(forced_steps=10).forced(N) == N - 1  # the first step always mixes with w_0
+    with pytest.raises(ValueError, match="forced_steps"):
+        MixingConfig(forced_steps=0)

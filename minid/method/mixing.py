@@ -46,22 +46,32 @@ class MixingConfig:
     iterations: int = 1  # gradient steps on w per inversion step
     # w is projected onto [0, w_max] after each update, so it never overshoots 0.5
     w_max: float = 0.5
+    # how many final inversion steps are forced to w = 0.5 (Eq. 3's constrained convergence; the
+    # authors' code calls it FINA_STEP and forces fewer when there are few steps): 1, the last
+    forced_steps: int = 1
 
     def __post_init__(self):
         if self.rule not in ("normalised", "raw"):
             raise ValueError(f"MixingConfig.rule must be 'normalised' or 'raw', got {self.rule!r}")
+        if not isinstance(self.forced_steps, int) or self.forced_steps < 1:
+            raise ValueError(
+                f"MixingConfig.forced_steps must be a whole number ≥ 1 (the last step at least ends "
+                f"at w = 0.5), got {self.forced_steps!r}"
+            )
+
+    def forced(self, num_steps: int) -> int:
+        """The final steps forced to w = 0.5 in a pass of `num_steps`: `forced_steps`, but never all
+        of them (the first step mixes with w_0)."""
+        return max(1, min(self.forced_steps, num_steps - 1))
 
     def step_size(self, num_steps: int) -> float:
-        """η for a pass of `num_steps` steps."""
+        """η for a pass of `num_steps` steps: the gap left at the last free step is `reach` × the
+        first, over the `num_steps − forced − 1` updates between them."""
         if self.lr is not None:
             return self.lr
         if self.rule == "raw":
             return 0.05
-        return (1.0 - self.reach ** (1.0 / max(num_steps - 2, 1))) / 8.0
-
-
-# --------------------------------------------------------------------------------------------------
-# Plain inversion and reconstruction
+        return (1.0 - self.reach ** (1.0 / max(num_steps - self.forced(num_steps) - 1, 1))) / 8.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,8 +113,8 @@ def adaptive_mixing_inversion(
         z^O = (1−w) ẑ^O + w ẑ^E,   z^E = (1−w) ẑ^E + w ẑ^O
     then w takes `mixing.iterations` gradient steps on the pair's alignment loss
         L(w) = mean(((1−w) ẑ^O + w ẑ^E − ((1−w) ẑ^E + w ẑ^O))²) = (1−2w)² mean((ẑ^O − ẑ^E)²),
-    whose minimum is w = 0.5. The last step uses w = 0.5 (constrained convergence, Eq. 3), so the
-    two trajectories end at the same z_T exactly. `mixing=None` inverts the images separately (w =
+    whose minimum is w = 0.5. The last step (the last `mixing.forced_steps`) uses w = 0.5
+    (constrained convergence, Eq. 3), so the two trajectories end at the same z_T exactly. `mixing=None` inverts the images separately (w =
     0). Pairs share nothing but the UNet batch: each has its own w and optimiser, so K pairs give
     what K separate calls give (up to the UNet's batch-size-dependent rounding).
     """
@@ -118,6 +128,7 @@ def adaptive_mixing_inversion(
     w0 = mixing.w0 if mixing is not None else 0.0
     w = [torch.tensor(float(w0), dtype=torch.float64, requires_grad=True) for _ in range(k_pairs)]
     lr = mixing.step_size(len(plan.steps)) if mixing is not None else 0.0
+    forced = mixing.forced(len(plan.steps)) if mixing is not None else 0
     opts = [torch.optim.SGD([w_k], lr=lr) for w_k in w]
     result = AlignmentResult(
         [z0_o],
@@ -132,7 +143,9 @@ def adaptive_mixing_inversion(
             return unet(z, t, cond)
 
     def mix(i, t, z_hat, x0):
-        last = i == 0  # the inversion runs the plan backwards: step 0 is its last, to z_T
+        # the inversion runs the plan backwards: step 0 is its last, to z_T; the last `forced` steps
+        # mix with w = 0.5
+        last = i < forced
         mixed_o, mixed_e = [], []
         for k in range(k_pairs):
             zo, ze = z_hat[k : k + 1], z_hat[k_pairs + k : k_pairs + k + 1]

@@ -57,7 +57,16 @@ class RestoreConfig:
 METHOD_FLAGS = {
     "--steps": ("method.solver.num_steps", int, "inversion and reconstruction steps N"),
     "--guidance": ("method.guidance", float, "classifier-free guidance scale s of reconstruction"),
-    "--w0": ("method.mixing.w0", float, "initial mixing weight w_0 of Stage 1 (Eq. 2)"),
+    "--w0": (
+        "method.mixing.w0",
+        float,
+        "initial mixing weight w_0 of Stage 1 (Eq. 2; the authors' INIT_NUM, 0-0.1)",
+    ),
+    "--forced-steps": (
+        "method.mixing.forced_steps",
+        int,
+        "final inversion steps forced to w = 0.5 (Eq. 3; the authors' FINA_STEP)",
+    ),
     "--w-lr": (
         "method.mixing.lr",
         float,
@@ -67,8 +76,9 @@ METHOD_FLAGS = {
     "--dpm-start": (
         "method.solver.dpm_start",
         int,
-        "first DPM-Solver++ step τ_s (1-based from noise; negative "
-        "counts from the end, -1 = the last step)",
+        "first DPM-Solver++ step τ_s (1-based from noise; negative counts from the end, -1 = the "
+        "last step; with --dpm-end the authors' TOTAL_STEPS_DPM, the same in inversion and "
+        "reconstruction)",
     ),
     "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e (as --dpm-start)"),
     "--dpm-spacing": (
@@ -100,7 +110,8 @@ METHOD_FLAGS = {
     "--lambda-o": (
         "method.gating.lambda_o",
         float,
-        "weight of O where the face and element masks overlap",
+        "weight of O where the face and element masks overlap (λ_E = 1 − λ_O: the authors' "
+        "OVERLAP_WEIGHT, a + b = 1)",
     ),
     "--identity-schedule": (
         "method.gating.identity",
