@@ -89,7 +89,9 @@ METHOD_FLAGS = {
     "--inversion": (
         "method.inversion",
         INVERSIONS,
-        "Stage 2: null-text optimisation (the paper), direct or negative-prompt inversion",
+        "Stage 2: null-text optimisation (the paper); direct (PnP Inversion's add-source "
+        "variant: O and E put back on their pivots, T corrected as E, so their PSNR is the VAE's); "
+        "or negative-prompt (∅ = the prompt, a preview that cannot undo Stage 1's mixing)",
     ),
     "--null-inner-steps": (
         "method.null_text.inner_steps",
