@@ -123,3 +123,24 @@ def token_replace_chunked(
             edited = edited + p_s[..., src_token.clamp(0, k_s.shape[2] - 1)] * owned
         outs.append((edited @ v_t.to(edited.dtype)).to(q_t.dtype))
     return torch.cat(outs, dim=2)
+
+
+def mutual_chunked(q, ks, vs, weights: torch.Tensor, chunk: int = QUERY_CHUNK):
+    """softmax over the concatenated keys [k_0; k_1; …] with log π_s(p) added to source s's logits,
+    times [v_0; v_1; …] (kernels/mutual.py). weights (B, S, Nq). A source whose weights are zero
+    everywhere is left out of the concatenation (never read)."""
+    compute = _compute_dtype(q.dtype)
+    used = [s for s in range(len(ks)) if bool((weights[:, s] != 0).any())]
+    k = torch.cat([ks[s] for s in used], dim=2).to(compute)  # (B, h, S'·Nk, d)
+    v = torch.cat([vs[s] for s in used], dim=2).to(compute)
+    n_k = ks[0].shape[2]
+    # (B, 1, Nq, S'·Nk): each source's log-weight over its columns (log 0 = −∞: no mass)
+    bias = torch.log(weights[:, used].to(compute)).repeat_interleave(n_k, dim=1)
+    bias = bias.transpose(1, 2)[:, None]
+    outs = []
+    for start in range(0, q.shape[2], chunk):
+        rows = slice(start, start + chunk)
+        scores = q[:, :, rows].to(compute) @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        p = torch.softmax(scores + bias[:, :, rows], dim=-1)
+        outs.append((p @ v).to(q.dtype))
+    return torch.cat(outs, dim=2)

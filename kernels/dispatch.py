@@ -9,6 +9,8 @@ see kernels/ for the math and the kernels):
   (EditedID's mask-selective self-attention replacement), mode "map" or "output".
 - `token_replace`: the target's cross-attention map with chosen token columns taken from other
   branches.
+- `mutual_attention`: one branch's queries over several branches' keys and values together, each
+  key set with a prior weight (mutual self-attention over [K_T; K_O]; minid's mask-free mode).
 
 Each dispatches (`backend="auto"`) to the Triton kernels of minid.kernels for CUDA tensors when
 Triton is installed and no gradient is needed, and otherwise to the chunked PyTorch path
@@ -24,6 +26,7 @@ from typing import Literal, Sequence, get_args
 import torch
 
 from . import chunked
+from .accounting import op_range
 from .runtime import triton_available, triton_can_run
 
 Backend = Literal["auto", "triton", "torch"]
@@ -99,15 +102,20 @@ def attention_with_map(
     The map of a 64×64 self-attention layer is 64 MiB per image: ask for maps of cross-attention.
     """
     _check_qkv("attention_with_map", "", q, k, v)
-    if _use_triton(backend, (q, k, v), "attention_with_map"):
-        from .flash_attention import attention_triton
+    with op_range("attention_with_map", q, k, v, want_map=want_map, want_lse=want_lse):
+        if _use_triton(backend, (q, k, v), "attention_with_map"):
+            from .flash_attention import attention_triton
 
-        return attention_triton(q, k, v, want_map=want_map, want_lse=want_lse)
-    return chunked.attention_chunked(q, k, v, want_map=want_map, want_lse=want_lse)
+            return attention_triton(q, k, v, want_map=want_map, want_lse=want_lse)
+        return chunked.attention_chunked(q, k, v, want_map=want_map, want_lse=want_lse)
 
 
 def _normalise_weights(
-    weights: torch.Tensor, num_sources: int, batch: int, n_q: int
+    weights: torch.Tensor,
+    num_sources: int,
+    batch: int,
+    n_q: int,
+    caller: str = "masked_multi_source",
 ) -> torch.Tensor:
     """weights (S, Nq) or (B, S, Nq) -> (B, S, Nq), after checking they are per-row
     distributions."""
@@ -116,14 +124,14 @@ def _normalise_weights(
         weights = weights.unsqueeze(0).expand(batch, *weights.shape)
     if weights.dim() != 3 or tuple(weights.shape) != (batch, num_sources, n_q):
         raise ValueError(
-            f"masked_multi_source: weights must be (S, Nq) = ({num_sources}, {n_q}) "
+            f"{caller}: weights must be (S, Nq) = ({num_sources}, {n_q}) "
             f"or (B, S, Nq) = ({batch}, {num_sources}, {n_q}); found {tuple(weights.shape)}"
         )
     if not weights.is_floating_point():
         weights = weights.float()  # bool or integer masks
     if bool((weights < 0).any()):
         raise ValueError(
-            f"masked_multi_source: weights must be ≥ 0; found minimum "
+            f"{caller}: weights must be ≥ 0; found minimum "
             f"{weights.min().item():.4g}. Build them from masks in [0, 1]."
         )
     sums = weights.sum(dim=1)  # (B, Nq)
@@ -131,7 +139,7 @@ def _normalise_weights(
     if float((sums - 1).abs().flatten()[worst]) > WEIGHT_SUM_TOLERANCE:
         b, p = divmod(int(worst), n_q)
         raise ValueError(
-            f"masked_multi_source: the weights of every query row must sum to 1 "
+            f"{caller}: the weights of every query row must sum to 1 "
             f"over the {num_sources} sources (within {WEIGHT_SUM_TOLERANCE}); found "
             f"{float(sums[b, p]):.6g} at batch {b}, row {p}. Give the target the rest, "
             f"w_T = 1 - Σ_others, so that blended rows stay distributions."
@@ -171,13 +179,14 @@ def masked_multi_source(
                 f"{tuple(k.shape)}"
             )
     B, _, N_Q, _ = qs[0].shape
-    weights = _normalise_weights(weights.to(qs[0].device), len(qs), B, N_Q)
-    tensors = [*qs, *ks, *(vs[-1:] if mode == "map" else vs)]
-    if _use_triton(backend, tensors, "masked_multi_source"):
-        from .multi_source import multi_source_triton
+    with op_range("masked_multi_source", qs[0], ks[0], vs[0], sources=len(qs), mode=mode):
+        weights = _normalise_weights(weights.to(qs[0].device), len(qs), B, N_Q)
+        tensors = [*qs, *ks, *(vs[-1:] if mode == "map" else vs)]
+        if _use_triton(backend, tensors, "masked_multi_source"):
+            from .multi_source import multi_source_triton
 
-        return multi_source_triton(list(qs), list(ks), list(vs), weights, mode=mode)
-    return chunked.multi_source_chunked(qs, ks, vs, weights, mode=mode)
+            return multi_source_triton(list(qs), list(ks), list(vs), weights, mode=mode)
+        return chunked.multi_source_chunked(qs, ks, vs, weights, mode=mode)
 
 
 def token_replace(
@@ -226,8 +235,50 @@ def token_replace(
             f"src_branch ≥ 0; found {sorted(set(taken.tolist()))}"
         )
     tensors = [q_t, k_t, v_t, *[t for pair in sources for t in pair]]
-    if _use_triton(backend, tensors, "token_replace"):
-        from .token_replace import token_replace_triton
+    with op_range("token_replace", q_t, k_t, v_t, sources=len(sources)):
+        if _use_triton(backend, tensors, "token_replace"):
+            from .token_replace import token_replace_triton
 
-        return token_replace_triton(q_t, k_t, v_t, list(sources), src_branch, src_token)
-    return chunked.token_replace_chunked(q_t, k_t, v_t, sources, src_branch, src_token)
+            return token_replace_triton(q_t, k_t, v_t, list(sources), src_branch, src_token)
+        return chunked.token_replace_chunked(q_t, k_t, v_t, sources, src_branch, src_token)
+
+
+def mutual_attention(
+    q: torch.Tensor,
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    weights: torch.Tensor | Sequence[float],
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """The queries q over the keys and values of S sources together, source s with prior weight
+    π_s(p) on query row p:
+
+        out[p] = Σ_s π_s(p) Σ_j e^(q_p·k_sj/sqrt(d)) v_sj / Σ_s π_s(p) Σ_j e^(q_p·k_sj/sqrt(d)),
+
+    softmax over [k_0; k_1; …] with log π_s added to source s's logits, times [v_0; v_1; …]
+    (kernels/mutual.py). Equal weights: plain attention over the concatenation. q (B, h, Nq, d);
+    ks, vs: S tensors each (B, h, Nk, d), one shape for all; weights (S,), (S, Nq) or (B, S, Nq),
+    each row a distribution over the sources. Returns (B, h, Nq, d).
+    """
+    if not (len(ks) == len(vs)) or len(ks) == 0:
+        raise ValueError(
+            f"mutual_attention: ks and vs must be lists of the same length S ≥ 1; found "
+            f"{len(ks)}, {len(vs)}"
+        )
+    for s, (k, v) in enumerate(zip(ks, vs)):
+        _check_qkv("mutual_attention", f"source {s}:", q, k, v)
+        if k.shape != ks[0].shape or v.shape != vs[0].shape:
+            raise ValueError(
+                f"mutual_attention: every source must have source 0's shapes "
+                f"{tuple(ks[0].shape)}; source {s} has {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+    B, _, N_Q, _ = q.shape
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=q.device)
+    if weights.dim() == 1:
+        weights = weights[:, None].expand(len(ks), N_Q)
+    weights = _normalise_weights(weights, len(ks), B, N_Q, "mutual_attention")
+    if _use_triton(backend, [q, *ks, *vs], "mutual_attention"):
+        from .mutual import mutual_triton
+
+        return mutual_triton(q, list(ks), list(vs), weights)
+    return chunked.mutual_chunked(q, ks, vs, weights)

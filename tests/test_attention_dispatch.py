@@ -11,7 +11,12 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from minid.kernels.dispatch import attention_with_map, masked_multi_source, token_replace
+from minid.kernels.dispatch import (
+    attention_with_map,
+    masked_multi_source,
+    mutual_attention,
+    token_replace,
+)
 from minid.kernels.flash_attention import attention_reference  # noqa: E402
 from minid.kernels.multi_source import multi_source_reference  # noqa: E402
 from minid.kernels.runtime import triton_available  # noqa: E402
@@ -133,6 +138,10 @@ def test_bad_arguments_have_clear_errors():
         token_replace(q, k, v, [(q, k)], torch.zeros(10, dtype=torch.long), torch.full((10,), 10))
     with pytest.raises(ValueError, match=r"\(B, heads, N, d\)"):
         attention_with_map(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="mutual_attention: the weights of every query row"):
+        mutual_attention(q, [k, k], [v, v], [0.4, 0.4])
+    with pytest.raises(ValueError, match="mutual_attention: every source"):
+        mutual_attention(q, [k, k[:, :, :5]], [v, v[:, :, :5]], [0.5, 0.5])
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

@@ -252,6 +252,10 @@ NUMBERS += [
     ("generate", "--steps", "0"),
     ("generate", "--steps", "2000"),
 ]
+# the schedule's range (issue 23): 998 steps with the hybrid's DPM-Solver++, 999 with DDIM alone
+NUMBERS += [("restore", "--steps", v) for v in ("999", "1000")] + [("generate", "--steps", "1000")]
+# a guidance far past SD's 1-20 overflows to a black picture (issue 23)
+NUMBERS += [("restore", "--guidance", "1e30"), ("generate", "--guidance", "1e30")]
 NUMBERS += [("generate", "--size", v) for v in ("0", "12", "8")]
 NUMBERS += [("demo", "--image-size", "12"), ("demo", "--w0", "nan")]
 for command, flag, value in NUMBERS:
@@ -272,6 +276,11 @@ for command, flag, value in NUMBERS:
 )
 def _(t, hub, mp):
     return _with(_restore(t, hub), "--dpm-start", "7")
+
+
+@case("generate --steps 999 with --solver dpm", "--steps", "998", "--solver dpm")
+def _(t, hub, mp):
+    return _generate(t, hub, "--solver", "dpm", "--steps", "999")
 
 
 @case("calibrate --batch 0", "--batch")
@@ -486,6 +495,15 @@ def _(t, hub, mp):
     return _with(_generate(t, hub), "--weights", _copy_vae(t, hub, _half_byte_range))
 
 
+def _nan_tensor(f: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(f))
+    key = next(k for k in sorted(state) if k.startswith("decoder."))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(f))
+
+
 @case("weights stored as integers", "diffusion_pytorch_model.safetensors", "I32", loads=True)
 def _(t, hub, mp):
     return _with(_generate(t, hub), "--weights", _copy_vae(t, hub, _integer_tensor))
@@ -643,6 +661,96 @@ def test_a_bad_command_line_is_one_line_exit_2_before_any_compute(
         assert prefix not in lines[0], f"an internal prefix {prefix!r} in: {lines[0]}"
     assert loads or not loaded, f"the models loaded before the error: {lines[0]}"
     assert _snapshot(tmp_path) == before, f"files were created, changed or removed: {lines[0]}"
+
+
+@pytest.mark.parametrize("command", ["generate", "restore"])
+def test_a_run_that_becomes_nan_stops_with_one_line_and_writes_nothing(
+    command, tiny_hub, tmp_path, capsys
+):
+    """A weights file holding a NaN loads (its header is sound) and ran to a black picture with exit
+    0 (issue 23): the run stops after the stage where the values went NaN, names it and the weight,
+    and writes nothing."""
+    hub = _copy_vae(tmp_path, tiny_hub, _nan_tensor)
+    if command == "generate":
+        argv = _with(_generate(tmp_path, tiny_hub), "--weights", hub)
+    else:
+        argv = _restore(tmp_path, hub, extra=["--save-intermediates", tmp_path / "inter"])
+    before = _snapshot(tmp_path)
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
+    stage = "the VAE decoder" if command == "generate" else "decoding (the VAE decoder)"
+    for words in ("NaN", stage, "vae.decoder.", "nothing was written"):
+        assert words in errors[0], f"{words!r} not in: {errors[0]}"
+    assert _snapshot(tmp_path) == before, f"files were written: {errors[0]}"
+
+
+def test_the_stage_that_goes_nan_is_named(tmp_path):
+    from tiny_models import build_tiny_sd
+
+    from minid.method.editedid import EditedIDConfig
+    from minid.restore.config import RestoreConfig
+    from minid.restore.pipeline import EditedID
+    from minid.sampling.hybrid import HybridSchedule
+
+    sd = build_tiny_sd()
+    with torch.no_grad():
+        sd.unet.conv_out.bias.fill_(float("inf"))
+    method = EditedIDConfig(solver=HybridSchedule(num_steps=2, dpm_start=2, dpm_end=2))
+    pipe = EditedID(sd, RestoreConfig(method, image_size=IMAGE_SIZE))
+    with pytest.raises(ValueError) as e:
+        pipe.restore(
+            random_image(1),
+            random_image(2),
+            PROMPT_O,
+            PROMPT_E,
+            ["man"],
+            ["glasses"],
+            progress=False,
+        )
+    assert "Stage 1 (align)" in str(e.value) and "unet.conv_out.bias" in str(e.value), e.value
+
+
+@pytest.mark.parametrize("inversion", ["null-text", "direct", "negative-prompt"])
+def test_guidance_1_restores_with_one_unet_row_per_branch(
+    inversion, tiny_hub, tmp_path, monkeypatch, capsys
+):
+    """--guidance 1 (no classifier-free guidance) passed the check, loaded the model and died on
+    the controllers' layout (issue 23): every Stage runs one UNet row per branch (O, E; O, E, T) and
+    null-text has nothing to optimise."""
+    batches, real_load = [], checkpoint.load_stable_diffusion
+
+    def load(*args, **kwargs):
+        sd = real_load(*args, **kwargs)
+        sd.unet.register_forward_hook(
+            lambda m, a, out: batches.append((a[0].shape[0], out.requires_grad))
+        )
+        return sd
+
+    monkeypatch.setattr(checkpoint, "load_stable_diffusion", load)
+    argv = _restore(tmp_path, tiny_hub, guidance="1", inversion=inversion)
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 0 and (tmp_path / "r.png").is_file(), err
+    assert max(b for b, _ in batches) == 3, f"UNet batches {batches}: a guidance half ran"
+    assert not any(grad for _, grad in batches), "null-text optimised a ∅ that plays no part"
+
+
+def test_the_step_limit_is_the_schedules():
+    from minid.method.editedid import MAX_STEPS, EditedIDConfig
+    from minid.sampling.hybrid import HybridSchedule
+    from minid.sampling.schedule import NoiseSchedule
+    from minid.sampling.text_to_image import max_steps, solver_plan
+
+    schedule = NoiseSchedule.scaled_linear()
+    EditedIDConfig(solver=HybridSchedule(num_steps=MAX_STEPS)).plan(schedule)
+    with pytest.raises(ValueError):
+        EditedIDConfig(solver=HybridSchedule(num_steps=MAX_STEPS + 1))
+    for solver in ("ddim", "dpm", "hybrid"):
+        solver_plan(solver, max_steps(solver), schedule)
+        with pytest.raises(ValueError):
+            solver_plan(solver, max_steps(solver) + 1, schedule)
 
 
 def test_the_case_count():

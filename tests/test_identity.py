@@ -25,11 +25,19 @@ from minid.imaging import masks
 from minid.method import editedid
 from minid.method.control import AttentionStore, BatchLayout
 from minid.method.editedid import Disentanglement, EditedIDConfig, Tokens
-from minid.method.gating import EditedIDGating, GatingConfig, IdentitySchedule, LocalTokens
+from minid.method.gating import (
+    EditedIDGating,
+    GatingConfig,
+    IdentitySchedule,
+    LocalTokens,
+    noise_progress,
+)
 from minid.method.null_text import NullTextConfig
-from minid.models.attention import Site
+from minid.models.attention import Site, at_step, default_attention
 from minid.restore.config import RestoreConfig
 from minid.restore.pipeline import EditedID
+from minid.sampling.hybrid import HybridSchedule
+from minid.sampling.plans import ddim_plan
 from minid.sampling.schedule import NoiseSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,25 +54,60 @@ LATENT = IMAGE_SIZE // 8
 
 def test_identity_schedules_parse_and_give_their_values():
     assert IdentitySchedule().values(6) == [1.0] * 6
-    assert IdentitySchedule("decay:1:0.5").values(6) == pytest.approx(
+    assert IdentitySchedule("decay-steps:1:0.5").values(6) == pytest.approx(
         [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
     )
-    assert IdentitySchedule("window:2:4:1:0").values(6) == [0, 1, 1, 0, 0, 0], (
+    assert IdentitySchedule("window-steps:2:4:1:0").values(6) == [0, 1, 1, 0, 0, 0], (
         "steps 1-based, the window [A, B)"
     )
-    assert IdentitySchedule("decay:1:0*window:1:3:1:0.5").values(3) == pytest.approx(
+    assert IdentitySchedule("decay-steps:1:0*window-steps:1:3:1:0.5").values(3) == pytest.approx(
         [1.0, 0.5, 0.0]
     )
+    progress = noise_progress(PLAN)
+    assert IdentitySchedule("decay:1:0.5").values(PLAN) == pytest.approx(
+        [1 - 0.5 * p for p in progress]
+    ), "decay is linear in the noise progress p, S_START at p = 0 (noise), S_END at p = 1"
+    assert IdentitySchedule("window:0.2:0.5:1:0").values(PLAN) == [
+        1.0 if 0.2 <= p < 0.5 else 0.0 for p in progress
+    ]
+    with pytest.raises(ValueError, match="noise level"):
+        IdentitySchedule("decay:1:0").values(6)
     for bad in (
         "linear",
         "decay:1",
-        "window:3:2:1:0",
+        "window-steps:3:2:1:0",
+        "window:0.6:0.2:1:0",
+        "window:0:2:1:0",
         "decay:2:0",
-        "window:1.5:3:1:0",
+        "window-steps:1.5:3:1:0",
         "decay:a:b",
     ):
         with pytest.raises(ValueError, match="identity schedule"):
             IdentitySchedule(bad)
+
+
+def test_a_noise_level_schedule_means_the_same_at_any_n_and_plan():
+    schedule = NoiseSchedule.scaled_linear()
+    spec = IdentitySchedule("decay:1:0.2*window:0:0.5:1:0.3")
+    plans = [EditedIDConfig(solver=HybridSchedule(num_steps=n)).plan(schedule) for n in (6, 20)] + [
+        ddim_plan(schedule, 6),
+        ddim_plan(schedule, 12),
+        ddim_plan(schedule, 12, "trailing"),
+    ]
+    at_t = {}
+    for plan in plans:
+        for step, p, s in zip(plan.steps, noise_progress(plan), spec.values(plan)):
+            sigma, alpha = schedule.sigma(step.t), schedule.alpha(step.t)
+            assert p == pytest.approx(alpha / (alpha + sigma)), "p = 1 − σ/(α + σ)"
+            assert s == pytest.approx((1 - 0.8 * p) * (1.0 if p < 0.5 else 0.3))
+            at_t.setdefault(step.t, set()).add(round(s, 12))
+    shared = {t: v for t, v in at_t.items() if len(v) > 0}
+    assert all(len(v) == 1 for v in shared.values()), "one noise level, one s, whatever the plan"
+    for plan in plans:  # the window covers the same noise interval, a different count of steps
+        inside = [p < 0.5 for p in noise_progress(plan)]
+        assert inside == sorted(inside, reverse=True) and any(inside) and not all(inside)
+    by_steps = IdentitySchedule("window-steps:1:4:1:0")
+    assert by_steps.values(plans[0]) == by_steps.values(6), "the step forms count steps"
 
 
 def _stage3(sd, seed=0):
@@ -130,16 +173,116 @@ def test_the_result_moves_monotonically_with_s_in_the_gated_region(tiny_sd):
     )
 
 
-def test_mask_free_mode_edits_through_the_tokens_only(tiny_sd):
+def _with_s(method, s):
+    return replace(method, gating=GatingConfig(identity=IdentitySchedule(f"decay:{s}:{s}")))
+
+
+def test_mask_free_at_schedule_zero_is_the_edit_bit_for_bit(tiny_sd):
     d, c_o, c_e = _stage3(tiny_sd, seed=2)
     full = torch.ones(1, 1, LATENT, LATENT)
     free = replace(METHOD, mask_free=True)
+    tokens = Tokens(_id_tokens(tiny_sd))
+    z = _entangle(tiny_sd, _with_s(free, 0), d, c_o, c_e, full, full, tokens)
+    assert torch.equal(z[2], z[1]), "s ≡ 0: no mask, no blend, no O: T is E bit for bit"
     z = _entangle(tiny_sd, free, d, c_o, c_e, full, full, Tokens())
-    assert torch.equal(z[2], z[1]), (
-        "no self-attention gating and no blending: without tokens T equals E"
+    assert not torch.equal(z[2], z[1]), "s ≡ 1 without tokens: O reaches T through self-attention"
+
+
+class _Features:
+    """The gating, recording at each gated self-attention site the distance of T's output rows from
+    O's (conditional half): the features T takes from the attention."""
+
+    def __init__(self, gating):
+        self.gating, self.distances = gating, []
+
+    def __call__(self, q, k, v, site, step=0):
+        out = self.gating(q, k, v, site, step=step)
+        if not site.is_cross and site.block in ("down", "mid"):
+            out_ = default_attention(q, k, v) if out is None else out
+            lay = self.gating.layout
+            o, t = lay.row(0, True), lay.row(2, True)
+            self.distances.append(float((out_[t] - out_[o]).norm() / out_[o].norm()))
+        return out
+
+
+def _t_feature_distance(sd, s, d, ctx, roll=None):
+    """Mean relative distance of T's self-attention outputs from O's over the gated sites in one
+    UNet call of Stage 3's first step, mask-free with O's share s; `roll` shifts O's latent."""
+    lay = BatchLayout(3, cfg=True)
+    z_o = d.z_T_o if roll is None else torch.roll(d.z_T_o, roll, (-2, -1))
+    z = torch.cat([z_o, d.z_T_e, d.z_T_e])
+    c_o, c_e = ctx
+    cond = torch.cat([d.null_o[0], d.null_e[0], d.null_e[0], c_o, c_e, c_e])
+    empty = torch.zeros(1, 1, LATENT, LATENT)
+    gating = EditedIDGating(
+        lay, empty, empty, config=_with_s(METHOD, s).gating, mutual=True, identity_values=[s]
     )
-    z = _entangle(tiny_sd, free, d, c_o, c_e, full, full, Tokens(_id_tokens(tiny_sd)))
-    assert not torch.equal(z[2], z[1]), "the identity tokens still reach T"
+    rec = _Features(gating)
+    with torch.no_grad():
+        sd.unet(torch.cat([z, z]), PLAN.steps[0].timestep, cond, controller=at_step(rec, 0))
+    return sum(rec.distances) / len(rec.distances)
+
+
+def test_mask_free_moves_t_features_toward_o(tiny_sd):
+    d, c_o, c_e = _stage3(tiny_sd, seed=2)
+    g = torch.Generator().manual_seed(7)
+    d.z_T_o = torch.randn(d.z_T_o.shape, generator=g)  # O another picture than E
+    by_s = [_t_feature_distance(tiny_sd, s, d, (c_o, c_e)) for s in (0.0, 0.5, 1.0)]
+    assert by_s[0] > by_s[1] > by_s[2] and by_s[2] < 0.8 * by_s[0], (
+        f"T's self-attention features must come toward O's as s grows: {by_s}"
+    )
+
+
+def test_mask_free_face_comes_closer_to_the_original_as_s_grows(tiny_sd):
+    x_o, x_e = random_image(3), random_image(4)
+    face = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    face[..., 16:48, 16:48] = 1
+    inside = face.bool().expand(1, 3, -1, -1)
+
+    def rms(a, b):
+        return float((a - b)[inside].pow(2).mean().sqrt())
+
+    to_o, to_recon = [], []
+    for s in (0.0, 0.5, 1.0):
+        method = _with_s(replace(METHOD, mask_free=True), s)
+        r = EditedID(tiny_sd, RestoreConfig(method, image_size=IMAGE_SIZE)).restore(
+            x_o, x_e, P_O, P_E, ["man"], ["glasses"], progress=False
+        )
+        to_o.append(rms(r.image, x_o))
+        to_recon.append(rms(r.image, r.reconstructions["original"]))
+    assert to_o[0] > to_o[1] > to_o[2], f"face RMS to the original by s = 0, ½, 1: {to_o}"
+    assert to_recon[0] > to_recon[1] > to_recon[2] and to_recon[2] < 0.97 * to_recon[0], (
+        f"face RMS to O's reconstruction by s = 0, ½, 1: {to_recon}"
+    )
+
+
+def test_mask_free_identity_needs_no_position_alignment(tiny_sd):
+    """O's keys and values are a set: moving O's features to other rows changes nothing T gets,
+    where the masks' rows take O at T's own positions."""
+    side = 4
+    site = Site("down", 0, 0, "self", side, side)
+    lay = BatchLayout(3, cfg=True)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(lay.size, 2, side * side, 8, generator=g) for _ in range(3))
+    shift = torch.roll(torch.arange(side * side), 5)  # O's rows moved: O's face elsewhere
+    moved = [x.clone() for x in (q, k, v)]
+    for x in moved:
+        for cond in (True, False):
+            o = lay.row(0, cond)
+            x[o] = x[o][:, shift]
+    full, empty = torch.ones(1, 1, side, side), torch.zeros(1, 1, side, side)
+    mutual = EditedIDGating(lay, empty, empty, mutual=True)
+    masked = EditedIDGating(lay, full, empty)
+    t = lay.row(2)
+    a, b = mutual(q, k, v, site), mutual(*moved, site)
+    assert torch.allclose(a[t], b[t], atol=1e-6), "mutual attention depends on where O's rows lie"
+    a, b = masked(q, k, v, site), masked(*moved, site)
+    assert not torch.allclose(a[t], b[t], atol=1e-3), "masked rows must follow O's positions"
+    # through the UNet: O's latent shifted by 3 × 2 latent pixels still moves T's features to O's
+    d, c_o, c_e = _stage3(tiny_sd, seed=2)
+    d.z_T_o = torch.randn(d.z_T_o.shape, generator=torch.Generator().manual_seed(7))
+    by_s = [_t_feature_distance(tiny_sd, s, d, (c_o, c_e), roll=(3, 2)) for s in (0.0, 1.0)]
+    assert by_s[1] < 0.8 * by_s[0], f"shifted O: T's feature distance by s = 0, 1: {by_s}"
 
 
 # ---- ConsistentID: regions -----------------------------------------------------------------------
@@ -362,7 +505,9 @@ def test_the_schedule_and_the_regions_are_saved_with_the_intermediates(tiny_sd, 
     import json
 
     face = built_face()
-    method = replace(METHOD, gating=GatingConfig(identity=IdentitySchedule("window:1:4:1:0.5")))
+    method = replace(
+        METHOD, gating=GatingConfig(identity=IdentitySchedule("window-steps:1:4:1:0.5"))
+    )
     pipe = EditedID(tiny_sd, RestoreConfig(method, image_size=IMAGE_SIZE))
     result = pipe.restore(
         random_image(3),

@@ -352,7 +352,8 @@ def test_fp16_stage_2_survives_an_overflowing_loss_scale(tiny_sd):
     for i, step in enumerate(result.steps):
         assert sum(step.iterations) > 0, f"step {i}: no update was ever applied"
         assert step.final_loss[0] < step.initial_loss[0], (
-            f"step {i}: the loss did not fall ({step.initial_loss[0]:.3e} -> {step.final_loss[0]:.3e})"
+            f"step {i}: the loss did not fall ({step.initial_loss[0]:.3e} -> "
+            f"{step.final_loss[0]:.3e})"
         )
 
 

@@ -20,10 +20,12 @@ from minid.kernels import chunked  # noqa: E402
 from minid.kernels.dispatch import (  # noqa: E402
     attention_with_map,
     masked_multi_source,
+    mutual_attention,
     token_replace,
 )
 from minid.kernels.flash_attention import attention_reference  # noqa: E402
 from minid.kernels.multi_source import multi_source_reference  # noqa: E402
+from minid.kernels.mutual import mutual_reference  # noqa: E402
 from minid.kernels.runtime import interpreting, triton_available  # noqa: E402
 from minid.kernels.token_replace import token_replace_reference  # noqa: E402
 
@@ -299,6 +301,52 @@ def test_token_replace_without_tokens_is_target_attention(backend):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@FEW
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 2),
+    n_q=LENGTHS,
+    n_k=LENGTHS,
+    d=HEAD_DIMS,
+    dtype=DTYPES,
+    n_sources=st.integers(1, 3),
+    kind=st.sampled_from(["full", "empty", "random", "overlap"]),
+    per_batch=st.booleans(),
+)
+def test_mutual_attention_matches_reference(
+    backend, b, h, n_q, n_k, d, dtype, n_sources, kind, per_batch
+):
+    q = randn(b, h, n_q, d, dtype=dtype)
+    ks = [randn(b, h, n_k, d, dtype=dtype) for _ in range(n_sources)]
+    vs = [randn(b, h, n_k, d, dtype=dtype) for _ in range(n_sources)]
+    weights = make_weights(kind, n_sources, b, n_q, per_batch)
+    full_weights = weights if per_batch else weights.expand(b, *weights.shape)
+    ref = mutual_reference(q, ks, vs, full_weights)
+    with poisoned_outputs():
+        out = mutual_attention(q, ks, vs, weights, backend=backend)
+    assert out.dtype == dtype and out.shape == (b, h, n_q, d)
+    scale = max(v.abs().max().item() for v in vs)
+    assert_close(out, ref, scale, dtype, f"{backend} mutual {kind}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mutual_attention_special_weights(backend):
+    """Equal weights: attention over the concatenated keys (MasaCtrl's mutual self-attention);
+    weight 1 on one source: that source's attention; a source of weight 0 is never read."""
+    b, h, n, d = 1, 2, 77, 40
+    q, k_t, v_t, k_o, v_o = (randn(b, h, n, d, dtype=torch.float32) for _ in range(5))
+    tol = 2e-6 * max(v_t.abs().max().item(), v_o.abs().max().item())
+    both = attention_reference(q, torch.cat([k_t, k_o], 2), torch.cat([v_t, v_o], 2))[0]
+    half = mutual_attention(q, [k_t, k_o], [v_t, v_o], [0.5, 0.5], backend=backend)
+    assert (half.double() - both).abs().max() <= tol
+    only_o = mutual_attention(q, [k_t, k_o], [v_t, v_o], [0.0, 1.0], backend=backend)
+    assert (only_o.double() - attention_reference(q, k_o, v_o)[0]).abs().max() <= tol
+    nan = torch.full_like(k_t, float("nan"))
+    only_t = mutual_attention(q, [k_t, nan], [v_t, nan], [1.0, 0.0], backend=backend)
+    assert (only_t.double() - attention_reference(q, k_t, v_t)[0]).abs().max() <= tol
+
+
 @pytest.mark.skipif(
     not TRITON_OK, reason="Triton cannot run here (no CUDA, TRITON_INTERPRET unset)"
 )
@@ -331,3 +379,12 @@ def test_chunked_path_agrees_with_kernels(n, d, chunk):
     tr_c = chunked.token_replace_chunked(q, k, v, [(q2, k2)], branch, token, chunk=chunk)
     tr_k = token_replace(q, k, v, [(q2, k2)], branch, token, backend="triton")
     assert_close(tr_c, tr_k, v.abs().max().item(), torch.float32, "token_replace")
+    mu_c = chunked.mutual_chunked(q, [k, k2, q2], [v, q, k2], weights, chunk=chunk)
+    mu_k = mutual_attention(q, [k, k2, q2], [v, q, k2], weights, backend="triton")
+    assert_close(
+        mu_c,
+        mu_k,
+        max(v.abs().max(), q.abs().max(), k2.abs().max()).item(),
+        torch.float32,
+        "mutual",
+    )

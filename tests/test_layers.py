@@ -11,12 +11,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Reading order, lowest first. The SD core is kernels, models, sampling, loading.
+# Reading order, lowest first. The SD core is kernels, models, sampling, loading, and the users'
+# test kit for sampler math (minid.testing) built on them.
 LAYERS = (
     "kernels",
     "models",
     "sampling",
     "loading",
+    "testing",
     "imaging",
     "method",
     "faces",
@@ -24,7 +26,7 @@ LAYERS = (
     "dataset",
     "app",
 )
-SD_CORE = ("kernels", "models", "sampling", "loading")
+SD_CORE = ("kernels", "models", "sampling", "loading", "testing")
 
 
 def _modules() -> dict[str, Path]:

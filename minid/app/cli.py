@@ -162,11 +162,34 @@ def cmd_demo(args) -> int:
 def _face_analyzer(args):
     from minid.faces.analyzer import FaceAnalyzer
 
+    if getattr(args, "face_backend", "insightface") == "dlib":
+        return _dlib_face_analyzer(args)
     try:
         return FaceAnalyzer.from_pack(
             args.face_pack, root=args.face_root, download=args.download_faces
         )
     except ImportError as e:
+        if args.command != "restore":
+            raise
+        raise ImportError(
+            f"{e}; or restore without the face models: --face-mask FILE or --mask-source attention"
+        ) from None
+
+
+def _dlib_face_analyzer(args):
+    """--face-backend dlib: boxes and keypoints from dlib. Its 128-d descriptor is not ArcFace,
+    so it is not computed here: the commands would report it as ID-Sim (a cosine of ArcFace
+    embeddings), which it is not; `minid eval`, which measures only ID-Sim, refuses it."""
+    from minid.faces.dlib_backend import DlibFaceAnalyzer
+
+    if args.command == "eval":
+        raise ValueError(
+            "--face-backend dlib: minid eval measures ID-Sim, the cosine of ArcFace embeddings, "
+            "which dlib does not have; use --face-backend insightface"
+        )
+    try:
+        return DlibFaceAnalyzer(embeddings=False)
+    except (ImportError, FileNotFoundError) as e:
         if args.command != "restore":
             raise
         raise ImportError(
@@ -341,6 +364,13 @@ def cmd_calibrate(args) -> int:
     from minid.loading import download as weights
 
     manifest = read_manifest(args.manifest)  # a manifest error before anything loads
+    if getattr(args, "face_backend", "insightface") != "insightface":
+        print(
+            "minid calibrate: error: --face-backend dlib is not supported by calibrate (its "
+            "ID-Sim is ArcFace's); use --face-backend insightface",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.engine == "ray":
             require_ray()
@@ -468,9 +498,11 @@ def cmd_validate(args) -> int:
 
 def cmd_generate(args) -> int:
     from minid.imaging import images
-    from minid.sampling.text_to_image import generate
+    from minid.sampling.text_to_image import check_generate, generate
 
     _device_and_dtype(args.device, args.dtype)  # every check before anything loads
+    flags = ("--steps", "--guidance", "--solver", "--size")
+    check_generate(args.steps, args.guidance, args.solver, args.size, flags)
     images.check_output_path(Path(args.out), [], overwrite=args.overwrite, what="--out")
     _print_notes(_prompt_notes(_tokenizer(args), {"--prompt": args.prompt}))
     sd = _load(args)

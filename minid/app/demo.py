@@ -46,8 +46,10 @@ def _edit_with_drift(
     ids = tok(["", "", prompt, prompt_edited]).to(device)
     ctx = sd.text_encoder(ids).to(z_T.dtype)
     uncond, cond = ctx[:2], ctx[2:]
+    guided = guidance != 1.0  # guidance 1 is ε(c) alone: no unconditional half in the batch
+    layout = BatchLayout(2, cfg=guided)
     # First pass: cross-attention of the original to locate the subject.
-    store = AttentionStore(rows=[1])  # the conditional half of [uncond; cond]
+    store = AttentionStore(rows=[BatchLayout(1, cfg=guided).row(0)])  # its conditional row
     reconstruct(sd.unet, plan, z_T, cond[0:1], uncond[0:1], guidance, controller=store)
     side = tuple(z_T.shape[-2:])
     region = word_mask(store, 0, tok.token_positions(prompt, subject_word), side)
@@ -57,7 +59,7 @@ def _edit_with_drift(
     # 1)
     z_edit = z_T * (1 - region) + region * ((1 - drift) ** 0.5 * z_T + drift**0.5 * fresh)
     p2p = PromptToPrompt(
-        BatchLayout(2, cfg=True),
+        layout,
         [prompt_alignment(tok, prompt, prompt_edited, "refine")],
         cross_window=(0.0, 0.8),
         self_window=(0.0, 0.2),
@@ -71,7 +73,7 @@ def _edit_with_drift(
         # local blend on the element: the edit changes the element region and the re-drawn subject
         # only
         try:
-            m = word_mask(blend_store, 3, elem_positions, side)
+            m = word_mask(blend_store, layout.row(1), elem_positions, side)
         except ValueError:
             return z
         m = torch.maximum(m.to(z.device, z.dtype), region)
@@ -170,9 +172,10 @@ def demo_unet_images(generate_steps: int, method: EditedIDConfig) -> dict[str, i
     that is differentiated counts 3 (its backward costs about two forwards). Null-text is counted at
     its most (`inner_steps` updates at every step; early stops only make it cheaper)."""
     g, n = generate_steps, method.num_steps
+    halves = 1 if method.guidance == 1.0 else 2  # guidance 1: ε(c) alone, nothing to optimise
     # ε(c); updates; the kept ∅'s ε̃
     stage2 = {
-        "null-text": n * (2 + 3 * 2 * method.null_text.inner_steps + 2),
+        "null-text": 2 * n + (n * (3 * 2 * method.null_text.inner_steps + 2) if halves == 2 else 0),
         "direct": 2 * n,
         "negative-prompt": 2 * n,
     }[method.inversion]
@@ -182,7 +185,7 @@ def demo_unet_images(generate_steps: int, method: EditedIDConfig) -> dict[str, i
         # O and E; O, E, T with guidance
         "align": 2 * n,
         "disentangle": stage2,
-        "entangle": 6 * n,
+        "entangle": 3 * halves * n,
     }
 
 

@@ -164,6 +164,14 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--download-faces", action="store_true", help="let insightface fetch the pack if missing"
     )
+    p.add_argument(
+        "--face-backend",
+        choices=("insightface", "dlib"),
+        default="insightface",
+        help="the face models: insightface (the pack above: SCRFD, 106 landmarks, ArcFace) or dlib "
+        "(HOG detector, 5 points, 128-d descriptor measured in dlib distance, not ID-Sim; "
+        "pip install dlib-bin face-recognition-models)",
+    )
 
 
 # ---- the options of each sub-command (cli.py runs them) ------------------------------------------
@@ -389,15 +397,18 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing --out (default: refuse)"
     )
+    from minid.sampling.guided import MAX_GUIDANCE
+    from minid.sampling.text_to_image import max_steps
+
     p.add_argument(
         "--steps",
-        type=number_type(int, 1, 1000),
+        type=number_type(int, 1, max_steps("ddim")),  # the schedule's; --solver dpm: one fewer
         default=50,
         help="sampling steps, one UNet call each",
     )
     p.add_argument(
         "--guidance",
-        type=number_type(float, 0.0, low_open=True),
+        type=number_type(float, 0.0, MAX_GUIDANCE, low_open=True),
         default=7.5,
         help="classifier-free guidance scale",
     )

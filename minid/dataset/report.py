@@ -2,8 +2,8 @@
 summary, and two pictures drawn with PIL: the histogram of ID-Sim before and after restoration, and
 a contact sheet of a few rows (original | edited | restored).
 
-The paper reads ID-Sim ≥ 0.70 as the same person (metrics.SAME_PERSON_THRESHOLD); the histogram marks
-it.
+The paper reads ID-Sim ≥ 0.70 as the same person (metrics.SAME_PERSON_THRESHOLD); the histogram
+marks it.
 """
 
 from __future__ import annotations

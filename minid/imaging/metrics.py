@@ -1,7 +1,8 @@
 """Image metrics: identity similarity (the paper's ID-Sim), PSNR, SSIM, and column statistics.
 
 ID-Sim is the cosine similarity of ArcFace embeddings (insightface's w600k_r50 in the buffalo_l
-pack), as in the EditedID paper, which counts ID-Sim ≥ 0.70 as the same person (Table 13) and reports
+pack), as in the EditedID paper, which counts ID-Sim ≥ 0.70 as the same person (Table 13) and
+reports
 0.73 on average for its results.
 """
 

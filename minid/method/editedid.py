@@ -39,10 +39,10 @@ from minid.method.mixing import AlignmentResult, MixingConfig, adaptive_mixing_i
 from minid.method.null_text import NullTextConfig, NullTextStep, null_text_optimization
 from minid.models.attention import at_step
 from minid.models.config import number_problem
-from minid.sampling.guided import reconstruct
+from minid.sampling.guided import MAX_GUIDANCE, reconstruct
 from minid.sampling.hybrid import HybridSchedule, hybrid_plan
 from minid.sampling.plans import Plan, ddim_plan
-from minid.sampling.schedule import NoiseSchedule
+from minid.sampling.schedule import NoiseSchedule, max_num_steps
 
 Ablation = Literal["none", "baseline", "no_alignment", "no_disentanglement", "no_entanglement"]
 ABLATIONS = get_args(Ablation)
@@ -51,17 +51,22 @@ Inversion = Literal["null-text", "direct", "negative-prompt"]
 # The numbers of EditedIDConfig a user may set: field path -> (kind, low, high, low excluded), None
 # = no bound. EditedIDConfig checks them; the command line checks its flags against the same limits,
 # in the flags' words.
+# The most steps SD1.4's schedule has timesteps for: 998, where the hybrid's DPM-Solver++ "leading"
+# times with steps_offset 1 reach timestep 999 (schedule.max_num_steps; no spacing allows fewer)
+MAX_STEPS = max_num_steps(NoiseSchedule.scaled_linear(), "leading", "leading")
 NUMBER_LIMITS = {
-    # one model call per step, at most one per training timestep
-    "solver.num_steps": (int, 1, 1000, False),
+    # one model call per step, on the schedule's timesteps
+    "solver.num_steps": (int, 1, MAX_STEPS, False),
     # 1-based from noise, or negative from the end (−1: step N)
     "solver.dpm_start": (int, -1000, 1000, False),
     "solver.dpm_end": (int, -1000, 1000, False),
     "solver.clip_sample_range": (float, 0.0, None, True),
-    "guidance": (float, 0.0, None, True),  # s > 0; 1 is the conditional prediction alone
+    # s > 0; 1 is the conditional prediction alone; far past SD's 1-20 ε̃ overflows
+    "guidance": (float, 0.0, MAX_GUIDANCE, True),
     "mixing.w0": (float, 0.0, 0.5, False),  # Eq. 2 mixes w·O + (1 − w)·E; past 0.5 the roles swap
     "mixing.lr": (float, 0.0, None, False),
     "mixing.iterations": (int, 0, None, False),
+    "mixing.forced_steps": (int, 1, None, False),
     "mixing.w_max": (float, 0.0, 0.5, False),
     "null_text.inner_steps": (int, 0, None, False),
     "null_text.lr": (float, 0.0, None, True),
@@ -109,9 +114,10 @@ class EditedIDConfig:
     gating: GatingConfig = GatingConfig()  # Stage 3 (Eq. 7-9)
     # T's prompt and null-text: E's (default) or O's
     target: Literal["edited", "original"] = "edited"
-    # IdGlow's mask-free mode (seed 002): identity through the cross-attention tokens only (with
-    # gating.identity's schedule), no self-attention gating and no latent blending, so no spatial
-    # mask at all
+    # IdGlow's mask-free mode (seed 002): no spatial mask at all — no mask-selective gating and no
+    # latent blending; at the gated self-attention sites T's queries attend over T's and O's keys
+    # and values together (mutual self-attention), O's share gating.identity's s_i, and the
+    # identity tokens' columns follow the same schedule
     mask_free: bool = False
     blend: bool = True  # Blended-Diffusion step: keep E's latent outside the dilated mask union
     blend_dilation: int = 1  # latent pixels the mask union grows by before blending
@@ -368,8 +374,8 @@ def entangle(
     its own λ). T's start: the shared z_T (aligned), z_T^O (baseline, or T = O's prompt) or z_T^E
     (no alignment). backend: the fused attention edits' implementation ("auto", "triton", "torch").
     keep_e: (K, 1, H, W) regions kept from E exactly (left out of the blend); lambda_maps: per
-    triple a (1, 1, H, W) λ_O map or None. Mask-free (`config.mask_free`): no self-attention gating
-    and no blending, identity through the tokens.
+    triple a (1, 1, H, W) λ_O map or None. Mask-free (`config.mask_free`): no masks and no blending;
+    T's self-attention at the gated sites runs over [K_T; K_O], [V_T; V_O] with O's share s_i.
     """
     k_pairs = d.z_T_o.shape[0]
     if len(tokens) != k_pairs:
@@ -399,12 +405,13 @@ def entangle(
                 id_tokens=tokens[k].identity,
                 element_tokens=tokens[k].element,
                 config=gatings[k],
-                self_gating=config.uses_self_gating and not config.mask_free,
+                self_gating=config.uses_self_gating,
+                mutual=config.mask_free,
                 backend=backend,
                 branch_o=k,
                 branch_e=k_pairs + k,
                 branch_t=2 * k_pairs + k,
-                num_steps=len(plan.steps),
+                identity_values=gatings[k].identity.values(plan),
                 lambda_map=lambda_maps[k],
                 local_tokens=tokens[k].local,
             )

@@ -4,8 +4,11 @@ seam of `minid.models.attention` with the batch layout of control.py.
 - `EditedIDGating`: mask-selective self-attention and token-selective cross-attention replacement
   for one (O, E, T) batch; `GatingGroup`: K such triples in one batch.
 - `IdentitySchedule`: how much of O the gating lets into T at each step (IdGlow's timestep-scheduled
-  identity injection, seed 002): s_i scales O's weight in the gated self-attention rows and mixes
-  the identity tokens' cross-attention columns, s_i·O + (1 − s_i)·T.
+  identity injection, seed 002), a function of the step's noise level (`noise_progress`): s_i
+  scales O's weight in the gated self-attention rows and mixes the identity tokens'
+  cross-attention columns, s_i·O + (1 − s_i)·T.
+- Mask-free identity (`EditedIDGating.mutual`): T's queries over [K_T; K_O], [V_T; V_O] at the
+  gated self-attention sites, O's share s_i (MasaCtrl's mutual self-attention), no mask.
 - Localised token replacement: region words whose cross-attention columns come from O or E only on
   the query rows inside their region (ConsistentID's localisation, seed 003, at inference).
 """
@@ -18,26 +21,46 @@ from typing import Literal, get_args
 import torch
 
 from minid.imaging import masks
-from minid.kernels.dispatch import masked_multi_source, token_replace
+from minid.kernels.dispatch import masked_multi_source, mutual_attention, token_replace
 from minid.method.control import BatchLayout
 from minid.models.attention import Site, default_attention
+from minid.sampling.plans import Plan
 
 GatingMode = Literal["output", "map"]
 GATING_MODES = get_args(GatingMode)
 
 
+def noise_progress(plan: Plan) -> list[float]:
+    """Per step of `plan`, how far its noise level lies from pure noise: p = 1 − ν with
+    ν = σ_t / (α_t + σ_t) at the step's noisier end t — the flow-matching time of the same noise
+    level (x_t / (α_t + σ_t) = (1 − ν) x_0 + ν ε), 1 at pure noise, 0 at clean. p depends on the
+    noise level alone, so it is the same for a step of any N, plan or solver at the same σ."""
+    out = []
+    for step in plan.steps:
+        alpha, sigma = plan.schedule.alpha(step.t), plan.schedule.sigma(step.t)
+        out.append(1.0 - sigma / (alpha + sigma))
+    return out
+
+
+# factor name -> number of arguments; the "-steps" forms count steps, the others noise levels
+_FACTOR_ARITY = {"constant": 0, "decay": 2, "window": 4, "decay-steps": 2, "window-steps": 4}
+
+
 @dataclass(frozen=True)
 class IdentitySchedule:
-    """s_i ∈ [0, 1] over the reconstruction steps i = 1 … N: how much of O the gating lets into T at
-    step i.
+    """s ∈ [0, 1] at each reconstruction step: how much of O the gating lets into T there.
 
     IdGlow's idea (seed 002): identity injected with a timestep-dependent linear decay and
-    concentrated in a window of steps, so that identity does not override structure the edit must
-    change. `spec`:
-        "constant"                s ≡ 1: EditedID as the paper has it (bit for bit)
-        "decay:S_START:S_END"     linear from S_START at step 1 to S_END at step N
-        "window:A:B:S_IN:S_OUT"   S_IN on steps A ≤ i < B (1-based), S_OUT on the others
-    and products of these joined by "*", e.g. "decay:1:0.2*window:1:4:1:0".
+    concentrated in a window, so that identity does not override structure the edit must change.
+    The schedule is a function of the step's noise level, written as the progress p ∈ [0, 1] from
+    pure noise (0) to clean (1) (`noise_progress`: p = 1 − σ/(α + σ)), so a spec means the same at
+    any N and under any plan. `spec`:
+        "constant"                     s ≡ 1: EditedID as the paper has it (bit for bit)
+        "decay:S_START:S_END"          linear in p, S_START at p = 0 (noise), S_END at p = 1
+        "window:A:B:S_IN:S_OUT"        S_IN where A ≤ p < B (0 ≤ A ≤ B ≤ 1), S_OUT elsewhere
+        "decay-steps:S_START:S_END"    by step number: S_START at step 1, S_END at step N
+        "window-steps:A:B:S_IN:S_OUT"  S_IN on steps A ≤ i < B (1-based), S_OUT on the others
+    and products of these joined by "*", e.g. "decay:1:0.2*window:0:0.5:1:0".
     """
 
     spec: str = "constant"
@@ -49,7 +72,7 @@ class IdentitySchedule:
         out = []
         for part in self.spec.split("*"):
             name, *args = part.strip().split(":")
-            arity = {"constant": 0, "decay": 2, "window": 4}.get(name)
+            arity = _FACTOR_ARITY.get(name)
             try:
                 values = tuple(float(a) for a in args)
             except ValueError:
@@ -57,37 +80,64 @@ class IdentitySchedule:
             if arity is None or values is None or len(values) != arity:
                 raise ValueError(
                     f"identity schedule {self.spec!r}: {part.strip()!r} is not one of constant, "
-                    "decay:S_START:S_END, window:A:B:S_IN:S_OUT (factors joined by '*')"
+                    "decay:S_START:S_END, window:A:B:S_IN:S_OUT (A, B: noise progress in [0, 1]), "
+                    "decay-steps:S_START:S_END, window-steps:A:B:S_IN:S_OUT (A, B: steps), "
+                    "factors joined by '*'"
                 )
-            strengths = values if name == "decay" else values[2:]
+            strengths = values if name.startswith("decay") else values[2:]
             if any(not 0 <= v <= 1 for v in strengths):
                 raise ValueError(
                     f"identity schedule {self.spec!r}: strengths must lie in [0, 1], got "
                     f"{strengths}"
                 )
-            if name == "window" and not (
+            if name == "window" and not 0 <= values[0] <= values[1] <= 1:
+                raise ValueError(
+                    f"identity schedule {self.spec!r}: a window A:B needs noise progress "
+                    "0 ≤ A ≤ B ≤ 1 (0: pure noise, 1: clean)"
+                )
+            if name == "window-steps" and not (
                 values[0] == int(values[0])
                 and values[1] == int(values[1])
                 and 1 <= values[0] <= values[1]
             ):
                 raise ValueError(
-                    f"identity schedule {self.spec!r}: a window A:B needs whole steps 1 ≤ A ≤ B"
+                    f"identity schedule {self.spec!r}: a window-steps A:B needs whole steps "
+                    "1 ≤ A ≤ B"
                 )
             out.append((name, values))
         return out
 
-    def value(self, step: int, num_steps: int) -> float:
-        """s at the plan's step `step` (0-based, from noise) of `num_steps`."""
+    @property
+    def by_noise(self) -> bool:
+        """Whether some factor reads the noise level (and so needs the plan, not only N)."""
+        return any(name in ("decay", "window") for name, _ in self.factors())
+
+    def value(self, step: int, num_steps: int, progress: float | None = None) -> float:
+        """s at the plan's step `step` (0-based, from noise) of `num_steps`, whose noise progress is
+        `progress` (`noise_progress`; needed by the noise-level factors)."""
         i, s = step + 1, 1.0
         for name, v in self.factors():
+            if name in ("decay", "window") and progress is None:
+                raise ValueError(
+                    f"identity schedule {self.spec!r}: {name} reads the step's noise level; give "
+                    "the plan (IdentitySchedule.values(plan))"
+                )
             if name == "decay":
-                s *= v[0] + (v[1] - v[0]) * ((i - 1) / (num_steps - 1) if num_steps > 1 else 0.0)
+                s *= v[0] + (v[1] - v[0]) * progress
             elif name == "window":
+                s *= v[2] if v[0] <= progress < v[1] else v[3]
+            elif name == "decay-steps":
+                s *= v[0] + (v[1] - v[0]) * ((i - 1) / (num_steps - 1) if num_steps > 1 else 0.0)
+            elif name == "window-steps":
                 s *= v[2] if v[0] <= i < v[1] else v[3]
         return s
 
-    def values(self, num_steps: int) -> list[float]:
-        return [self.value(i, num_steps) for i in range(num_steps)]
+    def values(self, plan: Plan | int) -> list[float]:
+        """s_i for every step of `plan` (or of N steps, for a schedule that counts steps only)."""
+        if isinstance(plan, int):
+            return [self.value(i, plan) for i in range(plan)]
+        progress = noise_progress(plan)
+        return [self.value(i, len(progress), p) for i, p in enumerate(progress)]
 
     def __str__(self) -> str:
         return self.spec
@@ -170,7 +220,8 @@ class EditedIDGating:
     the paper's gating exactly. `lambda_map` (1, 1, h, w) replaces the constant λ_O where regions
     carry their own. `local_tokens` (ConsistentID): words whose columns come from O or E only on the
     query rows of their region mask (linear again: T's row + r ⊙ (replaced − T's row), so no row
-    outside the region changes).
+    outside the region changes). `mutual` (the mask-free mode): at the same self-attention sites T's
+    queries attend over T's and O's keys and values together, O's share s_i, with no mask.
     """
 
     layout: BatchLayout
@@ -189,7 +240,12 @@ class EditedIDGating:
     branch_o: int = 0
     branch_e: int = 1
     branch_t: int = 2
-    num_steps: int = 1  # N, for the identity schedule
+    # s_i per step of the plan (`IdentitySchedule.values(plan)`); None: config.identity must be
+    # constant (s ≡ 1)
+    identity_values: list[float] | None = None
+    # mask-free (IdGlow): at the gated self-attention sites T's queries attend over [K_T; K_O],
+    # [V_T; V_O], O's share s_i (`dispatch.mutual_attention`), instead of the mask-selective rows
+    mutual: bool = False
     # (1, 1, h, w) λ_O per pixel, else config.lambda_o everywhere
     lambda_map: torch.Tensor | None = None
     local_tokens: list[LocalTokens] = field(default_factory=list)
@@ -213,6 +269,22 @@ class EditedIDGating:
         element_only[src_branch == 0] = -1
         # the columns replaced when s = 0: the element tokens alone
         self.element_branch = element_only
+        if self.identity_values is None and self.config.identity.spec != "constant":
+            raise ValueError(
+                f"EditedIDGating: identity schedule {self.config.identity} needs its per-step "
+                "values: identity_values=config.identity.values(plan)"
+            )
+
+    def identity(self, step: int) -> float:
+        """s at the plan's step `step` (0-based)."""
+        if self.identity_values is None:
+            return 1.0
+        if not 0 <= step < len(self.identity_values):
+            raise ValueError(
+                f"EditedIDGating: step {step} is outside the {len(self.identity_values)} steps "
+                "of identity_values"
+            )
+        return self.identity_values[step]
 
     def _self_active(self, site: Site, step: int) -> bool:
         c = self.config
@@ -247,7 +319,7 @@ class EditedIDGating:
         when None and T needs an edit); returns `out`, still None when nothing is edited at this
         site."""
         lay = self.layout
-        s = self.config.identity.value(step, self.num_steps)
+        s = self.identity(step)
         if site.is_cross:
             if not (self.src_branch >= 0).any() and not self.local_tokens:
                 return out
@@ -289,6 +361,8 @@ class EditedIDGating:
             return out
         if not self._self_active(site, step):
             return out
+        if self.mutual:
+            return self._mutual(q, k, v, s, out)
         w = self.weights(site, q.device)
         if w is not None and s != 1.0:  # IdGlow: O's weight s·w_O, the rest to T's own attention
             w = torch.stack([s * w[0], w[1], w[2] + (1 - s) * w[0]])
@@ -307,6 +381,28 @@ class EditedIDGating:
                 [v[r : r + 1] for r in rows],
                 w.to(q.dtype),
                 mode=self.config.mode,
+                backend=self.backend,
+            )
+        return out
+
+    def _mutual(self, q, k, v, s: float, out: torch.Tensor | None) -> torch.Tensor | None:
+        """Mask-free identity (IdGlow, with MasaCtrl's mutual self-attention): T's queries over
+        [K_T; K_O] and [V_T; V_O] with prior weights (1 − s, s) — s = ½ is plain attention over the
+        concatenation, s = 1 T's queries over O's keys and values alone, s = 0 T's own attention
+        (the edit, bit for bit: nothing is recomputed). No spatial mask: O's keys form a set, so O
+        need not be position-aligned with T."""
+        if s == 0:
+            return out
+        lay = self.layout
+        halves = [True, False] if (self.config.self_uncond and lay.cfg) else [True]
+        out = default_attention(q, k, v) if out is None else out
+        for cond in halves:
+            o, t = lay.row(self.branch_o, cond), lay.row(self.branch_t, cond)
+            out[t : t + 1] = mutual_attention(
+                q[t : t + 1],
+                [k[t : t + 1], k[o : o + 1]],
+                [v[t : t + 1], v[o : o + 1]],
+                [1.0 - s, s],
                 backend=self.backend,
             )
         return out

@@ -55,7 +55,8 @@ class MixingConfig:
             raise ValueError(f"MixingConfig.rule must be 'normalised' or 'raw', got {self.rule!r}")
         if not isinstance(self.forced_steps, int) or self.forced_steps < 1:
             raise ValueError(
-                f"MixingConfig.forced_steps must be a whole number ≥ 1 (the last step at least ends "
+                f"MixingConfig.forced_steps must be a whole number ≥ 1 (the last step at least "
+                f"ends "
                 f"at w = 0.5), got {self.forced_steps!r}"
             )
 
@@ -114,7 +115,8 @@ def adaptive_mixing_inversion(
     then w takes `mixing.iterations` gradient steps on the pair's alignment loss
         L(w) = mean(((1−w) ẑ^O + w ẑ^E − ((1−w) ẑ^E + w ẑ^O))²) = (1−2w)² mean((ẑ^O − ẑ^E)²),
     whose minimum is w = 0.5. The last step (the last `mixing.forced_steps`) uses w = 0.5
-    (constrained convergence, Eq. 3), so the two trajectories end at the same z_T exactly. `mixing=None` inverts the images separately (w =
+    (constrained convergence, Eq. 3), so the two trajectories end at the same z_T exactly.
+    `mixing=None` inverts the images separately (w =
     0). Pairs share nothing but the UNet batch: each has its own w and optimiser, so K pairs give
     what K separate calls give (up to the UNet's batch-size-dependent rounding).
     """

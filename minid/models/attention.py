@@ -24,6 +24,8 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from minid.kernels.accounting import op_range
+
 
 @dataclass(frozen=True)
 class Site:
@@ -69,8 +71,10 @@ class AttentionController(Protocol):
 
 
 def default_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(d)) v without a mask, through PyTorch's fused SDPA."""
-    return F.scaled_dot_product_attention(q, k, v)
+    """softmax(q kᵀ / sqrt(d)) v without a mask, through PyTorch's fused SDPA (a profiler sees it
+    as the range `minid.attention op=sdpa …`, minid.kernels.accounting)."""
+    with op_range("sdpa", q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def attention(

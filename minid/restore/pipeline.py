@@ -23,6 +23,7 @@ from minid.method.editedid import blend_mask, run
 from minid.method.null_text import NullTextStep
 from minid.restore.config import RestoreConfig
 from minid.restore.inputs import CheckedPair, RestorePair, check_pair, face_masks, word_positions
+from minid.sampling.guided import check_finite
 from minid.sampling.schedule import NoiseSchedule
 
 
@@ -250,6 +251,8 @@ class EditedID:
             )
             cond_o, cond_e = cond[:k_pairs], cond[k_pairs:]  # (K, 77, D) each
             uncond = self.encode_text([""])
+        self._check_finite(z0, "latents of the images", "encoding (the VAE encoder)")
+        self._check_finite(cond, "prompt embeddings", "encoding (the text encoder)")
         gatings = [
             cfg.method.gating
             if j.pair.lambda_o is None
@@ -277,12 +280,20 @@ class EditedID:
             lambda_maps=[j.lambda_map for j in jobs],
         )
         d = outcome.disentanglement
+        # each stage's latents, in the order the stages ran: the first non-finite one is named
+        for z, stage in (
+            (outcome.alignment.pivots_o[-1], "Stage 1 (align)"),
+            (outcome.alignment.pivots_e[-1], "Stage 1 (align)"),
+            (d.z0, "Stage 2 (disentangle)"),
+            (outcome.z0, "Stage 3 (entangle)"),
+        ):
+            self._check_finite(z, "latents", stage)
         with self._stage("decode", timings, calls), torch.no_grad():
-            recon = self.sd.vae.decode_latent(d.z0).float().clamp(-1, 1).cpu()  # (2K, 3, S, S)
-            # (K, 3, S, S)
-            restored = (
-                self.sd.vae.decode_latent(outcome.z0[2 * k_pairs :]).float().clamp(-1, 1).cpu()
-            )
+            recon = self.sd.vae.decode_latent(d.z0).float()  # (2K, 3, S, S)
+            restored = self.sd.vae.decode_latent(outcome.z0[2 * k_pairs :]).float()  # (K, 3, S, S)
+            for x in (recon, restored):
+                self._check_finite(x, "image", "decoding (the VAE decoder)")
+            recon, restored = recon.clamp(-1, 1).cpu(), restored.clamp(-1, 1).cpu()
 
         latent_side = z0.shape[-1]
         blend = blend_mask(
@@ -343,12 +354,19 @@ class EditedID:
                     null_text=[st.rows([row_o, row_e]) for st in d.steps],
                     attention_maps=maps,
                     regions=self._region_report(job, restored[k]),
-                    identity_schedule=cfg.method.gating.identity.values(cfg.method.num_steps),
+                    identity_schedule=cfg.method.gating.identity.values(self.plan),
                     w_differences=outcome.alignment.differences[k],
                     plan=self.plan_record(),
                 )
             )
         return results
+
+    def _check_finite(self, x: torch.Tensor, what: str, stage: str) -> None:
+        """Stop with one line when `x` holds NaN or infinite values (`guided.check_finite`: the
+        stage and the likely cause, a damaged weight or the guidance), before anything is
+        written."""
+        models = {"unet": self.sd.unet, "vae": self.sd.vae, "text_encoder": self.sd.text_encoder}
+        check_finite(x, what, stage, models, self.config.method.guidance)
 
     def plan_record(self) -> list[dict]:
         """The reconstruction's plan as plain data: per step its solver, order, t and σ from →

@@ -21,6 +21,40 @@ from minid.sampling.plans import Plan
 from minid.sampling.samplers import cfg, invert_loop, sample_loop
 
 
+# The largest guidance scale a pass accepts: SD is run at 1-20; far past that, ε̃ overflows (fp16
+# near 65504) or the image saturates to black or white
+MAX_GUIDANCE = 100.0
+
+
+def first_nonfinite_weight(models: dict) -> str | None:
+    """`name.parameter` of the first weight (or buffer) holding NaN or infinite values among
+    `models` (name -> nn.Module), or None when every one is finite."""
+    for name, model in models.items():
+        for key, value in (*model.named_parameters(), *model.named_buffers()):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"{name}.{key}"
+    return None
+
+
+def check_finite(x: torch.Tensor, what: str, stage: str, models: dict, guidance: float) -> None:
+    """Raise a one-line ValueError when `x` holds NaN or infinite values: `what` became non-finite
+    in `stage`, with the likely cause: a weight of `models` that is not finite (the weights file is
+    damaged), else the guidance or the dtype's range (fp16 overflows first)."""
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = first_nonfinite_weight(models)
+    if bad is not None:
+        cause = (
+            f"the weights hold NaN or infinite values ({bad}): download or convert them again"
+        )
+    else:
+        cause = (
+            f"guidance {guidance:g} or the range of {str(x.dtype).removeprefix('torch.')} "
+            f"overflowed: lower the guidance (SD's default is 7.5) or run in fp32"
+        )
+    raise ValueError(f"the {what} became NaN or infinite in {stage}; {cause}; nothing was written")
+
+
 def guided_eps(
     unet,
     z: torch.Tensor,
@@ -78,8 +112,9 @@ def reconstruct(
     """Guided reconstruction z_T → z_0 with per-step ∅ (a list of (B, 77, D)) or one fixed (B, 77,
     D).
 
-    The UNet batch is [uncond; cond] (`BatchLayout(B, cfg=True)`); the controller is called with the
-    step index (`at_step`). `on_step(i, z)` may return a new z (blending). Returns z_T … z_0.
+    The UNet batch is [uncond; cond] (`BatchLayout(B, cfg=True)`), at guidance 1 cond alone
+    (`BatchLayout(B, cfg=False)`); the controller is called with the step index (`at_step`).
+    `on_step(i, z)` may return a new z (blending). Returns z_T … z_0.
     """
     latents = [z_T]
 

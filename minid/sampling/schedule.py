@@ -315,6 +315,28 @@ def dpm_solver_times(
     )
 
 
+def max_num_steps(
+    schedule: NoiseSchedule, ddim_spacing: str = "leading", dpm_spacing: str | None = None
+) -> int:
+    """The most steps a pass may take on `schedule`: the largest N whose DDIM timesteps (and, with
+    `dpm_spacing`, DPM-Solver++ times) all lie within 0 … T−1. The range the command line and the
+    configs state. SD1.4 (T = 1000, steps_offset 1, "leading"): 999 for DDIM, 998 with DPM-Solver++
+    ("leading" puts N·(T//(N+1)) + 1 first)."""
+    T = schedule.num_train_timesteps
+    ddim_timesteps(1, ddim_spacing, schedule.steps_offset, T)  # an unknown spacing raises here
+    if dpm_spacing is not None:
+        dpm_solver_times(schedule, 1, dpm_spacing)
+    for n in range(T, 0, -1):
+        try:
+            ddim_timesteps(n, ddim_spacing, schedule.steps_offset, T)
+            if dpm_spacing is not None:
+                dpm_solver_times(schedule, n, dpm_spacing)
+        except ValueError:
+            continue
+        return n
+    raise ValueError(f"steps_offset={schedule.steps_offset} leaves no step within 0 … {T - 1}")
+
+
 def _trailing(num_train_timesteps: int, num_steps: int) -> list[int]:
     """ "trailing" timesteps, noisiest first: round(T − k·T/N) − 1, k = 0 … N−1, with the values
     exactly as diffusers' `np.arange(T, 0, −T/N)` makes them: numpy fills an arange as start + k·δ

@@ -8,10 +8,10 @@ import math
 import torch
 
 from minid.models.vae import MIN_SIDE
-from minid.sampling.guided import reconstruct
+from minid.sampling.guided import MAX_GUIDANCE, check_finite, reconstruct
 from minid.sampling.hybrid import HybridSchedule, hybrid_plan
 from minid.sampling.plans import Plan, ddim_plan
-from minid.sampling.schedule import NoiseSchedule
+from minid.sampling.schedule import NoiseSchedule, max_num_steps
 
 SOLVERS = ("ddim", "dpm", "hybrid")
 
@@ -30,6 +30,13 @@ def solver_plan(solver: str, num_steps: int, schedule: NoiseSchedule) -> Plan:
     raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
 
 
+def max_steps(solver: str) -> int:
+    """The most steps `solver` may take on SD1.4's schedule (`schedule.max_num_steps`): 999 for
+    DDIM, 998 where DPM-Solver++ runs ("leading" times, steps_offset 1)."""
+    dpm = None if solver == "ddim" else HybridSchedule().dpm_spacing
+    return max_num_steps(NoiseSchedule.scaled_linear(), HybridSchedule().ddim_spacing, dpm)
+
+
 def check_generate(
     num_steps: int,
     guidance: float,
@@ -39,15 +46,23 @@ def check_generate(
 ) -> None:
     """The checks of `generate`'s numbers, before any model runs; `names` says them in the caller's
     words (the command line's flags)."""
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= 1000:
-        raise ValueError(
-            f"{names[0]} must be an integer from 1 to 1000 (one model call per step), got "
-            f"{num_steps!r}"
-        )
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance <= 0:
-        raise ValueError(f"{names[1]} must be a finite number > 0, got {guidance!r}")
     if solver not in SOLVERS:
         raise ValueError(f"{names[2]} must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    most = max_steps(solver)
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= most:
+        raise ValueError(
+            f"{names[0]} must be an integer from 1 to {most} with {names[2]} {solver} (one model "
+            f"call per step, on the schedule's timesteps), got {num_steps!r}"
+        )
+    if (
+        not isinstance(guidance, (int, float))
+        or not math.isfinite(guidance)
+        or not 0 < guidance <= MAX_GUIDANCE
+    ):
+        raise ValueError(
+            f"{names[1]} must be a number in (0, {MAX_GUIDANCE:g}] (SD's default is 7.5), got "
+            f"{guidance!r}"
+        )
     if not isinstance(size, int) or size % 8 or size < MIN_SIDE:
         raise ValueError(
             f"{names[3]} must be a multiple of 8 (the VAE's factor) of at least {MIN_SIDE}, got "
@@ -101,7 +116,11 @@ def generate(
     finally:
         if bar is not None:
             bar.close()
-    image = sd.vae.decode_latent(latents[-1]).float().clamp(-1, 1).cpu()
+    models = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder}
+    check_finite(latents[-1], "latents", "sampling", models, guidance)
+    image = sd.vae.decode_latent(latents[-1]).float()
+    check_finite(image, "image", "the VAE decoder", models, guidance)
+    image = image.clamp(-1, 1).cpu()
     return (image, latents) if return_latents else image
 
 
