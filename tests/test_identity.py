@@ -100,9 +100,11 @@ def test_a_noise_level_schedule_means_the_same_at_any_n_and_plan():
             sigma, alpha = schedule.sigma(step.t), schedule.alpha(step.t)
             assert p == pytest.approx(alpha / (alpha + sigma)), "p = 1 − σ/(α + σ)"
             assert s == pytest.approx((1 - 0.8 * p) * (1.0 if p < 0.5 else 0.3))
-            at_t.setdefault(step.t, set()).add(round(s, 12))
-    shared = {t: v for t, v in at_t.items() if len(v) > 0}
-    assert all(len(v) == 1 for v in shared.values()), "one noise level, one s, whatever the plan"
+            at_t.setdefault(step.t, []).append(s)
+    shared = {t: v for t, v in at_t.items() if len(v) > 1}
+    assert len(shared) >= 3 and all(max(v) == min(v) for v in shared.values()), (
+        f"one noise level, one s, whatever the plan: {shared}"
+    )
     for plan in plans:  # the window covers the same noise interval, a different count of steps
         inside = [p < 0.5 for p in noise_progress(plan)]
         assert inside == sorted(inside, reverse=True) and any(inside) and not all(inside)
