@@ -167,3 +167,31 @@ def test_lfw_subset_repeated_person_is_closer_than_the_others(analyzer):
     # measured on 25 px faces: within 0.38-0.52 (mean 0.45), between mean ≈ 0.72
     assert np.mean(within) < SAME_PERSON_DISTANCE < np.mean(between)
     assert np.mean(within) < np.mean(between) - 0.15
+
+
+def test_face_backend_flag_defaults_to_insightface():
+    from minid.app.cli import build_parser
+
+    for command in ("restore", "validate", "eval", "calibrate"):
+        parser = build_parser(command)
+        action = next(
+            a
+            for a in parser._subparsers._group_actions[0].choices[command]._actions
+            if a.dest == "face_backend"
+        )
+        assert action.default == "insightface" and action.choices == ("insightface", "dlib")
+
+
+@needs_dlib
+def test_face_backend_dlib_gives_geometry_only_and_eval_refuses_it(tmp_path):
+    import argparse
+
+    from minid.app import cli
+
+    args = argparse.Namespace(command="restore", face_backend="dlib")
+    found = cli._face_analyzer(args)
+    assert isinstance(found, dlib_backend.DlibFaceAnalyzer)
+    face = found.analyze(_skimage_data().astronaut())[0]
+    assert face.kps.shape == (5, 2) and face.embedding is None  # never reported as ID-Sim
+    with pytest.raises(ValueError, match="ID-Sim"):
+        cli._face_analyzer(argparse.Namespace(command="eval", face_backend="dlib"))
