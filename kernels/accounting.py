@@ -20,7 +20,8 @@ path or SDPA):
   source (each source's normalised rows P_s v are weighted; kernels/multi_source.py). A zero weight
   over a whole query block lets the Triton kernel skip that source there; the count does not
   subtract it. `token_replace` with U sources: q kᵀ of the target and of each source, and one
-  P' v_T: (2 + 2U)·B·h·Nq·Nk·d + 2·B·h·Nq·Nk·dv.
+  P' v_T: (2 + 2U)·B·h·Nq·Nk·d + 2·B·h·Nq·Nk·dv. `mutual_attention` over S sources: one attention
+  of the queries over the S·Nk keys, S × one attention's count.
 - Bytes: every input read once and every output written once, at the inputs' element size (`e`);
   the map and the log-sum-exp in fp32, the weights in fp32, the token tables as int64. That is the
   traffic of a fused kernel that keeps its scores on chip, a lower bound for any implementation.
@@ -34,7 +35,7 @@ from dataclasses import dataclass, fields
 import torch
 
 PREFIX = "minid.attention "
-OPS = ("sdpa", "attention_with_map", "masked_multi_source", "token_replace")
+OPS = ("sdpa", "attention_with_map", "masked_multi_source", "token_replace", "mutual_attention")
 # the names the ops' fields take in a range name, in order
 _KEYS = {
     "b": "B",
@@ -63,8 +64,8 @@ class OpCall:
     d: int  # head size of q and k
     dv: int  # head size of v
     itemsize: int  # bytes per element of q, k and v
-    # masked_multi_source: S, the number of sources; token_replace: U, the sources besides the
-    # target
+    # masked_multi_source, mutual_attention: S, the number of sources (key sets); token_replace:
+    # U, the sources besides the target
     sources: int = 1
     want_map: bool = False  # attention_with_map: the head-averaged map (B, Nq, Nk) fp32 written
     want_lse: bool = False  # attention_with_map: the row log-sum-exp (B, h, Nq) fp32 written
@@ -73,7 +74,7 @@ class OpCall:
     @property
     def attentions(self) -> int:
         """How many (q kᵀ, P v) pairs of B·h·Nq·Nk the op's statement has."""
-        return self.sources if self.op == "masked_multi_source" else 1
+        return self.sources if self.op in ("masked_multi_source", "mutual_attention") else 1
 
     @property
     def flops(self) -> int:
@@ -92,6 +93,9 @@ class OpCall:
             return moved + 4 * self.b * self.sources * self.nq
         if self.op == "token_replace":
             return ((1 + self.sources) * (q + k) + v + out) * self.itemsize + 16 * self.nk
+        if self.op == "mutual_attention":
+            moved = (q + self.sources * (k + v) + out) * self.itemsize
+            return moved + 4 * self.b * self.sources * self.nq
         extra = 4 * self.b * self.nq * self.nk * self.want_map + 4 * rows_q * self.want_lse
         return (q + k + v + out) * self.itemsize + extra
 

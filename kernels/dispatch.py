@@ -277,8 +277,9 @@ def mutual_attention(
     if weights.dim() == 1:
         weights = weights[:, None].expand(len(ks), N_Q)
     weights = _normalise_weights(weights, len(ks), B, N_Q, "mutual_attention")
-    if _use_triton(backend, [q, *ks, *vs], "mutual_attention"):
-        from .mutual import mutual_triton
+    with op_range("mutual_attention", q, ks[0], vs[0], sources=len(ks)):
+        if _use_triton(backend, [q, *ks, *vs], "mutual_attention"):
+            from .mutual import mutual_triton
 
-        return mutual_triton(q, list(ks), list(vs), weights)
-    return chunked.mutual_chunked(q, ks, vs, weights)
+            return mutual_triton(q, list(ks), list(vs), weights)
+        return chunked.mutual_chunked(q, ks, vs, weights)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from minid.sampling.hybrid import HybridSchedule, hybrid_plan
@@ -31,6 +31,16 @@ from minid.sampling.samplers import (
     x0_from_v,
 )
 from minid.sampling.schedule import CLEAN, FINAL, NoiseSchedule, ddim_timesteps, dpm_solver_times
+from minid.testing import (
+    FIXED,
+    check_global_presetting,
+    check_inverse_pair,
+    check_plan_times,
+    check_steps_agree,
+    latents,
+    time_pairs,
+    times,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -223,51 +233,40 @@ def test_lower_order_final_follows_diffusers_rule():
 
 # ---- small exact properties ----------------------------------------------------------------------
 
-times = st.floats(0.0, 999.0)
+# the strategies and checks of minid.testing, the kit users test their own steps with
 
 
-@settings(max_examples=30, deadline=None)
-@given(t=times, s=times, seed=st.integers(0, 2**16))
-def test_dpm_solver_order_1_is_ddim(t, s, seed):
+def _dpm_solver_1(z, eps, t, s, schedule):
+    return dpm_solver_step(z, eps, t, s, schedule, SolverState(), order=1)
+
+
+def _dpm_solver_1_inversion(z, eps, t, s, schedule):
+    return dpm_solver_inversion_step(z, eps, t, s, schedule, SolverState(), order=1)
+
+
+@settings(FIXED, max_examples=30)
+@given(t=times(), s=times(), z=latents(shape=(16,)), eps=latents(shape=(16,)))
+def test_dpm_solver_order_1_is_ddim(t, s, z, eps):
     t, s = max(t, s), min(t, s)
-    if t - s < 1e-3:
-        return
-    g = torch.Generator().manual_seed(seed)
-    z, eps = (
-        torch.randn(16, generator=g, dtype=torch.float64),
-        torch.randn(16, generator=g, dtype=torch.float64),
-    )
-    a = ddim_step(z, eps, t, s, SCHEDULE)
-    b = dpm_solver_step(z, eps, t, s, SCHEDULE, SolverState(), order=1)
-    assert torch.allclose(a, b, rtol=0, atol=1e-10), f"t={t}, s={s}: {(a - b).abs().max():.2e}"
+    assume(t - s >= 1e-3)
+    check_steps_agree(ddim_step, _dpm_solver_1, z, eps, t, s, SCHEDULE, atol=1e-10)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(FIXED, max_examples=30)
 @given(
-    t=times,
-    s=st.one_of(times, st.just(FINAL)),
-    seed=st.integers(0, 2**16),
+    pair=time_pairs(min_gap=0.0, final=True),
+    z=latents(shape=(16,)),
+    eps=latents(shape=(16,)),
     solver=st.sampled_from([DDIM, DPM_SOLVER]),
 )
-def test_inversion_step_then_step_returns_the_start(t, s, seed, solver):
+def test_inversion_step_then_step_returns_the_start(pair, z, eps, solver):
     # with ε independent of z, the inversion step and the sampling step are exact inverses (to
-    # float64 rounding)
-    if s != FINAL:
-        t, s = max(t, s), min(t, s)
-    g = torch.Generator().manual_seed(seed)
-    z_s, eps = (
-        torch.randn(16, generator=g, dtype=torch.float64),
-        torch.randn(16, generator=g, dtype=torch.float64),
-    )
-    if solver == DDIM:
-        z_t = ddim_inversion_step(z_s, eps, t, s, SCHEDULE)
-        back = ddim_step(z_t, eps, t, s, SCHEDULE)
-    else:
-        z_t = dpm_solver_inversion_step(z_s, eps, t, s, SCHEDULE, SolverState(), order=1)
-        back = dpm_solver_step(z_t, eps, t, s, SCHEDULE, SolverState(), order=1)
-    err = (back - z_s).abs().max().item()
-    # |z_t| · σ_t/σ_s reaches ~100
-    assert err < 1e-9, f"{solver} t={t}, s={s}: round trip error {err:.2e}"
+    # float64 rounding; |z_t| · σ_t/σ_s reaches ~100)
+    steps = {
+        DDIM: (ddim_step, ddim_inversion_step),
+        DPM_SOLVER: (_dpm_solver_1, _dpm_solver_1_inversion),
+    }
+    check_inverse_pair(*steps[solver], z, eps, *pair, SCHEDULE, atol=1e-9)
 
 
 @pytest.mark.parametrize("plan_name", ["ddim", "dpm3", "hybrid", "hybrid_default", "hybrid_middle"])
@@ -420,11 +419,8 @@ def test_global_hybrid_is_continuous_and_smooth(window):
         SCHEDULE,
         HybridSchedule(num_steps=n, dpm_start=window[0], dpm_end=window[1], dpm_spacing="logSNR"),
     )
-    ts = [s.t for s in plan.steps]
-    assert all(a > b for a, b in zip(ts, ts[1:])), f"timesteps not strictly decreasing: {ts}"
-    assert all(a.s == b.t for a, b in zip(plan.steps, plan.steps[1:])), (
-        "a step must land where the next starts"
-    )
+    # strictly decreasing, each step landing where the next starts (minid.testing)
+    check_plan_times(plan, continuous=True)
     ddim_seq, dpm_seq = ddim_timesteps(n), dpm_solver_times(SCHEDULE, n)
     # paper Eq. 6: each step's time from its own solver's full sequence
     for i, step in enumerate(plan.steps):
@@ -754,52 +750,18 @@ def _windows(n):
 
 @pytest.mark.parametrize("dpm_spacing", ["logSNR", "linspace", "leading", "trailing"])
 def test_every_dpm_spacing_builds_a_global_plan_for_2_to_50_steps(dpm_spacing):
+    """Every window of N = 2 … 50 steps (a selection above 8) builds a plan that walks the pass
+    continuously and keeps Eq. 6's rules (minid.testing's checks: rule 1, DPM-Solver++ steps keep
+    their times; rule 2, DDIM times inside their DPM-Solver++ bounds stay; rule 3, the others are
+    spread λ-uniformly)."""
     checked = moved_total = 0
     for n in range(2, 51):
-        ddim_seq, dpm_seq = ddim_timesteps(n), dpm_solver_times(SCHEDULE, n, dpm_spacing)
         for window in _windows(n):
             hybrid = HybridSchedule(
                 num_steps=n, dpm_start=window[0], dpm_end=window[1], dpm_spacing=dpm_spacing
             )
             plan = hybrid_plan(SCHEDULE, hybrid)  # must not raise
-            ts, dpm = [s.t for s in plan.steps], [s.solver == DPM_SOLVER for s in plan.steps]
-            where = f"{dpm_spacing}, N={n}, window {window}: {[round(t, 2) for t in ts]}"
-            assert all(a > b for a, b in zip(ts, ts[1:])), f"not strictly decreasing: {where}"
-            assert all(a.s == b.t for a, b in zip(plan.steps, plan.steps[1:])), (
-                f"not continuous: {where}"
-            )
-            assert plan.steps[-1].s == (CLEAN if dpm[-1] else FINAL), where
-            # rule 1: DPM-Solver++ steps keep their times; rule 2: DDIM times strictly inside their
-            # DPM bounds stay
-            moved = []
-            for i in range(n):
-                if dpm[i]:
-                    assert ts[i] == dpm_seq[i], f"DPM-Solver++ step {i + 1} moved: {where}"
-                    continue
-                above = [dpm_seq[j] for j in range(i) if dpm[j]]
-                below = [dpm_seq[j] for j in range(i + 1, n) if dpm[j]]
-                valid = (not above or ddim_seq[i] < above[-1]) and (
-                    not below or ddim_seq[i] > below[0]
-                )
-                if valid:
-                    assert ts[i] == ddim_seq[i], (
-                        f"DDIM step {i + 1} moved although in bounds: {where}"
-                    )
-                else:
-                    moved.append(i)
-            # rule 3: each block of moved DDIM steps is λ-uniform between the kept times around it
-            for block in _blocks(moved):
-                lams = [SCHEDULE.lam(ts[i]) for i in block]
-                first, last = block[0], block[-1]
-                if first > 0:
-                    lams = [SCHEDULE.lam(ts[first - 1])] + lams
-                else:
-                    assert ts[0] == 999.0, f"an opening block starts at T−1: {where}"
-                lams = lams + [SCHEDULE.lam(ts[last + 1]) if last + 1 < n else SCHEDULE.lam(0)]
-                gaps = [b - a for a, b in zip(lams, lams[1:])]
-                assert max(gaps) - min(gaps) < 1e-9 * max(1.0, max(map(abs, gaps))), (
-                    f"moved block {block} not λ-uniform (gaps {gaps}): {where}"
-                )
+            moved = check_global_presetting(plan, hybrid)  # check_plan_times(continuous) first
             checked += 1
             moved_total += len(moved)
     assert checked == 455, f"{checked} plans checked, expected 455"
@@ -808,13 +770,3 @@ def test_every_dpm_spacing_builds_a_global_plan_for_2_to_50_steps(dpm_spacing):
         assert moved_total > 0, (
             f"{dpm_spacing}: no plan needed rule 3, so the test did not exercise it"
         )
-
-
-def _blocks(indices):
-    blocks = []
-    for i in indices:
-        if blocks and blocks[-1][-1] == i - 1:
-            blocks[-1].append(i)
-        else:
-            blocks.append([i])
-    return blocks

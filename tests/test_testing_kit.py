@@ -222,3 +222,31 @@ def test_toy_conditions_fit_the_testbed(context, data):
     z = data.draw(latents(shape=(context.shape[0], *model.latent_shape)))
     assert model(z, 500, context).shape == z.shape
     assert model.schedule.sigma(CLEAN) == 0.0
+
+
+# ---- the README's example ------------------------------------------------------------------------
+
+
+def _readme_example() -> str:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Testing your own sampler")
+    return re.compile(r"```python\n(.*?)```", re.S).search(readme, start).group(1)
+
+
+def test_the_readme_example_runs_and_catches_a_sign_error():
+    code = _readme_example()
+    lines = [line for line in code.splitlines() if line.strip()]
+    assert len(lines) <= 15, "the example is meant to be read at once"
+    good: dict = {}
+    exec(compile(code, "README.md", "exec"), good)
+    good["test_my_step_undoes_the_inversion"]()
+    good["test_my_step_at_the_exact_score"]()
+    flipped = code.replace("+ schedule.sigma(s) * eps", "- schedule.sigma(s) * eps")
+    assert flipped != code
+    bad: dict = {}
+    exec(compile(flipped, "README.md (sign error)", "exec"), bad)
+    with pytest.raises(AssertionError):
+        bad["test_my_step_at_the_exact_score"]()

@@ -1,0 +1,756 @@
+"""`minid profile`: one UNet step under torch.profiler, read per attention site.
+
+The UNet (SD1.4's size or the tiny test size, random weights: the work does not depend on the
+values) runs one denoising step or one EditedID Stage 3 step at a chosen latent size, batch, dtype
+and attention backend. Each attention site is wrapped in a profiler range by a controller at the
+seam (`minid.site down0.0 self 64x64`), and each attention op inside it opens its own range naming
+its shapes (minid.kernels.accounting). The profile is written as a Chrome trace and read back into
+two tables: one row per site with its time, FLOP and bytes (analytic, from the op's shapes), the
+rates they give and the site's share of the step, then the rest of the UNet; and the totals of the
+three kernel families (fused forward with map, masked multi-source, token-select; and mutual
+self-attention, the mask-free mode's) against plain SDPA on inputs of the same shapes.
+
+Times: on a CPU the ranges' wall time, and the step measured by perf_counter around it; on a GPU
+CUDA events recorded around each site and each step (the GPU's time, its idle gaps included), and
+the kernel families' time as torch.profiler's device time of their kernels. The rest of the UNet is
+the step outside the sites, broken down by the top-level ops the profiler saw there; on a CPU the
+Python between ops, on a GPU the idle and launch gaps, are what the ops leave. On a GPU each rate is
+also given as a fraction of the card's peak (`PEAKS`, from the vendors' datasheets).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minid.kernels.accounting import OpCall
+from minid.models.attention import Site, default_attention
+
+STEPS = ("denoise", "stage3")
+ATTENTION = ("sdpa", "auto", "torch", "triton")
+MAPS = ("none", "cross", "all")
+SITE_PREFIX = "minid.site "
+STEP_RANGE = "minid.profile.step"
+BASELINE_PREFIX = "minid.profile.sdpa_baseline "
+FAMILIES = (
+    ("attention_with_map", "fused forward with map"),
+    ("masked_multi_source", "masked multi-source"),
+    ("token_replace", "token-select"),
+    ("mutual_attention", "mutual self-attention"),  # mask-free identity (issue 22)
+)
+COLUMNS = """columns of the site table:
+  site      transformer block (down/mid/up, level, block index) and self- or cross-attention
+  res       the query grid, height x width
+  Nq, Nk    query and key lengths (Nk = 77 text tokens for cross-attention)
+  ops       the attention ops run at the site: sdpa (the seam's plain SDPA), fwd / fwd+map
+            (attention_with_map, with the head-averaged map), multi(S) (masked_multi_source over S
+            sources), token(U) (token_replace from U sources), mutual(S) (mutual_attention over S
+            key sets); "2x" when run twice
+  ms        time of the site per step: CPU wall time; on a GPU, between CUDA events around it
+  GFLOP     analytic FLOP of the site's ops: 2*B*h*Nq*Nk*d for q k^T plus the same for P v, per
+            attention (minid.kernels.accounting)
+  MB        analytic bytes: every input read once and every output written once (a fused kernel's
+            traffic, a lower bound)
+  TFLOP/s   GFLOP / ms; GB/s: MB / ms
+  step %    the site's share of the measured step
+  %peak F, %peak B   (GPU) TFLOP/s and GB/s as a share of the card's peak for the dtype
+below the sites: the rest of the UNet (outside the attention sites: convolutions, linear layers,
+norms, other ops, and what they leave: the Python between ops on a CPU, idle and launch gaps on a
+GPU) and the total, against the step measured around it in the same profiled run.
+the family table: calls per step, their time, FLOP and rates, and "SDPA ms": plain
+F.scaled_dot_product_attention on random inputs of the same shapes (every (q, k, v) the op reads,
+stacked along the batch), timed in the same profile; "x SDPA" is the op's time over that."""
+
+
+# ---- the cards' peaks ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Card:
+    """A GPU's peak rates: dense TFLOP/s (no structured sparsity) and memory bandwidth."""
+
+    name: str
+    pattern: str  # regex on torch.cuda.get_device_name()
+    fp32: float  # FP32 on the CUDA cores
+    fp16: float  # FP16 tensor cores, FP32 accumulate (what PyTorch's fp16 matmuls accumulate in)
+    bf16: float | None  # BF16 tensor cores, FP32 accumulate
+    bandwidth: float  # GB/s
+    source: str
+
+    def peak_tflops(self, dtype: torch.dtype) -> float | None:
+        return {torch.float32: self.fp32, torch.float16: self.fp16, torch.bfloat16: self.bf16}.get(
+            dtype
+        )
+
+
+# Sparsity figures of the datasheets are halved to dense ones. The first matching pattern wins.
+PEAKS = (
+    # NVIDIA Ada GPU Architecture whitepaper, the GeForce RTX 4090 column of its specification
+    # tables: Peak FP32 82.6 TFLOPS; Peak FP16 and BF16 Tensor TFLOPS with FP32 Accumulate
+    # 165.2/330.4 (dense/sparse); memory bandwidth 1008 GB/s.
+    Card(
+        "RTX 4090", r"RTX 4090", 82.6, 165.2, 165.2, 1008, "NVIDIA Ada GPU Architecture whitepaper"
+    ),
+    # NVIDIA Ampere GA102 GPU Architecture whitepaper, the GeForce RTX 3090 column: Peak FP32 35.6
+    # TFLOPS; Peak FP16 and BF16 Tensor TFLOPS with FP32 Accumulate 71/142; 936 GB/s.
+    Card("RTX 3090", r"RTX 3090(?! Ti)", 35.6, 71.0, 71.0, 936, "NVIDIA GA102 whitepaper"),
+    # NVIDIA H200 Tensor Core GPU datasheet: H200 NVL FP32 60 TFLOPS, FP16/BF16 Tensor Core 1,671*
+    # TFLOPS (*with sparsity), 4.8 TB/s; H200 SXM FP32 67, FP16/BF16 1,979*, 4.8 TB/s.
+    Card("H200 NVL", r"H200 NVL", 60.0, 835.5, 835.5, 4800, "NVIDIA H200 datasheet"),
+    Card("H200 SXM", r"H200", 67.0, 989.5, 989.5, 4800, "NVIDIA H200 datasheet"),
+    # NVIDIA H100 Tensor Core GPU datasheet: H100 PCIe FP32 51 TFLOPS, FP16/BF16 1,513* TFLOPS,
+    # 2 TB/s; H100 NVL FP32 60, 1,671*, 3.9 TB/s; H100 SXM FP32 67, 1,979*, 3.35 TB/s.
+    Card("H100 PCIe", r"H100 PCIe", 51.0, 756.5, 756.5, 2000, "NVIDIA H100 datasheet"),
+    Card("H100 NVL", r"H100 NVL", 60.0, 835.5, 835.5, 3900, "NVIDIA H100 datasheet"),
+    Card("H100 SXM", r"H100", 67.0, 989.5, 989.5, 3350, "NVIDIA H100 datasheet"),
+    # NVIDIA A100 Tensor Core GPU datasheet: FP32 19.5 TFLOPS, FP16/BF16 Tensor Core 312 TFLOPS
+    # (624*); 80GB PCIe 1,935 GB/s, 80GB SXM 2,039 GB/s, 40GB 1,555 GB/s.
+    Card("A100 80GB PCIe", r"A100.*80GB.*PCIe", 19.5, 312.0, 312.0, 1935, "NVIDIA A100 datasheet"),
+    Card("A100 80GB SXM", r"A100.*80GB", 19.5, 312.0, 312.0, 2039, "NVIDIA A100 datasheet"),
+    Card("A100 40GB", r"A100", 19.5, 312.0, 312.0, 1555, "NVIDIA A100 datasheet"),
+    # NVIDIA L40S datasheet: FP32 91.6 TFLOPS, FP16/BF16 Tensor Core 362.05 (733*), 864 GB/s.
+    Card("L40S", r"L40S", 91.6, 362.05, 362.05, 864, "NVIDIA L40S datasheet"),
+    # NVIDIA L4 datasheet: FP32 30.3 TFLOPS, FP16/BF16 Tensor Core 242* TFLOPS, 300 GB/s.
+    Card("L4", r"\bL4\b", 30.3, 121.0, 121.0, 300, "NVIDIA L4 datasheet"),
+    # NVIDIA A10 datasheet: FP32 31.2 TFLOPS, FP16/BF16 Tensor Core 125 (250*) TFLOPS, 600 GB/s.
+    Card("A10", r"\bA10\b", 31.2, 125.0, 125.0, 600, "NVIDIA A10 datasheet"),
+    # NVIDIA T4 datasheet: FP32 8.1 TFLOPS, mixed precision (FP16/FP32) 65 TFLOPS, 320 GB/s; no
+    # BF16.
+    Card("T4", r"\bT4\b", 8.1, 65.0, None, 320, "NVIDIA T4 datasheet"),
+)
+
+
+def find_card(device_name: str) -> Card | None:
+    """The card of `PEAKS` a device name (torch.cuda.get_device_name) is, or None."""
+    return next((c for c in PEAKS if re.search(c.pattern, device_name)), None)
+
+
+# ---- what a profile holds ------------------------------------------------------------------------
+
+
+def _op_label(call: OpCall) -> str:
+    if call.op == "attention_with_map":
+        return "fwd+map" if call.want_map else "fwd"
+    if call.op == "masked_multi_source":
+        return f"multi({call.sources})"
+    if call.op == "token_replace":
+        return f"token({call.sources})"
+    if call.op == "mutual_attention":
+        return f"mutual({call.sources})"
+    return call.op
+
+
+@dataclass
+class SiteRow:
+    """One attention site: where, its shapes, the ops it ran in one step and their time per step."""
+
+    name: str
+    site: Site
+    b: int
+    h: int
+    nq: int
+    nk: int
+    d: int
+    ops: list[OpCall] = field(default_factory=list)
+    time_s: float = 0.0
+
+    @property
+    def flops(self) -> int:
+        return sum(op.flops for op in self.ops)
+
+    @property
+    def bytes(self) -> int:
+        return sum(op.bytes for op in self.ops)
+
+    @property
+    def ops_label(self) -> str:
+        counts: dict[str, int] = {}
+        for op in self.ops:
+            counts[_op_label(op)] = counts.get(_op_label(op), 0) + 1
+        return " ".join(f"{n}x{label}" if n > 1 else label for label, n in counts.items())
+
+
+@dataclass
+class FamilyRow:
+    """The calls of one kernel family in a step, and plain SDPA on inputs of the same shapes."""
+
+    op: str
+    label: str
+    calls: int = 0
+    time_s: float = 0.0
+    flops: int = 0
+    bytes: int = 0
+    sdpa_s: float = 0.0
+
+
+@dataclass
+class Profile:
+    """What `profile_unet` measured, per step (the mean over the profiled steps)."""
+
+    step: str
+    attention: str
+    device: str
+    device_name: str
+    dtype: torch.dtype
+    latent: int
+    rows_in_batch: int
+    repeat: int
+    sites: list[SiteRow]
+    rest_s: float  # the step outside the attention sites
+    rest_parts: dict[str, float]  # the rest by kind of op, and what the ops leave
+    measured_s: float  # the step measured around it (perf_counter; CUDA events on a GPU)
+    families: list[FamilyRow]
+    card: Card | None
+    trace: Path | None
+
+    @property
+    def total_s(self) -> float:
+        """The table's own sum: the sites and the rest."""
+        return sum(r.time_s for r in self.sites) + self.rest_s
+
+
+# ---- the controllers -----------------------------------------------------------------------------
+
+
+def site_name(site: Site) -> str:
+    return f"{site.block}{site.level}.{site.index} {site.kind} {site.height}x{site.width}"
+
+
+class SiteRanges:
+    """A controller that opens a profiler range around each site's attention (`inner`'s, or the
+    seam's SDPA when `inner` is None or returns None) and notes each site's shapes; with `cuda`,
+    it also records CUDA events around each site (`cuda_seconds` reads them)."""
+
+    def __init__(self, inner=None, cuda: bool = False):
+        self.inner = inner
+        self.cuda = cuda
+        self.seen: dict[str, tuple[Site, tuple, tuple]] = {}
+        self.events: dict[str, list] = defaultdict(list)
+
+    def __call__(self, q, k, v, site: Site, step: int | None = None):
+        name = site_name(site)
+        self.seen.setdefault(name, (site, tuple(q.shape), tuple(k.shape)))
+        with torch.profiler.record_function(SITE_PREFIX + name):
+            if self.cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+            out = None if self.inner is None else self.inner(q, k, v, site, step=step or 0)
+            out = default_attention(q, k, v) if out is None else out
+            if self.cuda:
+                end.record()
+                self.events[name].append((start, end))
+            return out
+
+    def cuda_seconds(self) -> dict[str, float]:
+        """Each site's GPU time summed over the calls since the last `events.clear()` (after a
+        synchronize)."""
+        return {n: sum(a.elapsed_time(b) for a, b in ev) / 1e3 for n, ev in self.events.items()}
+
+
+class MapAttention:
+    """Every site through `attention_with_map` on `backend`, asking for the head-averaged map at
+    the sites `maps` names ("none", "cross" — what an attention store keeps — or "all")."""
+
+    def __init__(self, backend: str, maps: str):
+        self.backend, self.maps = backend, maps
+
+    def __call__(self, q, k, v, site: Site, step: int = 0):
+        from minid.kernels.dispatch import attention_with_map
+
+        want = self.maps == "all" or (self.maps == "cross" and site.is_cross)
+        return attention_with_map(q, k, v, want_map=want, backend=self.backend)[0]
+
+
+def _disc(side: int, cy: float, cx: float, r: float, device) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+    inside = ((y / side - cy) ** 2 + (x / side - cx) ** 2) <= r**2
+    return inside.float()[None, None].to(device)
+
+
+def stage3_controller(images: int, side: int, guided: bool, backend: str, mode: str, device):
+    """Stage 3's gating for `images` (O, E, T) triples in one batch: O's face a disc, E's a shifted
+    disc overlapping it (every case of Eq. 8 occurs), two identity and two element tokens."""
+    from minid.method.control import BatchLayout
+    from minid.method.gating import EditedIDGating, GatingConfig, GatingGroup
+
+    layout = BatchLayout(3 * images, cfg=guided)
+    mask_o = _disc(side, 0.45, 0.5, 0.25, device)
+    mask_e = _disc(side, 0.6, 0.55, 0.2, device)
+    return GatingGroup(
+        [
+            EditedIDGating(
+                layout,
+                mask_o,
+                mask_e,
+                id_tokens=[(1, 1), (2, 2)],
+                element_tokens=[(4, 4), (5, 5)],
+                config=GatingConfig(mode=mode),
+                backend=backend,
+                branch_o=i,
+                branch_e=images + i,
+                branch_t=2 * images + i,
+            )
+            for i in range(images)
+        ]
+    )
+
+
+# ---- reading the profile -------------------------------------------------------------------------
+
+
+def _cpu_events(prof):
+    from torch.autograd import DeviceType
+
+    return [e for e in prof.events() if e.device_type == DeviceType.CPU]
+
+
+def _seconds(event, on_gpu: bool) -> float:
+    if on_gpu:
+        return getattr(event, "device_time_total", 0.0) / 1e6
+    return event.time_range.elapsed_us() / 1e6
+
+
+def _ancestors(event):
+    parent = event.cpu_parent
+    while parent is not None:
+        yield parent
+        parent = parent.cpu_parent
+
+
+def _rest_kind(name: str) -> str:
+    if "conv" in name:
+        return "convolutions"
+    if name in ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm"):
+        return "linear layers"
+    if "norm" in name:
+        return "norms"
+    return "other ops"
+
+
+def _sdpa_call(event, itemsize: int) -> OpCall | None:
+    """The OpCall of a plain aten SDPA a controller ran itself (not through the seam's or the
+    kernels' ops), from the shapes the profiler recorded."""
+    shapes = getattr(event, "input_shapes", None) or []
+    if len(shapes) < 3 or any(len(s) != 4 for s in shapes[:3]):
+        return None
+    (b, h, nq, d), (_, _, nk, _), v = shapes[:3]
+    return OpCall("sdpa", b, h, nq, nk, d, v[3], itemsize)
+
+
+def _read(prof, on_gpu: bool, itemsize: int):
+    """(site time totals {name: s}, ops of the first step {name: [OpCall]}, rest total, rest parts,
+    step total (device time on a GPU), calls per family op {op: [(OpCall, s)]} over all steps,
+    baseline times {range name: [s]}), summed over the profiled steps."""
+    events = _cpu_events(prof)
+    steps = sorted((e for e in events if e.name == STEP_RANGE), key=lambda e: e.time_range.start)
+    first = steps[0] if steps else None
+    site_time: dict[str, float] = defaultdict(float)
+    site_ops: dict[str, list[OpCall]] = defaultdict(list)
+    family: dict[str, list[tuple[OpCall, float]]] = defaultdict(list)
+    baseline: dict[str, list[float]] = defaultdict(list)
+    rest_parts: dict[str, float] = defaultdict(float)
+    step_total = sum(_seconds(s, on_gpu) for s in steps)
+    for e in events:
+        if e.name.startswith(BASELINE_PREFIX):
+            baseline[e.name[len(BASELINE_PREFIX) :]].append(_seconds(e, on_gpu))
+            continue
+        parents = list(_ancestors(e))
+        in_step = next((p for p in parents if p.name == STEP_RANGE), None)
+        if in_step is None:
+            continue
+        if e.name.startswith(SITE_PREFIX):
+            site_time[e.name[len(SITE_PREFIX) :]] += _seconds(e, on_gpu)
+            continue
+        if e.cpu_parent is in_step:  # a top-level op of the step outside every site
+            rest_parts[_rest_kind(e.name)] += _seconds(e, on_gpu)
+            continue
+        call = OpCall.parse(e.name)
+        if call is None and e.name == "aten::scaled_dot_product_attention":
+            call = _sdpa_call(e, itemsize)
+        if call is None:
+            continue
+        # the nearest minid range above it: a site (counted), or another op (nested: skipped)
+        above = next(
+            (p for p in parents if p.name.startswith(SITE_PREFIX) or OpCall.parse(p.name)), None
+        )
+        if above is None or not above.name.startswith(SITE_PREFIX):
+            continue
+        if in_step is first:
+            site_ops[above.name[len(SITE_PREFIX) :]].append(call)
+        family[call.op].append((call, _seconds(e, on_gpu)))
+    return site_time, site_ops, rest_parts, step_total, family, baseline
+
+
+# ---- running a step under the profiler -----------------------------------------------------------
+
+
+def _baseline_inputs(call: OpCall, dtype, device):
+    """Random (q, k, v) of the shapes the op reads, stacked along the batch: one SDPA doing the
+    op's attentions without the edit or the map."""
+    rows = call.b * (call.attentions if call.op != "token_replace" else 1 + call.sources)
+    nk = call.nk
+    if call.op == "mutual_attention":  # the queries over the S key sets together
+        rows, nk = call.b, call.nk * call.sources
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(n, d):
+        return torch.randn(rows, call.h, n, d, generator=g).to(device, dtype)
+
+    return rand(call.nq, call.d), rand(nk, call.d), rand(nk, call.dv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_unet(
+    unet_config=None,
+    latent: int | None = None,
+    images: int = 1,
+    guided: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attention: str = "auto",
+    maps: str = "cross",
+    step: str = "denoise",
+    gating_mode: str = "output",
+    repeat: int = 1,
+    warmup: int = 1,
+    trace: str | Path | None = None,
+    seed: int = 0,
+) -> Profile:
+    """Profile one UNet step (see the module docstring). `unet_config` a `UNetConfig` (default
+    SD1.4's), `latent` the latent side (default the config's sample_size), `images` the images of
+    the batch (denoise: 2 rows each with guidance; stage3: an (O, E, T) triple, 6 rows each),
+    `attention` "sdpa" (the seam's SDPA at every site; denoise only) or the kernels' backend "auto",
+    "torch", "triton"; `maps` which sites of a denoising step return their map."""
+    from minid.models.config import UNetConfig
+    from minid.models.unet import UNet
+
+    if step not in STEPS:
+        raise ValueError(f"step {step!r} is not one of {', '.join(STEPS)}")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
+    if maps not in MAPS:
+        raise ValueError(f"maps {maps!r} is not one of {', '.join(MAPS)}")
+    if step == "stage3" and attention == "sdpa":
+        raise ValueError(
+            "a Stage 3 step runs the kernels' ops; choose the attention backend auto, torch or "
+            "triton (sdpa profiles a plain denoising step)"
+        )
+    if repeat < 1 or warmup < 0 or images < 1:
+        raise ValueError(f"repeat ≥ 1, warmup ≥ 0 and images ≥ 1; got {repeat}, {warmup}, {images}")
+    config = UNetConfig() if unet_config is None else unet_config
+    device = torch.device(device)
+    side = config.sample_size if latent is None else latent
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet(config)
+    unet = unet.to(dtype).eval()
+    rows = images * (2 if guided else 1) * (3 if step == "stage3" else 1)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(rows, config.in_channels, side, side, generator=g).to(device, dtype)
+    context = torch.randn(rows, 77, config.cross_attention_dim, generator=g).to(device, dtype)
+    if step == "stage3":
+        inner = stage3_controller(images, side, guided, attention, gating_mode, device)
+    else:
+        inner = None if attention == "sdpa" else MapAttention(attention, maps)
+    on_gpu = device.type == "cuda"
+    sites = SiteRanges(inner, cuda=on_gpu)
+
+    def one_step():
+        return unet(z, 500, context, controller=sites)
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    measured = 0.0
+    with torch.no_grad():
+        for _ in range(warmup):
+            one_step()
+        _sync(device)
+        sites.events.clear()
+        with profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(repeat):
+                if on_gpu:
+                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                    start.record()
+                else:
+                    t0 = time.perf_counter()
+                with record_function(STEP_RANGE):
+                    one_step()
+                if on_gpu:
+                    end.record()
+                    torch.cuda.synchronize(device)
+                    measured += start.elapsed_time(end) / 1e3
+                else:
+                    measured += time.perf_counter() - t0
+        cuda_sites = sites.cuda_seconds() if on_gpu else None
+        # plain SDPA on inputs of the shapes of every family op the step ran, in a profile of its
+        # own read the same way
+        with profile(activities=activities) as baseline_prof:
+            for name in _family_calls(prof):
+                q, k, v = _baseline_inputs(OpCall.parse(name), dtype, device)
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)  # warm
+                for _ in range(repeat):
+                    with record_function(BASELINE_PREFIX + name):
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            _sync(device)
+    if trace is not None:
+        trace = Path(trace)
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+    return _assemble(
+        prof,
+        baseline_prof,
+        sites,
+        cuda_sites,
+        dtype,
+        device,
+        side,
+        rows,
+        repeat,
+        measured,
+        step,
+        attention,
+        trace,
+    )
+
+
+def _family_calls(prof) -> list[str]:
+    """The distinct range names of the family ops a profile recorded."""
+    ops = {op for op, _ in FAMILIES}
+    names = {e.name for e in _cpu_events(prof) if (c := OpCall.parse(e.name)) and c.op in ops}
+    return sorted(names)
+
+
+def _assemble(
+    prof,
+    baseline_prof,
+    sites,
+    cuda_sites,
+    dtype,
+    device,
+    side,
+    rows,
+    repeat,
+    measured,
+    step,
+    attention,
+    trace,
+) -> Profile:
+    on_gpu = cuda_sites is not None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    site_time, site_ops, rest_parts, step_total, family, _ = _read(prof, on_gpu, itemsize)
+    baseline = _read(baseline_prof, on_gpu, itemsize)[-1]
+    if on_gpu:
+        site_time = cuda_sites
+    table = []
+    for name, (site, q_shape, k_shape) in sites.seen.items():
+        b, h, nq, d = q_shape
+        table.append(SiteRow(name, site, b, h, nq, k_shape[2], d, site_ops.get(name, []), 0.0))
+        table[-1].time_s = site_time.get(name, 0.0) / repeat
+    measured_s = measured / repeat
+    # the step on the clock of the sites: the profiler's range on a CPU, CUDA events on a GPU
+    step_s = measured_s if on_gpu else step_total / repeat
+    rest_s = step_s - sum(r.time_s for r in table)
+    parts = {kind: t / repeat for kind, t in sorted(rest_parts.items())}
+    left = "idle and launch gaps" if on_gpu else "between ops (Python, dispatch)"
+    parts[left] = rest_s - sum(parts.values())
+    families = []
+    for op, label in FAMILIES:
+        row = FamilyRow(op, label)
+        for call, seconds in family.get(op, []):
+            row.calls += 1
+            row.time_s += seconds
+            row.flops += call.flops
+            row.bytes += call.bytes
+            times = baseline.get(call.range_name, [])
+            row.sdpa_s += sum(times) / len(times) if times else math.nan
+        for attr in ("calls", "time_s", "flops", "bytes", "sdpa_s"):
+            setattr(row, attr, getattr(row, attr) / repeat)
+        row.calls = round(row.calls)
+        families.append(row)
+    name = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    return Profile(
+        step=step,
+        attention=attention,
+        device=str(device),
+        device_name=name,
+        dtype=dtype,
+        latent=side,
+        rows_in_batch=rows,
+        repeat=repeat,
+        sites=table,
+        rest_s=rest_s,
+        rest_parts=parts,
+        measured_s=measured_s,
+        families=families,
+        card=find_card(name) if on_gpu else None,
+        trace=trace,
+    )
+
+
+# ---- the tables ----------------------------------------------------------------------------------
+
+
+def _rate(amount: float, seconds: float, scale: float) -> float:
+    return amount / seconds / scale if seconds > 0 else math.nan
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def format_profile(p: Profile) -> str:
+    """The two tables as text (see COLUMNS)."""
+    peak_f = p.card.peak_tflops(p.dtype) if p.card else None
+    peak_b = p.card.bandwidth if p.card else None
+    head = ["site", "res", "Nq", "Nk", "ops", "ms", "GFLOP", "MB", "TFLOP/s", "GB/s", "step %"]
+    if p.card:
+        head += ["%peak F", "%peak B"]
+    lines = []
+    rows = []
+    for r in p.sites:
+        tflops, gbs = _rate(r.flops, r.time_s, 1e12), _rate(r.bytes, r.time_s, 1e9)
+        row = [
+            f"{r.site.block}{r.site.level}.{r.site.index} {r.site.kind}",
+            f"{r.site.height}x{r.site.width}",
+            str(r.nq),
+            str(r.nk),
+            r.ops_label,
+            f"{r.time_s * 1e3:.3f}",
+            _fmt(r.flops / 1e9),
+            _fmt(r.bytes / 1e6),
+            _fmt(tflops),
+            _fmt(gbs),
+            f"{100 * r.time_s / p.measured_s:.1f}",
+        ]
+        if p.card:
+            row += [
+                _fmt(100 * tflops / peak_f if peak_f else math.nan, 3),
+                _fmt(100 * gbs / peak_b, 3),
+            ]
+        rows.append(row)
+
+    def tail_row(label, seconds, flops=None, nbytes=None):
+        row = [label, "", "", "", "", f"{seconds * 1e3:.3f}"]
+        row += [_fmt(flops / 1e9) if flops else "", _fmt(nbytes / 1e6) if nbytes else ""]
+        row += ["", "", f"{100 * seconds / p.measured_s:.1f}"] + ([""] * 2 if p.card else [])
+        return row
+
+    sites_s = sum(r.time_s for r in p.sites)
+    flops = sum(r.flops for r in p.sites)
+    nbytes = sum(r.bytes for r in p.sites)
+    rows.append(tail_row(f"all {len(p.sites)} sites", sites_s, flops, nbytes))
+    rows.append(tail_row("rest of the UNet", p.rest_s))
+    for kind, seconds in p.rest_parts.items():
+        rows.append(tail_row(f"  {kind}", seconds))
+    rows.append(tail_row("total (the table's sum)", p.total_s))
+    rows.append(tail_row("measured step", p.measured_s))
+    lines += _table(head, rows, breaks={len(p.sites), len(p.sites) + 1}, left=(0, 4))
+    diff = 100 * (p.total_s - p.measured_s) / p.measured_s
+    lines.append(f"table sum {p.total_s * 1e3:.3f} ms vs measured step {p.measured_s * 1e3:.3f} ms"
+                 f" ({diff:+.2f} %)")  # fmt: skip
+    lines.append("")
+    fhead = ["kernel family", "calls", "ms", "GFLOP", "TFLOP/s", "GB/s", "SDPA ms", "x SDPA"]
+    if p.card:
+        fhead += ["%peak F", "%peak B"]
+    frows = []
+    for f in p.families:
+        if not f.calls:
+            frows.append([f.label, "0"] + ["—"] * (len(fhead) - 2))
+            continue
+        tflops, gbs = _rate(f.flops, f.time_s, 1e12), _rate(f.bytes, f.time_s, 1e9)
+        row = [
+            f.label,
+            str(f.calls),
+            f"{f.time_s * 1e3:.3f}",
+            _fmt(f.flops / 1e9),
+            _fmt(tflops),
+            _fmt(gbs),
+            f"{f.sdpa_s * 1e3:.3f}",
+            _fmt(f.time_s / f.sdpa_s if f.sdpa_s else math.nan, 3),
+        ]
+        if p.card:
+            row += [
+                _fmt(100 * tflops / peak_f if peak_f else math.nan, 3),
+                _fmt(100 * gbs / peak_b, 3),
+            ]
+        frows.append(row)
+    lines += _table(fhead, frows)
+    if any(not f.calls for f in p.families):
+        lines.append("— : the family did not run in this step")
+    return "\n".join(lines)
+
+
+def _table(head: list[str], rows: list[list[str]], breaks=(), left=(0,)) -> list[str]:
+    """Text columns, those in `left` left-aligned, the others right-aligned; a rule before each
+    row index in `breaks`."""
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+
+    def line(cells):
+        return "  ".join(
+            str(c).ljust(w) if i in left else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    out = [line(head), "  ".join("-" * w for w in widths)]
+    for i, row in enumerate(rows):
+        if i in breaks:
+            out.append("  ".join("-" * w for w in widths))
+        out.append(line(row))
+    return out
+
+
+def describe(p: Profile) -> str:
+    """The first line: what ran, where."""
+    card = f", peaks of the {p.card.name} ({p.card.source})" if p.card else ""
+    what = "one denoising step" if p.step == "denoise" else "one EditedID Stage 3 step"
+    return (
+        f"minid profile: {what}, latent {p.latent}x{p.latent}, {p.rows_in_batch} rows, "
+        f"{str(p.dtype).removeprefix('torch.')}, attention {p.attention}, on {p.device_name}"
+        f"{card}; mean of {p.repeat} profiled step(s)"
+    )
+
+
+def run(args) -> int:
+    """`minid profile`: parse the options, profile, print the tables."""
+    import sys
+
+    from minid.loading.checkpoint import check_device_dtype
+    from minid.models.config import UNetConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    dev, dtype = check_device_dtype(device, dtype, what=("--device", "--dtype"))
+    config = UNetConfig.tiny() if args.unet == "tiny" else UNetConfig()
+    p = profile_unet(
+        config,
+        latent=args.latent,
+        images=args.batch,
+        guided=not args.no_guidance,
+        dtype=dtype,
+        device=dev,
+        attention=args.attention,
+        maps=args.maps,
+        step=args.step,
+        gating_mode=args.gating_mode,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        trace=args.trace,
+        seed=args.seed,
+    )
+    print(describe(p))
+    print(format_profile(p))
+    if p.device != "cpu" and p.card is None:
+        print(f"note: no peak rates known for {p.device_name}; see minid.app.profile.PEAKS")
+    print(f"minid profile: Chrome trace written to {p.trace}", file=sys.stderr)
+    return 0
