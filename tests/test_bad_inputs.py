@@ -504,6 +504,23 @@ def _nan_tensor(f: Path) -> None:
     save_file(state, str(f))
 
 
+@case(
+    "a config.json value of the wrong type",
+    "config.json",
+    "block_out_channels",
+    "a list of integers",
+    "a string",
+    loads=True,
+)
+def _(t, hub, mp):
+    copy = t / "hub"
+    shutil.copytree(hub, copy)
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    config["block_out_channels"] = "wide"
+    (copy / "unet" / "config.json").write_text(json.dumps(config))
+    return _with(_generate(t, hub), "--weights", copy)
+
+
 @case("weights stored as integers", "diffusion_pytorch_model.safetensors", "I32", loads=True)
 def _(t, hub, mp):
     return _with(_generate(t, hub), "--weights", _copy_vae(t, hub, _integer_tensor))
@@ -598,6 +615,23 @@ def _(t, hub, mp):
 
     mp.setattr(checkpoint, "load_stable_diffusion", interrupted)
     return _restore(t, hub)
+
+
+@case("SIGTERM during the run", "terminated", rc=143)
+def _(t, hub, mp):
+    import signal
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    mp.setattr(checkpoint, "load_stable_diffusion", terminated)
+    return _restore(t, hub)
+
+
+@case("a mistyped flag of a sub-command", "--w00", "minid restore --help")
+def _(t, hub, mp):
+    return _restore(t, hub, extra=["--w00", "0.1"])
 
 
 @case("a required option missing", "--out")
@@ -751,6 +785,180 @@ def test_the_step_limit_is_the_schedules():
         solver_plan(solver, max_steps(solver), schedule)
         with pytest.raises(ValueError):
             solver_plan(solver, max_steps(solver) + 1, schedule)
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("layers_per_block", 1.5, "an integer"),
+        ("layers_per_block", True, "an integer"),
+        ("norm_eps", "small", "a number"),
+        ("flip_sin_to_cos", 1, "true or false"),
+        ("block_out_channels", [32, "64"], "a list of integers"),
+        ("down_block_types", "CrossAttnDownBlock2D", "a list of strings"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_names_the_file_and_the_key(key, value, expected):
+    from minid.models.config import UNetConfig
+
+    with pytest.raises(ValueError) as e:
+        UNetConfig.from_dict({key: value}, "unet/config.json")
+    message = str(e.value)
+    assert message.startswith("unet/config.json: ") and repr(key) in message, message
+    assert f"must be {expected}, found" in message and "\n" not in message, message
+    assert UNetConfig.from_dict({"norm_eps": 1}).norm_eps == 1, "an integer is a number"
+
+
+def test_16_bit_grey_is_converted_by_its_bit_depth_not_its_content(tmp_path):
+    """A dark 16-bit grey picture (levels up to half of 65535) was divided by its own maximum and
+    came out white (issue 23); it stays mid-grey, as a mask of it does."""
+    from minid.imaging.masks import load_mask
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((64, 64), 32768, np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    x, _ = images.load_image(path, size=IMAGE_SIZE)
+    assert abs(float(x.mean())) < 0.01, f"mid-grey became {float(x.mean()):.3f} in [-1, 1]"
+    assert abs(float(load_mask(path, required=False).mean()) - 0.5) < 0.01
+
+
+def test_the_exif_orientation_turns_images_and_masks(tmp_path):
+    """A photo whose EXIF says "rotate 90°" (orientation 6) is read as a viewer shows it, and its
+    mask the same way, so the two still match."""
+    from minid.imaging.masks import load_mask
+
+    a = np.zeros((64, 128), np.uint8)
+    a[:, :40] = 255  # the left part white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).convert("RGB").save(tmp_path / "photo.png", exif=exif)
+    Image.fromarray(a).save(tmp_path / "mask.png", exif=exif)
+    x, frame = images.load_image(tmp_path / "photo.png", size=IMAGE_SIZE)
+    assert frame.original_size == (64, 128), f"not turned: {frame.original_size}"
+    shown = np.asarray(frame.picture.convert("L"))
+    assert shown[:40].mean() > 250 and shown[40:].mean() < 5, "the white part is not on top"
+    mask = load_mask(tmp_path / "mask.png", frame=frame)
+    row = x[0, 0].mean(1)  # the square's rows, top to bottom
+    assert (float(mask[:4].mean()) > 0.9) and (float(mask[-4:].mean()) < 0.1), "mask not turned"
+    assert float(row[:4].mean()) > 0.9 and float(row[-4:].mean()) < -0.9, "image not turned"
+
+
+def test_the_api_refuses_to_replace_intermediates_without_overwrite(tiny_sd, tmp_path):
+    """`restore(..., save_intermediates=DIR)` silently replaced the files there, where the command
+    line refuses without --overwrite (issue 23): the same rule, before any work, and
+    `overwrite=True`."""
+    from minid.method.editedid import EditedIDConfig
+    from minid.restore.config import RestoreConfig
+    from minid.restore.inputs import RestorePair
+    from minid.restore.pipeline import EditedID
+    from minid.sampling.hybrid import HybridSchedule
+
+    (tmp_path / "summary.json").write_text("my notes")
+    method = EditedIDConfig(
+        solver=HybridSchedule(num_steps=1, dpm_start=1, dpm_end=1), inversion="direct"
+    )
+    pipe = EditedID(tiny_sd, RestoreConfig(method, image_size=IMAGE_SIZE))
+    calls = []
+    hook = tiny_sd.unet.register_forward_hook(lambda *a: calls.append(1))
+    args = (random_image(1), random_image(2), PROMPT_O, PROMPT_E, ["man"], ["glasses"])
+    try:
+        with pytest.raises(FileExistsError) as e:
+            pipe.restore(*args, progress=False, save_intermediates=tmp_path)
+        assert not calls and (tmp_path / "summary.json").read_text() == "my notes"
+        assert "summary.json" in str(e.value) and "overwrite=True" in str(e.value), e.value
+        _mask(tmp_path / "batch" / "pair_0" / "mask_face.png")
+        with pytest.raises(FileExistsError, match="mask_face.png"):
+            pipe.restore_batch(
+                [RestorePair(*args)], progress=False, save_intermediates=tmp_path / "batch"
+            )
+        assert not calls, "the batch ran before its folder was checked"
+        result = pipe.restore(*args, progress=False, save_intermediates=tmp_path, overwrite=True)
+    finally:
+        hook.remove()
+    assert result.paths["summary"].read_text() != "my notes"
+
+
+def _manifest(t: Path, face_mask: bool) -> Path:
+    columns = "original,edited,prompt_original,prompt_edited,id_words,element_words"
+    row = f"o.png,e.png,{PROMPT_O},{PROMPT_E},man,glasses"
+    _png(t / "o.png", 1), _png(t / "e.png", 2)
+    if face_mask:
+        _mask(t / "m.png")
+    (t / "pairs.csv").write_text(
+        f"{columns}{',face_mask' if face_mask else ''}\n{row}{',m.png' if face_mask else ''}\n"
+    )
+    return t / "pairs.csv"
+
+
+def test_calibrate_needs_no_face_pack_when_every_row_has_its_face_mask(
+    tiny_hub, tmp_path, capsys
+):
+    argv = ["calibrate", _manifest(tmp_path, face_mask=True), "--out", tmp_path / "cal"]
+    argv += ["--weights", tiny_hub, "--face-root", tmp_path / "no-packs", *FAST, *COMMON]
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 0 and list((tmp_path / "cal" / "results").glob("*.png")), err
+
+
+@pytest.mark.parametrize(
+    "command,names",
+    [
+        ("calibrate", ("face_mask for every row", "--mask-source attention")),
+        ("restore --multi-face --face-mask", ("--multi-face find the faces",)),
+        ("eval", ("--download-faces",)),
+    ],
+)
+def test_a_missing_face_pack_names_flags_the_command_has(
+    command, names, tiny_hub, tmp_path, capsys
+):
+    """The missing-pack hint suggested --face-mask to calibrate and eval (which have no such flag)
+    and to a restore that had given it (issue 23): each command is told what it can do."""
+    no_packs = ["--face-root", tmp_path / "no-packs"]
+    if command == "calibrate":
+        argv = ["calibrate", _manifest(tmp_path, face_mask=False), "--out", tmp_path / "cal"]
+        argv += ["--weights", tiny_hub, *no_packs, *FAST, *COMMON]
+    elif command == "eval":
+        for role in ("original", "edited", "result"):
+            _png(tmp_path / "f" / role / "a.png")
+        argv = ["eval", tmp_path / "f", "--out", tmp_path / "table", *no_packs]
+    else:
+        extra = ["--multi-face", "--face-mask", _mask(tmp_path / "m.png"), *no_packs]
+        argv = _restore(tmp_path, tiny_hub, mask_source="landmarks", extra=extra)
+    rc = cli.main([str(a) for a in argv])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    for name in names:
+        assert name in lines[0], f"{name!r} not in: {lines[0]}"
+    assert "--face-mask" not in lines[0], f"a flag {command} has no use for: {lines[0]}"
+
+
+def test_minid_version(capsys):
+    from minid import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"minid {__version__}"
+
+
+@pytest.mark.parametrize("fill,words", [(1.0, "nearly all"), (0.0, "nearly none")])
+def test_an_attention_mask_of_all_or_nothing_comes_with_a_note(tiny_sd, monkeypatch, fill, words):
+    from minid.method import editedid
+    from minid.restore.config import RestoreConfig
+    from minid.restore.pipeline import EditedID
+    from minid.sampling.hybrid import HybridSchedule
+
+    def attention_mask(store, row, positions, size, *args):
+        return torch.full((1, 1, size, size), fill)
+
+    monkeypatch.setattr(editedid, "attention_mask", attention_mask)
+    method = editedid.EditedIDConfig(
+        solver=HybridSchedule(num_steps=1, dpm_start=1, dpm_end=1), inversion="direct"
+    )
+    result = EditedID(tiny_sd, RestoreConfig(method, image_size=IMAGE_SIZE)).restore(
+        random_image(1), random_image(2), PROMPT_O, PROMPT_E, ["man"], ["glasses"], progress=False
+    )
+    notes = [n for n in result.notes if words in n]
+    assert len(notes) == 2 and "--face-mask" in notes[0] and "--element-mask" in notes[1], notes
 
 
 def test_the_case_count():

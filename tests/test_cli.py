@@ -213,6 +213,11 @@ def test_eval_writes_the_table(tiny_face_pack, tmp_path, capsys):
         ]
     )
     assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    # a table and the files it wrote, not a Python dict (issue 23)
+    assert "| mean ID-Sim, result vs original |" in printed.out and "{" not in printed.out
+    assert f"wrote {out / 'metrics.csv'}, {out / 'metrics.json'}" in printed.out, printed.out
+    assert "lonely" in printed.err, "the original without a triple is not said"
 
     with open(out / "metrics.csv", newline="") as f:
         csv_rows = {r["name"]: r for r in csv.DictReader(f)}

@@ -152,6 +152,7 @@ def cmd_demo(args) -> int:
         size=args.image_size,
         generate_steps=steps,
         config=dataclasses.replace(config, method=method),
+        overwrite=args.overwrite,
     )
     print("minid demo: wrote")
     for name, path in paths.items():
@@ -168,12 +169,23 @@ def _face_analyzer(args):
         return FaceAnalyzer.from_pack(
             args.face_pack, root=args.face_root, download=args.download_faces
         )
-    except ImportError as e:
-        if args.command != "restore":
+    except (ImportError, FileNotFoundError) as e:
+        hint = _without_face_models(args)
+        if not hint:
             raise
-        raise ImportError(
-            f"{e}; or restore without the face models: --face-mask FILE or --mask-source attention"
-        ) from None
+        raise type(e)(f"{e}; {hint}") from None
+
+
+def _without_face_models(args) -> str:
+    """What this command line can do without the face models, in its own flags ("" when
+    nothing)."""
+    if args.command != "restore":
+        return ""
+    flags = {"--multi-face": "multi_face", "--regions": "regions"}
+    needs = [flag for flag, name in flags.items() if getattr(args, name, None)]
+    if needs:  # they find the faces with the face models: a mask does not replace them
+        return f"{' and '.join(needs)} find the faces with them, so they are needed"
+    return "or restore without the face models: --face-mask FILE or --mask-source attention"
 
 
 def _dlib_face_analyzer(args):
@@ -190,11 +202,10 @@ def _dlib_face_analyzer(args):
     try:
         return DlibFaceAnalyzer(embeddings=False)
     except (ImportError, FileNotFoundError) as e:
-        if args.command != "restore":
+        hint = _without_face_models(args)
+        if not hint:
             raise
-        raise ImportError(
-            f"{e}; or restore without the face models: --face-mask FILE or --mask-source attention"
-        ) from None
+        raise type(e)(f"{e}; {hint}") from None
 
 
 def _pairs(text: str | None):
@@ -332,6 +343,7 @@ def cmd_restore(args) -> int:
             save_intermediates=args.save_intermediates,
             analyzer=analyzer,
             name=f"the original image {args.original}",
+            overwrite=args.overwrite,
         )
         written = images.save_restored(
             result, out, frame=pending.frames[1], inputs=inputs, overwrite=args.overwrite
@@ -395,7 +407,9 @@ def cmd_calibrate(args) -> int:
             checkpoint.DEFAULT_WEIGHTS, precision="fp32" if dtype == _torch().float32 else "fp16"
         )
         args.weights = str(checkpoint.DEFAULT_WEIGHTS)
-    measure = args.mask_source == "landmarks" or args.id_sim
+    # the face models for landmark face masks (only rows without a face_mask need one) and ID-Sim
+    landmarks = args.mask_source == "landmarks" and any(r.face_mask is None for r in manifest.rows)
+    measure = landmarks or args.id_sim
     config = CalibrateConfig(
         restore=method_config(args),
         batch_size=args.batch,
@@ -521,7 +535,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from minid.app.evaluate import evaluate_folder, find_triples
+    from minid.app.evaluate import evaluate_folder, find_triples, format_summary
     from minid.imaging import images
     from minid.restore import report
 
@@ -535,8 +549,18 @@ def cmd_eval(args) -> int:
         out, overwrite=args.overwrite, what="--out", names=("metrics.csv", "metrics.json")
     )
     summary = evaluate_folder(args.folder, _face_analyzer(args), out_dir=args.out, progress=True)
-    print(summary.get("summary", summary))
+    print(format_summary(summary))
+    if summary.get("missing"):
+        print(f"note: skipped {'; '.join(map(str, summary['missing']))}", file=sys.stderr)
+    written = ", ".join(str(Path(out) / name) for name in ("metrics.csv", "metrics.json"))
+    print(f"minid eval: wrote {written}")
     return 0
+
+
+def cmd_profile(args) -> int:
+    from minid.app.profile import run
+
+    return run(args)
 
 
 def cmd_download(args) -> int:
@@ -604,6 +628,12 @@ COMMANDS = (
         options.add_eval_args,
         cmd_eval,
     ),
+    (
+        "profile",
+        "one UNet step under torch.profiler: time, FLOP and bytes per attention site and kernel",
+        options.add_profile_args,
+        cmd_profile,
+    ),
     ("download", "fetch and verify the SD1.4 weights", options.add_download_args, cmd_download),
     (
         "convert",
@@ -625,7 +655,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command; with `command`, the options of that one only (the others keep
     their names and help), so a command imports no more of minid than it runs: `minid generate` no
     method."""
+    from minid import __version__
+
     parser = Parser(prog="minid", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"minid {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     known = {name for name, *_ in COMMANDS}
     for name, text, add_args, run in COMMANDS:
@@ -636,17 +669,35 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(Exception):
+    """SIGTERM (`kill`, a job scheduler's stop), raised in the main thread as Ctrl-C is."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user's error is one line on stderr and exit code 2, Ctrl-C one line and
-    130."""
+    130, SIGTERM one line and 143."""
+    import signal
+    import threading
+
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "minid"
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         with warnings.catch_warnings():
             # the library warns Python users of a resized mask; here the same words come once, as a
             # note
             warnings.filterwarnings("ignore", message=r"mask .* resized to", category=UserWarning)
-            args = build_parser(argv[0] if argv else None).parse_args(argv)
+            parser = build_parser(argv[0] if argv else None)
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # a mistyped flag of a sub-command: that command's usage, not minid's
+                parser._subparsers._group_actions[0].choices[args.command].error(
+                    f"unrecognized arguments: {' '.join(extra)}"
+                )
             return args.func(args)
     # argparse's errors (already printed, one line): the code, for callers in Python too
     except SystemExit as e:
@@ -656,11 +707,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outputs are written atomically: nothing half-written is left behind
         print(f"\nminid {command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"\nminid {command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except (ValueError, OSError, ImportError) as e:
         # ValueError: bad inputs and settings; OSError: files, folders, the network; ImportError: a
         # missing extra
         print(f"minid {command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:  # None: a handler not set from Python, given back as the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from minid.method.editedid import EditedIDConfig
 from minid.method.prompt_to_prompt import PromptToPrompt, local_blend, prompt_alignment
 from minid.restore.config import RestoreConfig
 from minid.restore.pipeline import EditedID
-from minid.restore.report import RESULT_FILES, labelled_row
+from minid.restore.report import RESULT_FILES, check_result_folder, labelled_row
 from minid.sampling.guided import reconstruct
 from minid.sampling.hybrid import HybridSchedule
 from minid.sampling.schedule import NoiseSchedule
@@ -107,15 +107,19 @@ def demo(
     drift: float = 0.8,
     config: RestoreConfig | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Generate a portrait, edit it with prompt-to-prompt (add `element`) while its face drifts to
     another identity (fresh noise in the face region), restore it with EditedID, and save
     everything.
 
     Writes original.png, edited.png, restored.png, comparison.png (side by side), masks, the w
-    schedule (JSON, PNG) and attention grids under `out_dir`; returns their paths.
+    schedule (JSON, PNG) and attention grids under `out_dir`; returns their paths. Files of those
+    names already there are refused before any work unless `overwrite`.
     """
     out = Path(out_dir)
+    # before any work: the files it writes, refused where they exist unless `overwrite`
+    check_result_folder(out, overwrite=overwrite, what="out_dir", names=DEMO_FILES)
     prompt_edited = f"{prompt} wearing {element}"
     device = next(sd.unet.parameters()).device
     dtype = next(sd.unet.parameters()).dtype
@@ -146,6 +150,7 @@ def demo(
         seed=seed,
         progress=progress,
         save_intermediates=out,
+        overwrite=overwrite,
     )
     paths = dict(result.paths)
     paths["original"] = images.save_image(original, out / "original.png")

@@ -182,3 +182,24 @@ def evaluate_folder(
     payload = {"summary": summary, "rows": [json_safe(r) for r in rows]}
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     return summary
+
+
+# the summary's numbers as `minid eval` prints them: key -> label
+SUMMARY_LABELS = {
+    "images": "images",
+    "images_with_faces": "images with faces",
+    "mean_id_sim_edited": "mean ID-Sim, edited vs original",
+    "mean_id_sim_result": "mean ID-Sim, result vs original",
+    "same_person_rate_result": f"same person (ID-Sim ≥ {SAME_PERSON_THRESHOLD:g}), result",
+    "mean_psnr_result_edited": "mean PSNR, result vs edited (dB)",
+}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """`evaluate_folder`'s summary as a Markdown table of two columns (empty where not measured)."""
+    lines = [f"| {summary.get('folder', 'folder')} | |", "|---|---|"]
+    for key, label in SUMMARY_LABELS.items():
+        value = summary.get(key)
+        cell = "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"| {label} | {cell} |")
+    return "\n".join(lines)

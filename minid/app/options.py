@@ -443,6 +443,93 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     add_face_args(p)
 
 
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    """The options of `minid profile`; the epilog says what each column of its tables means."""
+    from minid.app.profile import ATTENTION, COLUMNS, MAPS, STEPS
+
+    class Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Options as everywhere; the epilog's column table kept as written."""
+
+    p.formatter_class = Formatter
+    p.description = (
+        "One UNet step under torch.profiler (random weights at the chosen size): a Chrome\n"
+        "trace, then time, FLOP, bytes and rates per attention site and per kernel family."
+    )
+    p.epilog = COLUMNS
+    p.add_argument(
+        "--step",
+        choices=STEPS,
+        default="denoise",
+        help="one denoising step, or one EditedID Stage 3 step (attentional gating of (O, E, T))",
+    )
+    p.add_argument(
+        "--unet",
+        choices=("sd14", "tiny"),
+        default="sd14",
+        help="the UNet's size: SD1.4's, or the tiny test configuration (random weights)",
+    )
+    p.add_argument(
+        "--latent",
+        type=number_type(int, 8, multiple=8),
+        help="latent side, a multiple of 8 (default: the config's, 64 for SD1.4 = a 512² image, "
+        "16 for tiny)",
+    )
+    p.add_argument(
+        "--batch",
+        type=number_type(int, 1),
+        default=1,
+        help="images in the batch: 2 UNet rows each for a denoising step, 6 (an O, E, T triple) "
+        "for Stage 3; half that with --no-guidance",
+    )
+    p.add_argument(
+        "--no-guidance",
+        action="store_true",
+        help="no unconditional half in the batch (guidance scale 1)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION,
+        default="auto",
+        help="sdpa: PyTorch's SDPA at every site (denoising only); auto, torch, triton: every site "
+        "through minid's kernels' ops on that backend",
+    )
+    p.add_argument(
+        "--maps",
+        choices=MAPS,
+        default="cross",
+        help="the sites whose head-averaged map a denoising step asks for (cross: what an "
+        "attention store keeps)",
+    )
+    p.add_argument(
+        "--gating-mode",
+        choices=("output", "map"),
+        default="output",
+        help="Stage 3's self-attention gating: blend outputs or maps (GatingConfig.mode)",
+    )
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU"
+    )
+    p.add_argument(
+        "--warmup",
+        type=number_type(int, 0),
+        default=1,
+        help="unprofiled steps first (Triton compilation, allocator, autotuning)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=number_type(int, 1),
+        default=3,
+        help="profiled steps; the tables give the mean per step",
+    )
+    p.add_argument(
+        "--trace", default="out/profile-trace.json", help="where the Chrome trace is written"
+    )
+    p.add_argument(
+        "--seed", type=number_type(int, 0, 2**63 - 1), default=0, help="seed of the random weights"
+    )
+
+
 def add_download_args(p: argparse.ArgumentParser) -> None:
     from minid.loading.checkpoint import DEFAULT_WEIGHTS
     from minid.loading.download import REPO_ID, REVISION

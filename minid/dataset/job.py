@@ -152,9 +152,14 @@ def calibrate(
         from minid.faces.analyzer import find_model_pack
 
         # fails here, not in a worker
-        find_model_pack(config.face_pack, config.face_root, config.download_faces)
+        try:
+            find_model_pack(config.face_pack, config.face_root, config.download_faces)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; {WITHOUT_FACE_MODELS}") from None
     measuring = analyzer is not None or (ray is not None and config.face_pack is not None)
-    if config.mask_source == "landmarks" and not measuring:
+    # a row with its face_mask needs no landmarks
+    unmasked = any(row.face_mask is None for row in manifest.rows)
+    if config.mask_source == "landmarks" and unmasked and not measuring:
         raise ValueError(
             "landmark face masks (--mask-source landmarks) need a face pack (--face-pack); or take "
             "the "
@@ -331,9 +336,19 @@ def _batches(
 def _face_analyzer(config: CalibrateConfig):
     from minid.faces.analyzer import FaceAnalyzer
 
-    return FaceAnalyzer.from_pack(
-        config.face_pack, root=config.face_root, download=config.download_faces
-    )
+    try:
+        return FaceAnalyzer.from_pack(
+            config.face_pack, root=config.face_root, download=config.download_faces
+        )
+    except (ImportError, FileNotFoundError) as e:
+        raise type(e)(f"{e}; {WITHOUT_FACE_MODELS}") from None
+
+
+# what a calibration can do without the face models, in its own words
+WITHOUT_FACE_MODELS = (
+    "or calibrate without them: a face_mask for every row of the manifest, or --mask-source "
+    "attention (and no --id-sim)"
+)
 
 
 class _Progress:

@@ -151,9 +151,7 @@ def find_model_pack(
             f"with "
             f"--download-faces (Python: FaceAnalyzer.from_pack({pack!r}, download=True)), or unzip "
             f"{pack}.zip "
-            f"into {folder} yourself (--face-root or ${ROOT_ENV} for another folder); or, to "
-            f"restore without "
-            "it, give --face-mask or --mask-source attention."
+            f"into {folder} yourself (--face-root or ${ROOT_ENV} for another folder)"
         )
     return folder
 

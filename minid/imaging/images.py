@@ -3,7 +3,7 @@
 The aligned crop (what `load_image` does, and what `paste_back` undoes):
 1. EXIF orientation is applied, so the pixels are the ones a viewer shows.
 2. Any mode becomes RGB: transparency is composited on white, palettes and grey levels are expanded,
-   16-bit and float images are scaled to 8 bits by their own maximum.
+   16-bit and float images are brought to 8 bits by their bit depth (65535, or 1.0, is white).
 3. The largest square centred on the image is cut out (`CropFrame.box`, in the original's pixels):
    SD1.4 works on squares, and centring keeps a portrait's subject, who is usually in the middle.
 4. The square is resized to `size` (512) with a Lanczos filter: SD1.4 was trained at 512², and 512
@@ -105,14 +105,31 @@ def check_image_file(path: str | Path) -> None:
         raise ValueError(f"{path} could not be read as an image ({e})") from None
 
 
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # grey levels of more than 8 bits
+
+
+def wide_grey_levels(img: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit or float grey image's levels in [0, 1] (H, W) float32, by its bit depth, not
+    its content (a dark picture stays dark): 16-bit (PIL's "I;16*", and "I", which is how PIL opens
+    a 16-bit PNG) over 65535, a 32-bit integer image whose levels pass 65535 over 2³² − 1, float
+    ("F") as the [0, 1] it conventionally holds; clipped to [0, 1]."""
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        top = 1.0
+    elif img.mode == "I" and a.size and float(a.max()) > 65535:
+        top = 2.0**32 - 1
+    else:
+        top = 65535.0
+    return (a / top).clip(0, 1).astype(np.float32)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB (step 2 of the aligned crop)."""
+    """Any PIL mode to 8-bit RGB (step 2 of the aligned crop), turned as its EXIF orientation says
+    (the pixels a viewer shows)."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit or float grey: scale by the image's own maximum so that it is not clipped to white.
-        a = np.asarray(img, dtype=np.float32)
-        a = a / max(float(a.max()), 1e-8) * 255.0
-        img = Image.fromarray(a.clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode in WIDE_GREY_MODES:  # 16-bit or float grey: by the bit depth (`wide_grey_levels`)
+        levels = (wide_grey_levels(img) * 255.0).round()
+        img = Image.fromarray(levels.astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -64,7 +64,7 @@ def load_mask(
     """A mask from an image file or a tensor → float (H, W) in [0, 1].
 
     File: any mode. The alpha channel is the mask when the image has a non-trivial one (a cut-out);
-    otherwise the grey level is (white = 1); 16-bit and float masks are scaled by their maximum.
+    otherwise the grey level is (white = 1); 16-bit and float masks by their bit depth.
     With `frame` (the `images.CropFrame` of the image the mask belongs to) the mask goes through
     that image's crop: a mask of another size than its image is stretched onto it first (with a
     warning naming both sizes), the frame's square is cut out and resized to the frame's working
@@ -89,7 +89,7 @@ def load_mask(
 def _file_mask(path: Path) -> torch.Tensor:
     from PIL import ImageOps
 
-    from minid.imaging.images import open_image
+    from minid.imaging.images import WIDE_GREY_MODES, open_image, wide_grey_levels
 
     image, _ = open_image(path)
     image = ImageOps.exif_transpose(image)  # the pixels a viewer shows, as for the image itself
@@ -100,10 +100,8 @@ def _file_mask(path: Path) -> torch.Tensor:
             alpha = None
     if alpha is not None:
         values = alpha.astype(np.float32) / 255.0
-    elif image.mode in ("I", "I;16", "I;16B", "F"):
-        values = np.asarray(image, dtype=np.float32)
-        # 16-bit or float masks: scale the maximum to 1
-        values = values / max(float(values.max()), 1e-12)
+    elif image.mode in WIDE_GREY_MODES:  # 16-bit or float masks: by the bit depth
+        values = wide_grey_levels(image)
     else:
         values = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(values)).clamp(0, 1)

@@ -332,7 +332,7 @@ def _resolve(component: str, path: str | Path, variant, dtype, ema, config, conf
         if config_folder is not None:
             cfg_file = _component_folder(Path(config_folder), component) / "config.json"
             if cfg_file.is_file():
-                config = _config_class(component).from_dict(load_json(cfg_file))
+                config = _config_class(component).from_dict(load_json(cfg_file), cfg_file)
     return weights, config
 
 

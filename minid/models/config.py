@@ -20,12 +20,54 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "tuple[int, ...]": "a list of integers",
+    "tuple[str, ...]": "a list of strings",
+}
+
+
+def _json_kind(value) -> str:
+    """What a config.json value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _fits(value, annotation: str) -> bool:
+    """Whether a config.json value has the type of a field annotated `annotation` (an integer
+    serves as a float; true/false is no number)."""
+    if annotation.startswith("tuple["):
+        item = annotation.removeprefix("tuple[").split(",")[0]
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    kinds = {"int": (int,), "float": (int, float), "str": (str,)}.get(annotation)
+    return kinds is None or isinstance(value, kinds)
+
+
 def _from_dict(
     cls: type[T],
     d: dict[str, Any],
     renames: dict[str, str],
     ignored: frozenset[str],
     fixed: dict[str, Any],
+    source: str | Path | None = None,
 ) -> T:
     """Build `cls` from a config.json dict.
 
@@ -35,13 +77,24 @@ def _from_dict(
     make configurable: it builds the SD1.x value in, so they are dropped silently when they hold
     that value. Anything else (a typo, another architecture's field, a `fixed` key with another
     value) is dropped with a warning naming it, since the model built may not be the one the file
-    describes.
+    describes. A value of the wrong type is a ValueError naming `source` (the file), the key, the
+    type expected and the type found.
     """
-    fields = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"{source or cls.__name__}: expected a JSON object of settings, found {_json_kind(d)}"
+        )
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
     kwargs, unknown, other = {}, [], []
     for key, value in d.items():
         name = renames.get(key, key)
         if name in fields:
+            if not _fits(value, fields[name]):
+                raise ValueError(
+                    f"{source or cls.__name__}: {key!r} must be {_EXPECTED[fields[name]]}, found "
+                    f"{_json_kind(value)} {json.dumps(value)[:40]}; fix the file or download the "
+                    "weights again"
+                )
             kwargs[name] = tuple(value) if isinstance(value, list) else value
         elif key in fixed:
             if value != fixed[key]:
@@ -113,8 +166,8 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"  # x·sigmoid(1.702x), the activation CLIP was trained with
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
-        return _from_dict(cls, d, {}, CLIP_IGNORED_KEYS, {})
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> "CLIPTextConfig":
+        return _from_dict(cls, d, {}, CLIP_IGNORED_KEYS, {}, source)
 
     @classmethod
     def tiny(cls) -> "CLIPTextConfig":
@@ -207,9 +260,9 @@ class UNetConfig:
     sample_size: int = 64  # latent side at 512² pixels (informational)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> "UNetConfig":
         return _from_dict(
-            cls, d, {"attention_head_dim": "num_heads"}, UNET_IGNORED_KEYS, UNET_FIXED_KEYS
+            cls, d, {"attention_head_dim": "num_heads"}, UNET_IGNORED_KEYS, UNET_FIXED_KEYS, source
         )
 
     @classmethod
@@ -270,8 +323,8 @@ class VAEConfig:
     sample_size: int = 512  # image side the model was trained at (informational)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
-        return _from_dict(cls, d, {}, VAE_IGNORED_KEYS, VAE_FIXED_KEYS)
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> "VAEConfig":
+        return _from_dict(cls, d, {}, VAE_IGNORED_KEYS, VAE_FIXED_KEYS, source)
 
     @classmethod
     def tiny(cls) -> "VAEConfig":

@@ -118,8 +118,10 @@ METHOD_FLAGS = {
     "--identity-schedule": (
         "method.gating.identity",
         IdentitySchedule,
-        "IdGlow's schedule of O's share per step: constant, decay:S_START:S_END, "
-        "window:A:B:S_IN:S_OUT (steps 1-based, [A, B)), or a product joined by '*'",
+        "IdGlow's schedule of O's share s by noise level, p = 1 − σ/(α+σ) from 0 (pure noise) "
+        "to 1 (clean), the same for any --steps: constant, decay:S_START:S_END (linear in p), "
+        "window:A:B:S_IN:S_OUT (S_IN where A ≤ p < B); by step number: decay-steps:S_START:S_END, "
+        "window-steps:A:B:S_IN:S_OUT (steps 1-based, [A, B)); or a product joined by '*'",
     ),
     "--ablation": ("method.ablation", ABLATIONS, "switch a component off (paper Table 7)"),
     "--image-size": ("image_size", int, "side the models work at (SD1.4: 512)"),

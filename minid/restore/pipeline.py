@@ -126,6 +126,7 @@ class EditedID:
         save_intermediates: str | Path | None = None,
         analyzer=None,
         regions=None,
+        overwrite: bool = False,
     ) -> RestoreResult:
         """Restore `original`'s face identity in `edited`. Images: paths, PIL images or (1, 3, S, S)
         tensors.
@@ -143,7 +144,9 @@ class EditedID:
         region words of the prompts replaced inside their region only; needs `analyzer`. seed: seeds
         the posterior sample when `config.sample_posterior` (the method is otherwise deterministic).
         save_intermediates: a folder for restored.png, reconstructions, masks, w schedule (JSON and
-        PNG) and the attention-map grid. Progress bars (tqdm) per stage when `progress`.
+        PNG) and the attention-map grid; a file of those names already there is refused before any
+        work unless `overwrite` (the command line's --overwrite). Progress bars (tqdm) per stage
+        when `progress`.
         """
         job = check_pair(
             RestorePair(
@@ -162,7 +165,7 @@ class EditedID:
             self.config,
         )
         name = "the original image" + (f" {original}" if isinstance(original, (str, Path)) else "")
-        return self.restore_checked(job, progress, save_intermediates, analyzer, name)
+        return self.restore_checked(job, progress, save_intermediates, analyzer, name, overwrite)
 
     def restore_checked(
         self,
@@ -171,9 +174,12 @@ class EditedID:
         save_intermediates: str | Path | None = None,
         analyzer=None,
         name: str = "the original image",
+        overwrite: bool = False,
     ) -> RestoreResult:
         """`restore` of a pair checked already (`inputs.check_pair` with this method's tokenizer and
         config): the images and masks it decoded are used as they are."""
+        if save_intermediates is not None:
+            _check_folder(save_intermediates, job.sources, overwrite)
         face_masks(job, analyzer, self.config, self.sd.tokenizer, name)
         result = self._run([job], progress)[0]
         if save_intermediates is not None:
@@ -188,13 +194,15 @@ class EditedID:
         progress: bool = True,
         save_intermediates: str | Path | None = None,
         analyzer=None,
+        overwrite: bool = False,
     ) -> list[RestoreResult]:
         """Restore K pairs in ONE batch through every stage: 2K latents in Stage 1, 2K null-texts in
         Stage 2, 3K branches × 2 guidance halves in Stage 3. Each pair keeps its own prompts, words,
         masks, λ and seed, and the result of each equals what `restore` gives it alone, up to the
         rounding of a larger batch (and, through it, a null-text early stop that may fall one
         iteration apart when a loss lands on the threshold). save_intermediates: a folder that gets
-        one sub-folder per pair, pair_0, pair_1, … A `CheckedPair` (checked already with this
+        one sub-folder per pair, pair_0, pair_1, … (existing files refused unless `overwrite`, as
+        `restore`). A `CheckedPair` (checked already with this
         method's tokenizer and config) is taken as it is.
         """
         if not pairs:
@@ -213,6 +221,9 @@ class EditedID:
                     f"pair {k} was checked for {job.x_o.shape[-1]}² images, this method works on "
                     f"{self.config.image_size}²; check it with this method's config"
                 )
+        if save_intermediates is not None:
+            for k, job in enumerate(jobs):
+                _check_folder(Path(save_intermediates) / f"pair_{k}", job.sources, overwrite)
         for k, job in enumerate(jobs):
             face_masks(
                 job, analyzer, self.config, self.sd.tokenizer, f"the original image of pair {k}"
@@ -326,11 +337,13 @@ class EditedID:
                     "face mask taken from the cross-attention maps of "
                     + ", ".join(job.pair.id_words)
                 )
+                job.notes += _coverage_note(outcome.mask_o[k], "face", "--face-mask")
             if e_attn:
                 job.notes.append(
                     "element mask taken from the cross-attention maps of "
                     + ", ".join(job.pair.element_words)
                 )
+                job.notes += _coverage_note(outcome.mask_e[k], "element", "--element-mask")
             r_o, r_e = recon[row_o : row_o + 1], recon[row_e : row_e + 1]
             results.append(
                 RestoreResult(
@@ -391,3 +404,31 @@ class EditedID:
         from minid.faces.regions import region_scores
 
         return region_scores(job.x_o[0], restored, job.face.kps, job.face.landmarks_106)
+
+
+def _check_folder(folder: str | Path, inputs, overwrite: bool) -> None:
+    """`save_intermediates`' folder, before any work: the files `save_result` writes must not be
+    inputs, nor exist already unless `overwrite` (`report.check_result_folder`)."""
+    from minid.restore.report import check_result_folder
+
+    check_result_folder(folder, inputs, overwrite=overwrite, what="save_intermediates")
+
+
+# an attention mask covering more or less of the image than this says little about where the words
+# are: the maps did not pick a region out
+MASK_COVERAGE = (0.02, 0.95)
+
+
+def _coverage_note(mask: torch.Tensor, what: str, flag: str) -> list[str]:
+    """A note when a mask taken from the cross-attention maps covers (nearly) all or none of the
+    image, else none."""
+    share = float(mask.float().mean())
+    low, high = MASK_COVERAGE
+    if low <= share <= high:
+        return []
+    much = "nearly all" if share > high else "nearly none"
+    return [
+        f"the {what} mask from the cross-attention maps covers {much} of the image "
+        f"({share:.0%}, expected {low:.0%}-{high:.0%}): the maps did not pick the words' region "
+        f"out; give the mask ({flag} FILE) or other words"
+    ]
