@@ -470,6 +470,34 @@ def test_localised_token_replacement_changes_no_row_outside_its_region():
     )
 
 
+def test_localised_tokens_move_the_sources_values_inside_the_region_only():
+    """Same word, same map: swapping map columns is nearly nothing; the word's values from the
+    source change the region's rows by P[:, j]·(V_src[j] − V_T[j]) and no row outside."""
+    side = 4
+    site = Site("down", 0, 0, "cross", side, side)
+    lay = BatchLayout(3, cfg=True)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(lay.size, 2, n, 8, generator=g) for n in (side * side, 77, 77))
+    o, t = lay.row(0), lay.row(2)
+    q[o], k[o] = q[t], k[t]  # O's map of the word equals T's: only the values differ
+    region = torch.zeros(1, 1, side, side)
+    region[..., 1:3, 0:2] = 1
+    empty = torch.zeros(1, 1, side, side)
+    inside = region.reshape(-1).bool()
+    base = EditedIDGating(lay, empty, empty)(q, k, v, site)
+    base = default_attention(q, k, v) if base is None else base
+    changes = {}
+    for move in (False, True):
+        local = [LocalTokens([(7, 7)], 0, region, move_values=move)]
+        out = EditedIDGating(lay, empty, empty, local_tokens=local)(q, k, v, site)
+        assert torch.equal(out[t][:, ~inside], base[t][:, ~inside]), "a row outside changed"
+        changes[move] = float((out[t][:, inside] - base[t][:, inside]).norm())
+    p = torch.softmax(q[t] @ k[t].transpose(-1, -2) / 8**0.5, -1)[:, inside, 7:8]
+    expected = p * (v[o][:, 7:8] - v[t][:, 7:8])
+    assert changes[False] < 1e-5, f"maps alone, the same map: {changes}"
+    assert changes[True] == pytest.approx(float(expected.norm()), rel=1e-4), changes
+
+
 def test_region_scores_of_identical_images_are_perfect():
     face = built_face()
     x = random_image(5)[0]
@@ -479,6 +507,19 @@ def test_region_scores_of_identical_images_are_perfect():
         assert s["psnr"] == math.inf and abs(s["ssim"] - 1) < 1e-9, f"{name}: {s}"
     other = region_scores(x, random_image(6)[0], face.kps, face.landmarks_106, size=128)
     assert all(s["psnr"] < 40 and s["ssim"] < 1 for s in other.values()), other
+
+
+def test_each_region_is_scored_against_its_own_source():
+    face = built_face()
+    x_o, x_e = random_image(5)[0], random_image(6)[0]
+    sources = {"eyes": "original", "mouth": "edited"}
+    kept = region_scores(x_o, x_e, face.kps, face.landmarks_106, 128, edited=x_e, sources=sources)
+    assert kept["mouth"]["against"] == "edited" and kept["mouth"]["psnr"] == math.inf, kept
+    assert kept["eyes"]["against"] == "original" and kept["eyes"]["psnr"] < 40, kept
+    restored = region_scores(
+        x_o, x_o, face.kps, face.landmarks_106, 128, edited=x_e, sources=sources
+    )
+    assert restored["eyes"]["psnr"] == math.inf and restored["mouth"]["psnr"] < 40, restored
 
 
 def test_eval_reports_each_region(tmp_path):
@@ -526,5 +567,13 @@ def test_the_schedule_and_the_regions_are_saved_with_the_intermediates(tiny_sd, 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["identity_schedule"] == [1, 1, 1, 0.5, 0.5, 0.5] == result.identity_schedule
     assert set(summary["regions"]) == {"eyes", "brows", "nose", "mouth", "skin"}
+    against = {r: v["against"] for r, v in summary["regions"].items()}
+    assert against == {
+        "eyes": "original",
+        "mouth": "edited",
+        "brows": "edited",
+        "nose": "edited",
+        "skin": "edited",
+    }, "a region restored from the original is scored against it; the others against the edit"
     assert (tmp_path / "identity_schedule.png").is_file()
     assert any("regions eyes=original, mouth=edited:0.3" in n for n in result.notes), result.notes

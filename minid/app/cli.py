@@ -354,7 +354,7 @@ def cmd_restore(args) -> int:
         for region, scores in result.regions.items():
             print(
                 f"region {region}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f} (result "
-                f"vs original)"
+                f"vs {scores.get('against', 'original')})"
             )
         calls = result.unet_calls.get("disentangle", {})
         print(

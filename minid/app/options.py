@@ -239,7 +239,8 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--face-mask",
         help="PNG, white = face region of the original; 'none': IdGlow's mask-free mode "
-        "(identity through the cross-attention tokens only, no gating, no blending)",
+        "(no mask, no blending: T's self-attention at the gated layers attends over T's and O's "
+        "keys and values together, O's share --identity-schedule)",
     )
     p.add_argument(
         "--regions",

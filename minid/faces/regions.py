@@ -301,19 +301,27 @@ def region_scores(
     kps: np.ndarray,
     landmarks_106: np.ndarray | None,
     size: int = 256,
-) -> dict[str, dict[str, float]]:
-    """Per region, PSNR (dB) and SSIM between the original and the result in the aligned face frame
-    (both warped with the original face's ArcFace alignment to size², the regions drawn there):
-    ConsistentID's fine-grained identity score, read as how much of each region the result keeps.
-    Images (3, H, W) in [-1, 1] of one size; kps / landmarks_106 in their coordinates."""
+    edited: torch.Tensor | None = None,
+    sources: dict[str, str] | None = None,
+) -> dict[str, dict[str, float | str]]:
+    """Per region, PSNR (dB) and SSIM of the result against the region's own source in the aligned
+    face frame (all images warped with the original face's ArcFace alignment to size², the regions
+    drawn there): ConsistentID's fine-grained identity score, read as how much of each region the
+    result keeps of what it should. `sources` (region -> "original" or "edited", with `edited`
+    given): a region restored from the original is scored against the original, one kept from the
+    edit against the edited image; without them every region is scored against the original.
+    Each entry is {"psnr", "ssim", "against"}. Images (3, H, W) in [-1, 1] of one size; kps /
+    landmarks_106 in their coordinates."""
     from minid.imaging import crops, metrics
 
     a, affine = crops.align_face(original.float(), kps, size)
     b = crops.warp(result.float(), affine, size)
+    e = None if edited is None else crops.warp(edited.float(), affine, size)
     moved = None if landmarks_106 is None else crops.apply_affine(landmarks_106, affine)
     region_mask, _ = region_masks(size, crops.apply_affine(kps, affine), moved)
     out = {}
     for name, m in region_mask.items():
-        p, s = metrics.masked_scores(a, b, m, 2.0)
-        out[name] = {"psnr": p, "ssim": s}
+        against = (sources or {}).get(name, "original") if e is not None else "original"
+        p, s = metrics.masked_scores(a if against == "original" else e, b, m, 2.0)
+        out[name] = {"psnr": p, "ssim": s, "against": against}
     return out

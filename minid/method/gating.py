@@ -218,10 +218,11 @@ class EditedIDGating:
     the rest going to T's own attention, and the identity tokens' columns become s_i·O's + (1 −
     s_i)·T's (linear in V: s_i·(all tokens replaced) + (1 − s_i)·(element tokens only)); s ≡ 1 is
     the paper's gating exactly. `lambda_map` (1, 1, h, w) replaces the constant λ_O where regions
-    carry their own. `local_tokens` (ConsistentID): words whose columns come from O or E only on the
-    query rows of their region mask (linear again: T's row + r ⊙ (replaced − T's row), so no row
-    outside the region changes). `mutual` (the mask-free mode): at the same self-attention sites T's
-    queries attend over T's and O's keys and values together, O's share s_i, with no mask.
+    carry their own. `local_tokens` (ConsistentID): words whose columns — map and values — come from
+    O or E only on the query rows of their region mask (linear again: T's row + r ⊙ (replaced − T's
+    row), so no row outside the region changes). `mutual` (the mask-free mode): at the same
+    self-attention sites T's queries attend over T's and O's keys and values together, O's share
+    s_i, with no mask.
     """
 
     layout: BatchLayout
@@ -326,11 +327,11 @@ class EditedIDGating:
             o, e, t = lay.row(self.branch_o), lay.row(self.branch_e), lay.row(self.branch_t)
             out = default_attention(q, k, v) if out is None else out
 
-            def replaced(src_branch, src_token):  # T's conditional row with these columns replaced
+            def replaced(src_branch, src_token, v_t=None):  # T's row with these columns replaced
                 return token_replace(
                     q[t : t + 1],
                     k[t : t + 1],
-                    v[t : t + 1],
+                    v[t : t + 1] if v_t is None else v_t,
                     sources=[(q[o : o + 1], k[o : o + 1]), (q[e : e + 1], k[e : e + 1])],
                     src_branch=src_branch.to(q.device),
                     src_token=src_token.to(q.device),
@@ -349,14 +350,20 @@ class EditedIDGating:
                     row = s * replaced(self.src_branch, self.src_token) + (1 - s) * row
             for local in self.local_tokens:  # ConsistentID: a word's columns only inside its region
                 branch, token = self.src_branch.clone(), self.src_token.clone()
+                v_t = v[t : t + 1]
+                if local.move_values:  # the word's values too: P'V' with V'[j] = V_src[π(j)]
+                    v_t = v_t.clone()
+                    src = o if local.source == 0 else e
                 for t_pos, s_pos in local.pairs:
                     branch[t_pos], token[t_pos] = local.source, s_pos
+                    if local.move_values:
+                        v_t[:, :, t_pos] = v[src : src + 1, :, s_pos]
                 r = (
                     masks.to_resolution(local.mask, (site.height, site.width))
                     .reshape(1, 1, -1, 1)
                     .to(row)
                 )
-                row = row + r * (replaced(branch, token) - row)
+                row = row + r * (replaced(branch, token, v_t) - row)
             out[t : t + 1] = row
             return out
         if not self._self_active(site, step):
@@ -416,6 +423,9 @@ class LocalTokens:
     pairs: list[tuple[int, int]]  # (T position, source position)
     source: int  # 0: from O, 1: from E
     mask: torch.Tensor  # (1, 1, h, w) in [0, 1]: the query rows where the replacement acts
+    # the words' values come from the source too (their map columns times the source's values,
+    # V'[j] = V_src[π(j)], exact through token_replace); False: maps only, times T's values
+    move_values: bool = True
 
 
 class GatingGroup:

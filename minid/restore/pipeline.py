@@ -47,8 +47,9 @@ class RestoreResult:
     # word -> (h, w) averaged cross map
     attention_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)  # files written by report.save_result
-    # with regions: per region, PSNR (dB) and SSIM of the result against the original in the aligned
-    # face frame
+    # with regions: per region, PSNR (dB) and SSIM of the result against the region's source
+    # ("against": the original for regions restored from it, the edited image for the others) in the
+    # aligned face frame
     regions: dict[str, dict[str, float]] = field(default_factory=dict)
     identity_schedule: list[float] = field(default_factory=list)  # s_i of Stage 3, one per step
     # Stage 1's D = mean((ẑ^O − ẑ^E)²) per step
@@ -397,13 +398,23 @@ class EditedID:
 
     @staticmethod
     def _region_report(job: CheckedPair, restored: torch.Tensor) -> dict[str, dict[str, float]]:
-        """Per region PSNR and SSIM of the result against the original (regions.region_scores), when
-        the pair's regions were chosen from its landmarks."""
+        """Per region PSNR and SSIM of the result against the region's own source
+        (regions.region_scores): a region restored from the original against the original, one
+        kept from the edit — or left to it, not chosen — against the edited image; when the pair's
+        regions were chosen from its landmarks."""
         if not job.regions or job.face is None:
             return {}
-        from minid.faces.regions import region_scores
+        from minid.faces.regions import REGIONS, region_scores
 
-        return region_scores(job.x_o[0], restored, job.face.kps, job.face.landmarks_106)
+        sources = {r: job.regions[r].source if r in job.regions else "edited" for r in REGIONS}
+        return region_scores(
+            job.x_o[0],
+            restored,
+            job.face.kps,
+            job.face.landmarks_106,
+            edited=job.x_e[0],
+            sources=sources,
+        )
 
 
 def _check_folder(folder: str | Path, inputs, overwrite: bool) -> None:
