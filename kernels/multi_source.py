@@ -177,14 +177,23 @@ def multi_source_triton(
     else:
         v = torch.stack(vs)
     S, B, H, N_Q, D = q.shape
-    N_K = k.shape[3]
+    return launch_weighted(_multi_source_fwd, q, k, v, weights, (B, H, N_Q, D), blocks)
+
+
+def launch_weighted(kernel, q, k, v, weights, out_shape, blocks: BlockConfig | None):
+    """Launch a forward kernel over S weighted sources (masked multi-source, mutual attention):
+    one program per BLOCK_M query rows of one (batch, head). q, k, v are passed with all their
+    strides (stacked over S or not, as the kernel reads them), k stacked (S, B, h, Nk, d), weights
+    (B, S, Nq); out_shape (B, h, Nq, d). Returns the output in q's dtype."""
+    B, H, N_Q, D = out_shape
+    S, N_K = k.shape[0], k.shape[3]
     block_d = max(16, next_power_of_two(D))
     cfg = blocks or default_blocks(block_d)
     upcast, precision = dot_settings(q.dtype)
     weights = weights.to(torch.float32)
     out = torch.empty(B, H, N_Q, D, dtype=q.dtype, device=q.device)
     grid = (cdiv(N_Q, cfg.block_m), B * H)
-    _multi_source_fwd[grid](
+    kernel[grid](
         q,
         k,
         v,

@@ -34,9 +34,10 @@ import math
 
 import torch
 
-from .flash_attention import LOG2E, BlockConfig, default_blocks
+from .flash_attention import LOG2E, BlockConfig
+from .multi_source import launch_weighted
 from .online_softmax import online_softmax
-from .runtime import cdiv, dot_settings, lazy_jit, next_power_of_two
+from .runtime import lazy_jit
 
 # kernels see triton.language in the namespace runtime.LazyKernel gives them at the first launch
 tl = None
@@ -173,37 +174,4 @@ def mutual_triton(
     Nq, d) in q's dtype."""
     k = torch.stack(ks)  # (S, B, h, Nk, d)
     v = torch.stack(vs)
-    B, H, N_Q, D = q.shape
-    S, N_K = k.shape[0], k.shape[3]
-    block_d = max(16, next_power_of_two(D))
-    cfg = blocks or default_blocks(block_d)
-    upcast, precision = dot_settings(q.dtype)
-    weights = weights.to(torch.float32)
-    out = torch.empty(B, H, N_Q, D, dtype=q.dtype, device=q.device)
-    grid = (cdiv(N_Q, cfg.block_m), B * H)
-    _mutual_fwd[grid](
-        q,
-        k,
-        v,
-        weights,
-        out,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *weights.stride(),
-        *out.stride(),
-        S,
-        H,
-        N_Q,
-        N_K,
-        D,
-        1.0 / math.sqrt(D),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d,
-        UPCAST=upcast,
-        PRECISION=precision,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return out
+    return launch_weighted(_mutual_fwd, q, k, v, weights, q.shape, blocks)
