@@ -11,7 +11,8 @@ import torch
 from minid.kernels.accounting import OpCall
 
 from minid.app import cli
-from minid.app.profile import PEAKS, find_card, format_profile, profile_unet
+from minid.app.profile import profile_unet
+from minid.app.profile_report import PEAKS, find_card, format_profile
 from minid.models.config import UNetConfig
 
 CONFIG = UNetConfig.tiny()

@@ -446,7 +446,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def add_profile_args(p: argparse.ArgumentParser) -> None:
     """The options of `minid profile`; the epilog says what each column of its tables means."""
-    from minid.app.profile import ATTENTION, COLUMNS, MAPS, STEPS
+    from minid.app.profile import ATTENTION, MAPS, STEPS
+    from minid.app.profile_report import COLUMNS
 
     class Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Options as everywhere; the epilog's column table kept as written."""
