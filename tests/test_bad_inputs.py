@@ -890,9 +890,7 @@ def _manifest(t: Path, face_mask: bool) -> Path:
     return t / "pairs.csv"
 
 
-def test_calibrate_needs_no_face_pack_when_every_row_has_its_face_mask(
-    tiny_hub, tmp_path, capsys
-):
+def test_calibrate_needs_no_face_pack_when_every_row_has_its_face_mask(tiny_hub, tmp_path, capsys):
     argv = ["calibrate", _manifest(tmp_path, face_mask=True), "--out", tmp_path / "cal"]
     argv += ["--weights", tiny_hub, "--face-root", tmp_path / "no-packs", *FAST, *COMMON]
     rc = cli.main([str(a) for a in argv])

@@ -19,7 +19,7 @@ from minid.app import cli
 from minid.faces.analyzer import FaceAnalyzer
 from minid.imaging.images import tensor_to_pil
 from minid.imaging.metrics import id_similarity
-from minid.restore.config import METHOD_FLAGS
+from minid.restore.config import METHOD_FLAGS, RestoreConfig
 
 
 def _png(tensor: torch.Tensor, path: Path) -> Path:
@@ -458,3 +458,37 @@ def test_restore_multi_face_restores_each_paired_face(tiny_hub, tmp_path, monkey
         and "face 1 (original) : 0 (edited)" in captured.out
     ), captured.out
     assert Image.open(out).size == (x_e.shape[-1], x_e.shape[-2])
+
+
+def test_demo_tiny_runs_every_stage_and_says_the_pictures_are_noise(tmp_path, capsys):
+    from PIL import Image
+
+    from minid.app.demo import DEMO_FILES
+    from minid.loading.tiny import IMAGE_SIZE
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--tiny", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "noise because the weights are random" in err, err
+    for stage in ("demo 1/2 generate", "demo 2/2 edit", "EditedID 1/3", "EditedID 3/3"):
+        assert stage in err, f"no progress for {stage!r}: {err[-400:]}"
+    wrote = {p.name for p in out.iterdir()}
+    for name in ("original.png", "edited.png", "restored.png", "comparison.png", "summary.json"):
+        assert name in wrote, f"{name} not written: {sorted(wrote)}"
+    assert wrote <= set(DEMO_FILES), sorted(wrote - set(DEMO_FILES))
+    with Image.open(out / "restored.png") as restored:
+        assert restored.size == (IMAGE_SIZE, IMAGE_SIZE), restored.size
+    summary = json.loads((out / "summary.json").read_text())
+    # the method's shipped settings: the tiny run exercises the defaults, not a cheaper path
+    assert summary["inversion"] == RestoreConfig().method.inversion, summary["inversion"]
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [(["--weights", "w"], "drop one of the two"), (["--image-size", "128"], "drop --image-size")],
+)
+def test_demo_tiny_refuses_the_flags_it_replaces(tmp_path, capsys, flags, says):
+    assert cli.main(["demo", "--tiny", "--out", str(tmp_path / "d"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d").exists()

@@ -102,7 +102,7 @@ def _print_notes(notes: list[str]) -> None:
 def cmd_demo(args) -> int:
     from minid.app.demo import (
         DEMO_FILES,
-        demo,
+        PAPER_GENERATE_STEPS,
         demo_settings,
         demo_unet_images,
         seconds_per_unet_image,
@@ -111,7 +111,7 @@ def cmd_demo(args) -> int:
 
     # every check before anything loads: device, the output folder, the prompt and words, the
     # numbers
-    _device_and_dtype(args.device, args.dtype)
+    device, dtype = _device_and_dtype(args.device, args.dtype)
     report.check_result_folder(args.out, overwrite=args.overwrite, what="--out", names=DEMO_FILES)
     tokenizer = _tokenizer(args)
     prompt_edited = f"{args.prompt} wearing {args.element}"
@@ -121,9 +121,23 @@ def cmd_demo(args) -> int:
     _check_word(tokenizer, args.prompt, args.subject_word, "--subject-word")
     _check_word(tokenizer, prompt_edited, args.element_word, "--element-word")
     config = method_config(args)
+    if args.tiny:
+        _check_tiny(args, config)
     _print_notes(notes)
+    if args.tiny:
+        from minid.loading.tiny import IMAGE_SIZE, build_tiny_sd
+
+        print(
+            f"minid demo --tiny: a tiny SD stack with random weights, {IMAGE_SIZE}² images: "
+            "every stage runs, and its pictures are noise because the weights are random",
+            file=sys.stderr,
+        )
+        sd = build_tiny_sd(args.seed)
+        for model in (sd.text_encoder, sd.unet, sd.vae):
+            model.to(device, dtype)
+        args.image_size = IMAGE_SIZE
+        return _run_demo(args, sd, config, PAPER_GENERATE_STEPS, config.method)
     sd = _load(args)
-    device = str(next(sd.unet.parameters()).device)
     steps, method = demo_settings(device, config.method, args.paper_settings)
     per_image = seconds_per_unet_image(sd, args.image_size)
     paper = sum(demo_unet_images(*demo_settings(device, config.method, True)).values()) * per_image
@@ -141,6 +155,28 @@ def cmd_demo(args) -> int:
             f"{chosen / 60:.0f} min (--paper-settings runs the paper's)",
             file=sys.stderr,
         )
+    return _run_demo(args, sd, config, steps, method)
+
+
+def _check_tiny(args, config) -> None:
+    """--tiny with what it replaces: a ValueError naming the flag, before anything runs."""
+    from minid.restore.config import RestoreConfig
+
+    if args.weights is not None:
+        raise ValueError(
+            f"--tiny runs random tiny models, not --weights {args.weights}: drop one of the two"
+        )
+    if config.image_size != RestoreConfig().image_size:
+        raise ValueError(
+            f"--tiny runs at the tiny models' 64² images, not --image-size {config.image_size}: "
+            "drop --image-size"
+        )
+
+
+def _run_demo(args, sd, config, steps: int, method) -> int:
+    """The demo with `steps` generation steps and `method`, and the list of what it wrote."""
+    from minid.app.demo import demo
+
     paths = demo(
         sd,
         args.out,

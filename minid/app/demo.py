@@ -16,7 +16,7 @@ import torch
 
 from minid.imaging import images
 from minid.method.control import AttentionStore, BatchLayout, Chain, word_mask
-from minid.method.editedid import EditedIDConfig
+from minid.method.editedid import EditedIDConfig, progress_bar
 from minid.method.prompt_to_prompt import PromptToPrompt, local_blend, prompt_alignment
 from minid.restore.config import RestoreConfig
 from minid.restore.pipeline import EditedID
@@ -32,14 +32,15 @@ DEMO_FILES = RESULT_FILES + ("original.png", "edited.png", "comparison.png")
 
 @torch.no_grad()
 def _edit_with_drift(
-    sd, plan, z_T, prompt, prompt_edited, subject_word, element_word, guidance, seed, drift
+    sd, plan, z_T, prompt, prompt_edited, subject_word, element_word, guidance, seed, drift, bar
 ):
     """Prompt-to-prompt refine from `prompt` to `prompt_edited`, with fresh noise in the subject's
     region.
 
     Branch 0 regenerates the original, branch 1 the edit; the subject's region of branch 1's start
     latent is re-drawn (weight `drift`), so its face comes out as another identity while the layout
-    is kept. Returns the edited image and the subject region (latent size) used.
+    is kept. `bar(n)` (or None) counts the steps of both passes. Returns the edited image and the
+    subject region (latent size) used.
     """
     tok = sd.tokenizer
     device = z_T.device
@@ -50,7 +51,16 @@ def _edit_with_drift(
     layout = BatchLayout(2, cfg=guided)
     # First pass: cross-attention of the original to locate the subject.
     store = AttentionStore(rows=[BatchLayout(1, cfg=guided).row(0)])  # its conditional row
-    reconstruct(sd.unet, plan, z_T, cond[0:1], uncond[0:1], guidance, controller=store)
+    reconstruct(
+        sd.unet,
+        plan,
+        z_T,
+        cond[0:1],
+        uncond[0:1],
+        guidance,
+        controller=store,
+        on_step=_counted(bar),
+    )
     side = tuple(z_T.shape[-2:])
     region = word_mask(store, 0, tok.token_positions(prompt, subject_word), side)
     g = torch.Generator().manual_seed(seed + 1)
@@ -70,6 +80,8 @@ def _edit_with_drift(
     z = torch.cat([z_T, z_edit])
 
     def on_step(i, z):
+        if bar is not None:
+            bar(1)
         # local blend on the element: the edit changes the element region and the re-drawn subject
         # only
         try:
@@ -91,6 +103,18 @@ def _edit_with_drift(
     )
     image = sd.vae.decode_latent(latents[-1][1:2]).float().clamp(-1, 1).cpu()
     return image, region
+
+
+def _counted(bar):
+    """An `on_step` that counts a step on `bar` and keeps z (None without a bar)."""
+    if bar is None:
+        return None
+
+    def on_step(i, z):
+        bar(1)
+        return z
+
+    return on_step
 
 
 def demo(
@@ -129,12 +153,14 @@ def demo(
         device, dtype
     )
     ctx = sd.text_encoder(sd.tokenizer(["", prompt]).to(device)).to(dtype)
-    with torch.no_grad():
-        z0 = reconstruct(sd.unet, plan, z_T, ctx[1:2], ctx[0:1], 7.5)[-1]
+    steps = len(plan.steps)
+    with torch.no_grad(), progress_bar(progress, steps, "demo 1/2 generate") as bar:
+        z0 = reconstruct(sd.unet, plan, z_T, ctx[1:2], ctx[0:1], 7.5, on_step=_counted(bar))[-1]
         original = sd.vae.decode_latent(z0).float().clamp(-1, 1).cpu()
-    edited, _ = _edit_with_drift(
-        sd, plan, z_T, prompt, prompt_edited, subject_word, element_word, 7.5, seed, drift
-    )
+    with progress_bar(progress, 2 * steps, "demo 2/2 edit") as bar:
+        edited, _ = _edit_with_drift(
+            sd, plan, z_T, prompt, prompt_edited, subject_word, element_word, 7.5, seed, drift, bar
+        )
     cfg = config or RestoreConfig(
         EditedIDConfig(solver=HybridSchedule(num_steps=num_steps)), image_size=size
     )

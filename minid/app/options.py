@@ -216,9 +216,24 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--paper-settings",
         action="store_true",
-        help="on a CPU too: 20 generation steps and null-text inversion (hours at full size on a "
-        "CPU)",
+        help="on a CPU too: 20 generation steps and the chosen --inversion (a CPU run takes 10 "
+        "generation steps and direct inversion without it: hours at full size otherwise)",
     )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the whole demo on a tiny random SD stack (minid.loading.tiny), in seconds, with no "
+        "download: a first run and a smoke test of an install; its pictures are noise, the "
+        "weights being random (64² images; not with --weights or --image-size)",
+    )
+    for action in p._actions:  # the method's flags, said as the demo runs them
+        if action.dest == "inversion":
+            action.help += "; on a CPU the demo runs direct unless --paper-settings or --tiny"
+        elif action.dest == "steps":
+            action.help += (
+                " (the portrait and its edit are generated with 20 steps, 10 on a CPU unless "
+                "--paper-settings or --tiny)"
+            )
 
 
 def add_restore_args(p: argparse.ArgumentParser) -> None:

@@ -505,9 +505,9 @@ def run(
     """
     k_pairs = z0_o.shape[0]
     n = config.num_steps
-    with stage("align"), _bar(progress, n, "EditedID 1/3 align") as bar:
+    with stage("align"), progress_bar(progress, n, "EditedID 1/3 align") as bar:
         alignment = align(unet, plan, config, z0_o, z0_e, cond_o, cond_e, progress=bar)
-    with stage("disentangle"), _bar(progress, n, "EditedID 2/3 disentangle") as bar:
+    with stage("disentangle"), progress_bar(progress, n, "EditedID 2/3 disentangle") as bar:
         maps = not config.mask_free and any(m is None for m in (*masks_o, *masks_e))
         d = disentangle(
             unet, plan, config, alignment, cond_o, cond_e, uncond, progress=bar, maps=maps
@@ -535,7 +535,7 @@ def run(
         all_o.append(m_o.float())
         all_e.append(m_e.float())
     mask_o, mask_e = torch.cat(all_o), torch.cat(all_e)  # (K, 1, S, S)
-    with stage("entangle"), _bar(progress, n, "EditedID 3/3 entangle") as bar:
+    with stage("entangle"), progress_bar(progress, n, "EditedID 3/3 entangle") as bar:
         device = z0_o.device
         keep_e = None
         if keeps_e is not None and any(m is not None for m in keeps_e):
@@ -562,7 +562,7 @@ def run(
 
 
 @contextlib.contextmanager
-def _bar(enabled: bool, total: int, desc: str):
+def progress_bar(enabled: bool, total: int, desc: str):
     """A tqdm bar's update function when enabled (tqdm is imported only then), else None."""
     if not enabled:
         yield None

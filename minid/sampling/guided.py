@@ -44,9 +44,7 @@ def check_finite(x: torch.Tensor, what: str, stage: str, models: dict, guidance:
         return
     bad = first_nonfinite_weight(models)
     if bad is not None:
-        cause = (
-            f"the weights hold NaN or infinite values ({bad}): download or convert them again"
-        )
+        cause = f"the weights hold NaN or infinite values ({bad}): download or convert them again"
     else:
         cause = (
             f"guidance {guidance:g} or the range of {str(x.dtype).removeprefix('torch.')} "
