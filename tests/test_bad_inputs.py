@@ -234,6 +234,19 @@ def _(t, hub, mp):
     return ["convert", t / "x.pt", t / "x.safetensors"]
 
 
+@case("restore: a repeated word, long prompts", "'man'", "equally often")
+def _(t, hub, mp):
+    # the word twice in the original's prompt, once in the edit's; both prompts thousands of
+    # characters long (the message names them by their start)
+    long = " ".join(["in a very detailed painting of a quiet street"] * 120)
+    return _restore(
+        t,
+        hub,
+        prompt_original=f"a man and a man {long}",
+        prompt_edited=f"a man wearing glasses {long}",
+    )
+
+
 # -- numbers: finite, in range, named by their flag, before anything loads
 NUMBERS = [("restore", "--w0", v) for v in ("nan", "-0.1", "0.7")]
 NUMBERS += [("restore", "--lambda-o", v) for v in ("nan", "1.5", "-0.5")]
@@ -286,6 +299,22 @@ def _(t, hub, mp):
 @case("calibrate --batch 0", "--batch")
 def _(t, hub, mp):
     return ["calibrate", t / "pairs.csv", "--out", t / "cal", "--batch", "0"]
+
+
+@case("calibrate: a Latin-1 manifest", "pairs.csv", "line 2", "UTF-8")
+def _(t, hub, mp):
+    _png(t / "o.png", 1), _png(t / "e.png", 2)
+    header = "id,original,edited,prompt_original,prompt_edited,id_words,element_words\n"
+    row = "a,o.png,e.png,a photo of a man,a photo of a man wearing a béret,man,béret\n"
+    (t / "pairs.csv").write_bytes((header + row).encode("latin-1"))
+    return ["calibrate", t / "pairs.csv", "--out", t / "cal", "--weights", hub, *COMMON]
+
+
+@case("restore onto a full disk", "--out", "MiB free")
+def _(t, hub, mp):
+    usage = shutil.disk_usage(t)
+    mp.setattr(shutil, "disk_usage", lambda p: usage._replace(free=2**20))  # 1 MiB left
+    return _restore(t, hub)
 
 
 # -- prompts and words: real text, within the 75 tokens the text encoder reads
@@ -682,6 +711,7 @@ def test_a_bad_command_line_is_one_line_exit_2_before_any_compute(
     assert len(lines) == 1 and "Traceback" not in err, (
         f"expected one line on stderr, got {len(lines)}: {err}"
     )
+    assert len(lines[0]) <= 600, f"a {len(lines[0])}-character line: {lines[0][:300]}…"
     for name in names:
         assert name in lines[0], f"{name!r} is not named in: {lines[0]}"
     for prefix in (
@@ -1164,6 +1194,8 @@ def _loading(tiny_hub):
 
 
 def _generating(tiny_sd):
+    from minid.method.editedid import EditedIDConfig
+    from minid.restore.pipeline import EditedID
     from minid.sampling.text_to_image import generate
 
     return {
@@ -1197,6 +1229,21 @@ def _generating(tiny_sd):
             ValueError,
             "UTF-8",
         ),
+        "EditedID given a path": (
+            lambda: EditedID("weights/sd-v1-4"),
+            TypeError,
+            "EditedID(load_stable_diffusion('weights/sd-v1-4'))",
+        ),
+        "EditedID given a module": (
+            lambda: EditedID(tiny_sd.unet),
+            TypeError,
+            "has no tokenizer, text_encoder, unet, vae",
+        ),
+        "EditedID given an EditedIDConfig": (
+            lambda: EditedID(tiny_sd, EditedIDConfig()),
+            TypeError,
+            "RestoreConfig(method=EditedIDConfig(…))",
+        ),
     }
 
 
@@ -1211,6 +1258,9 @@ API_IDS = (
         "generate steps 0",
         "generate solver xx",
         "tokenizer: bytes that are not UTF-8",
+        "EditedID given a path",
+        "EditedID given a module",
+        "EditedID given an EditedIDConfig",
     ]
 )
 
@@ -1421,3 +1471,55 @@ def test_tiles_are_labelled_and_the_attention_grid_says_its_scale():
         "no labels above the tiles"
     )
     assert _dark(grid, (0, 84, grid.width, grid.height)) > 20, "no caption"
+
+
+def test_a_write_that_fills_the_disk_names_the_file_and_leaves_nothing(tmp_path):
+    import errno
+
+    from minid.loading.files import write_atomic
+
+    def full(f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "out" / "summary.json"
+    with pytest.raises(OSError) as e:
+        write_atomic(target, full)
+    assert e.value.errno == errno.ENOSPC and str(target) in str(e.value), str(e.value)
+    assert list((tmp_path / "out").iterdir()) == [], "a temporary file was left behind"
+
+
+def test_a_second_calibrate_on_the_same_out_is_refused_while_the_first_runs(
+    tiny_hub, tmp_path, capsys
+):
+    import subprocess
+
+    out = tmp_path / "cal"
+    out.mkdir()
+    # the first run: another process holding the folder's lock
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pathlib; from minid.loading.files import folder_lock\n"
+            f"with folder_lock(pathlib.Path({str(out)!r}), '--out'):\n"
+            "    print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["calibrate", _manifest(tmp_path, face_mask=True), "--out", out]
+        argv += ["--weights", tiny_hub, *FAST, *COMMON]
+        before = _snapshot(tmp_path)
+        rc = cli.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"--out {out} is in use by minid (pid {holder.pid})" in err, err
+        assert _snapshot(tmp_path) == before, "the refused run changed files"
+    finally:
+        holder.communicate("")
+    # the lock ends with its process: the same command now runs
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err

@@ -73,6 +73,8 @@ def _tokenizer(args):
 def _check_word(tokenizer, prompt: str, word: str, flags: str) -> None:
     """`word` in `prompt` within the 75 tokens the text encoder reads, or a ValueError naming the
     flags."""
+    from minid.models.tokenizer import shortened
+
     try:
         found = tokenizer.token_positions(prompt, word)
     except ValueError as e:
@@ -80,7 +82,7 @@ def _check_word(tokenizer, prompt: str, word: str, flags: str) -> None:
     if not found:
         raise ValueError(
             f"{flags}: {word!r} lies beyond the first {tokenizer.max_content_tokens} tokens of "
-            f"{prompt[:50]!r}…, which are all SD1.4's text encoder reads"
+            f"{shortened(prompt)!r}, which are all SD1.4's text encoder reads"
         )
 
 
@@ -749,7 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as e:
         # ValueError: bad inputs and settings; OSError: files, folders, the network; ImportError: a
         # missing extra
-        print(f"minid {command}: error: {e}", file=sys.stderr)
+        # an OSError minid words itself (errno, message) reads without its "[Errno N]" prefix
+        words = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else e
+        print(f"minid {command}: error: {words}", file=sys.stderr)
         return 2
     finally:
         if main_thread:  # None: a handler not set from Python, given back as the default

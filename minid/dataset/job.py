@@ -53,6 +53,7 @@ from minid.dataset.rows import (
     write_error,
 )
 from minid.imaging import images
+from minid.loading.files import folder_lock
 from minid.restore.config import RestoreConfig
 from minid.restore.inputs import MASK_SOURCES, check_settings, check_text
 
@@ -167,6 +168,28 @@ def calibrate(
         )
     face_source = (config.face_pack or type(analyzer).__name__) if measuring else None
     out.mkdir(parents=True, exist_ok=True)
+    # one run at a time on a folder: a second would redo the rows and race the first one's writes
+    with folder_lock(out, "--out"):
+        return _calibrate_locked(
+            manifest,
+            out,
+            config,
+            weights,
+            sd,
+            dtype,
+            device,
+            analyzer,
+            ray,
+            face_source,
+            progress,
+            t0,
+        )
+
+
+def _calibrate_locked(
+    manifest, out, config, weights, sd, dtype, device, analyzer, ray, face_source, progress, t0
+) -> Calibration:
+    """Steps 2-5 of `calibrate`, with the lock on `out` held (`t0`: when the job began)."""
     # left by an atomic write (images.py) that a killed run never finished
     for stale in out.rglob(".*.tmp"):
         stale.unlink()

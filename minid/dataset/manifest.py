@@ -120,15 +120,15 @@ def read_manifest(path: str | Path) -> Manifest:
             f"manifest {path} not found; give a .csv or .jsonl file with one row per pair"
         )
     suffix = path.suffix.lower()
-    if suffix in CSV_SUFFIXES:
-        rows = _read_csv(path)
-    elif suffix in JSONL_SUFFIXES:
-        rows = _read_jsonl(path)
-    else:
+    if suffix not in CSV_SUFFIXES + JSONL_SUFFIXES:
         raise ManifestError(
             f"manifest {path}: expected a .csv or .jsonl (JSON Lines) file, found suffix "
             f"{suffix or '(none)'!r}; rename it after its format"
         )
+    try:
+        rows = _read_csv(path) if suffix in CSV_SUFFIXES else _read_jsonl(path)
+    except UnicodeDecodeError:
+        raise ManifestError(_not_utf8(path)) from None
     seen: dict[str, int] = {}
     for row in rows:
         if not ID_PATTERN.fullmatch(row.id):
@@ -143,6 +143,21 @@ def read_manifest(path: str | Path) -> Manifest:
             )
         seen[row.id] = row.number
     return Manifest(path=path, rows=rows)
+
+
+def _not_utf8(path: Path) -> str:
+    """The message for a manifest that is not UTF-8: the file, the line and byte that fail."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        where = "it"
+    except UnicodeDecodeError as e:  # the first byte that fails, counted in the whole file
+        line = raw[: e.start].count(b"\n") + 1
+        where = f"line {line} (byte 0x{raw[e.start]:02x} at offset {e.start})"
+    return (
+        f"manifest {path}: {where} is not UTF-8 (a Latin-1 or Windows-1252 export?); save the "
+        "file as UTF-8"
+    )
 
 
 def _read_csv(path: Path) -> list[Row]:

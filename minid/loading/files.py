@@ -4,9 +4,12 @@ JSON without non-finite floats, and a file's sha256.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,9 +34,15 @@ def write_atomic(path: Path, write) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            # a full disk names no file of its own: say which one, and what to do
+            raise OSError(
+                e.errno,
+                f"cannot write {path}: {e.strerror}; free space on its disk or write elsewhere",
+            ) from None
         raise
     return path
 
@@ -45,10 +54,15 @@ def _umask() -> int:
     return mask
 
 
-def check_writable(folder: str | Path, what: str = "output folder") -> None:
+MIN_FREE_BYTES = 64 * 2**20  # what a run's outputs need at least: a few PNGs and JSON files
+
+
+def check_writable(
+    folder: str | Path, what: str = "output folder", min_free: int = MIN_FREE_BYTES
+) -> None:
     """Raise PermissionError/NotADirectoryError now if files cannot be created in `folder` (or, when
-    it does not exist yet, in the nearest folder above it that does), instead of after the
-    compute."""
+    it does not exist yet, in the nearest folder above it that does), and OSError (ENOSPC) if its
+    disk has less than `min_free` bytes free, instead of after the compute."""
     folder = Path(folder).absolute()
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -64,6 +78,13 @@ def check_writable(folder: str | Path, what: str = "output folder") -> None:
         ) from None
     os.close(fd)
     os.unlink(tmp)
+    free = shutil.disk_usage(probe).free
+    if free < min_free:
+        raise OSError(
+            errno.ENOSPC,
+            f"the {what} {folder} is on a disk with {free / 2**20:.1f} MiB free, less than the "
+            f"{min_free / 2**20:.0f} MiB the outputs may need; free space there or write elsewhere",
+        )
 
 
 def json_safe(record: dict) -> dict:
@@ -85,3 +106,36 @@ def sha256_file(path: str | Path, block: int = 8 * 2**20) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str = "output folder"):
+    """Hold an exclusive lock on `folder` (an flock on `folder/.minid.lock`, which says whose it
+    is): a second run on the same folder fails at once with one line instead of doing the work
+    twice. The kernel drops the lock when the process ends, however it ends, so a killed run leaves
+    no stale lock. Where flock is missing (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(folder) / ".minid.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise BlockingIOError(
+                errno.EWOULDBLOCK,
+                f"{what} {folder} is in use by {holder}; wait for it to finish, or give another "
+                f"{what}",
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"minid (pid {os.getpid()})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -268,8 +268,10 @@ class CLIPTokenizer:
             else:
                 start += 1
         if not found:
+            listed = shortened(" ".join(texts), 120)
             raise ValueError(
-                f"the word {word!r} is not in the prompt {prompt!r}; its words are {texts}"
+                f"the word {word!r} is not in the prompt {shortened(prompt)!r}; its words are "
+                f"{listed}"
             )
         return found
 
@@ -286,8 +288,10 @@ class CLIPTokenizer:
         occ_a, occ_b = self._occurrences(prompt_a, word), self._occurrences(prompt_b, word)
         if len(occ_a) != len(occ_b):
             raise ValueError(
-                f"the word {word!r} occurs {len(occ_a)} time(s) in {prompt_a!r} but {len(occ_b)} "
-                f"time(s) in {prompt_b!r}; pair the occurrences yourself with token_positions"
+                f"the word {word!r} occurs {len(occ_a)} time(s) in {shortened(prompt_a)!r} but "
+                f"{len(occ_b)} time(s) in {shortened(prompt_b)!r}: its k-th occurrence in one "
+                "prompt is paired with the k-th in the other, so write it equally often in both "
+                "prompts, or choose a word that is"
             )
         # One word is the same tokens wherever it appears (BPE works within a word), so occurrence k
         # has the same token count in both prompts before truncation; untruncated positions zip up
@@ -310,6 +314,11 @@ def prompt_note(tokenizer, prompt: str, what: str) -> str | None:
         return None
     return (
         f"{what} is longer than the {tokenizer.max_content_tokens} tokens SD1.4's text encoder "
-        f"reads; "
-        f"the end is ignored: {dropped[:60]!r}{'…' if len(dropped) > 60 else ''}"
+        f"reads; the end is ignored: {shortened(dropped)!r}"
     )
+
+
+def shortened(text: str, limit: int = 60) -> str:
+    """`text` as an error message quotes it: whole up to `limit` characters, else its start and
+    '…' (a prompt can be thousands of characters; one line names it by its start)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -18,7 +18,7 @@ import torch
 
 from minid.imaging import crops, images, masks
 from minid.method.editedid import PairText, Tokens
-from minid.models.tokenizer import prompt_note
+from minid.models.tokenizer import prompt_note, shortened
 
 if TYPE_CHECKING:
     from minid.restore.config import RestoreConfig
@@ -241,13 +241,12 @@ def word_positions(tokenizer, prompt: str, words: list[str], what: str) -> list[
         try:
             found = tokenizer.token_positions(prompt, w)
         except ValueError as e:
-            raise ValueError(f"{what} word {w!r} is not in the prompt {prompt!r} ({e})") from None
+            raise ValueError(f"{what} word {w!r}: {e}") from None
         if not found:  # every occurrence lies past the window the text encoder reads
             raise ValueError(
                 f"{what} word {w!r} lies beyond the first {tokenizer.max_content_tokens} tokens of "
-                f"the prompt {prompt[:50]!r}…, which are all SD1.4's text encoder reads; move it "
-                f"earlier "
-                "or shorten the prompt"
+                f"the prompt {shortened(prompt)!r}, which are all SD1.4's text encoder reads; move "
+                "it earlier or shorten the prompt"
             )
         out += found
     return out

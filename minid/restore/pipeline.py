@@ -63,11 +63,38 @@ class RestoreResult:
         return images.tensor_to_pil(self.image)
 
 
+def _check_models(sd, config) -> None:
+    """A TypeError naming what `EditedID(sd, config)` was given instead of a loaded stack and a
+    `RestoreConfig`, and what to write."""
+    if isinstance(sd, (str, Path)):
+        raise TypeError(
+            f"EditedID takes the loaded models, not the path {str(sd)!r}: "
+            f"EditedID(load_stable_diffusion({str(sd)!r})) (minid.loading.checkpoint)"
+        )
+    missing = [n for n in ("tokenizer", "text_encoder", "unet", "vae") if not hasattr(sd, n)]
+    if missing:
+        raise TypeError(
+            f"EditedID takes a StableDiffusion (tokenizer, text_encoder, unet, vae); the "
+            f"{type(sd).__name__} given has no {', '.join(missing)}: load one with "
+            "minid.loading.checkpoint.load_stable_diffusion"
+        )
+    if not isinstance(config, RestoreConfig):
+        hint = (
+            f"RestoreConfig(method={type(config).__name__}(…))"
+            if type(config).__name__ == "EditedIDConfig"
+            else "RestoreConfig(…)"
+        )
+        raise TypeError(
+            f"EditedID's config is a RestoreConfig, not a {type(config).__name__}: give {hint}"
+        )
+
+
 class EditedID:
     """EditedID over a `StableDiffusion` (tokenizer, text_encoder, unet, vae) and a
     `RestoreConfig`."""
 
     def __init__(self, sd, config: RestoreConfig = RestoreConfig()):
+        _check_models(sd, config)
         self.sd = sd
         self.config = config
         self.schedule = NoiseSchedule.scaled_linear()
