@@ -5,7 +5,8 @@ The byte-level claims, and what makes them hold: a row's image depends, through 
 rows restored in its batch, and the batches are fixed by the manifest (K consecutive rows, less the
 bad ones); a batch with a missing result runs whole again. So an interrupted job, once finished, a
 deleted result, once re-created, and the ray engine all give the bytes of one uninterrupted local
-run at the same K (with the same threads: these runs use one each).
+run at the same K with the same torch threads (`CalibrateConfig.threads`: these runs use one each,
+the ray test two).
 """
 
 from __future__ import annotations
@@ -224,13 +225,31 @@ def test_killed_run_resumes_to_the_same_bytes(first_run, dataset, tiny_hub, tmp_
 
 
 @pytest.mark.ray
-def test_ray_engine_gives_the_local_engines_results(first_run, dataset, tiny_hub, tmp_path):
-    """Ray Data on a local Ray instance (2 CPUs, 2 one-CPU actors): the local run's table and image
-    bytes."""
+def test_ray_engine_gives_the_local_engines_results(dataset, tiny_hub, tmp_path):
+    """Ray Data on a local Ray instance (2 CPUs, 2 one-CPU actors) against a local run at 2 torch
+    threads, both at the default `threads` (this process's count, given to every actor): the same
+    table and image bytes."""
     ray = pytest.importorskip(
         "ray", reason="the ray engine needs the scale extra: pip install -e '.[scale]'"
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    local_out = tmp_path / "local"
+    try:
+        local_run = calibrate(
+            dataset,
+            local_out,
+            CONFIG,
+            weights=tiny_hub,
+            dtype=torch.float32,
+            device="cpu",
+            progress=False,
+        )
+        first_run = (local_out, local_run, _results(local_out))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except BaseException:
+        torch.set_num_threads(before)
+        raise
     try:
         out = tmp_path / "ray"
         result = calibrate(
@@ -244,6 +263,7 @@ def test_ray_engine_gives_the_local_engines_results(first_run, dataset, tiny_hub
         )
     finally:
         ray.shutdown()
+        torch.set_num_threads(before)
     local = first_run[1].records
     assert [(r["id"], r["status"], r["error"], r["batch"]) for r in result.records] == [
         (r["id"], r["status"], r["error"], r["batch"]) for r in local

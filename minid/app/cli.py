@@ -461,6 +461,7 @@ def cmd_calibrate(args) -> int:
         ray_address=args.ray_address,
         num_workers=args.num_workers,
         gpus_per_worker=gpus,
+        threads=args.threads,
     )
     result = calibrate(
         manifest,

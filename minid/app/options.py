@@ -301,10 +301,13 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     """The options of `minid calibrate`."""
+    from minid.dataset.manifest import OPTIONAL, OVERRIDES, REQUIRED
+
     p.add_argument(
         "manifest",
-        help="CSV or JSON Lines, one row per pair: original, edited, prompt_original, "
-        "prompt_edited, id_words, element_words, … (paths relative to the manifest)",
+        help=f"CSV or JSON Lines, one row per pair (UTF-8; paths relative to the manifest). "
+        f"Columns: {', '.join(REQUIRED)}; optional: {', '.join(OPTIONAL)}; and per-row "
+        f"overrides of the method flags, named like the flag: {', '.join(OVERRIDES)}",
     )
     p.add_argument(
         "--out", required=True, help="folder for results/<id>.png, results.jsonl/.csv, summary.json"
@@ -334,6 +337,12 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
         "--gpus-per-worker",
         type=number_type(float, 0.0),
         help="ray: GPUs per actor (default: 1 with --device cuda or a GPU here, else 0)",
+    )
+    p.add_argument(
+        "--threads",
+        type=number_type(int, 1),
+        help="torch's CPU threads for each row, on either engine, so that a row's image does not "
+        "depend on the engine (default: torch's count in this process; Ray actors get the same)",
     )
     p.add_argument(
         "--save-intermediates",

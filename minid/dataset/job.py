@@ -30,6 +30,7 @@ must be on storage every node sees.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,11 @@ class CalibrateConfig:
     ray_address: str | None = None
     num_workers: int = 1  # ray: actors, each holding one copy of the model
     gpus_per_worker: float = 0.0  # ray: GPUs per actor (0: CPU actors)
+    # torch's intra-op CPU threads for every row, on either engine (None: this process's
+    # torch.get_num_threads()). A reduction split over another number of threads sums in another
+    # order, so the same row's image differs by a few levels between thread counts; one count for
+    # both engines keeps a row's bytes independent of the engine (Ray would give each actor 1).
+    threads: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -98,6 +104,8 @@ class CalibrateConfig:
             raise ValueError(f"--num-workers must be at least 1, got {self.num_workers}")
         if self.gpus_per_worker < 0:
             raise ValueError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
 
 
 @dataclass
@@ -167,6 +175,7 @@ def calibrate(
             "face masks from the cross-attention maps (--mask-source attention)"
         )
     face_source = (config.face_pack or type(analyzer).__name__) if measuring else None
+    config = dataclasses.replace(config, threads=config.threads or torch.get_num_threads())
     out.mkdir(parents=True, exist_ok=True)
     # one run at a time on a folder: a second would redo the rows and race the first one's writes
     with folder_lock(out, "--out"):
@@ -223,6 +232,8 @@ def _calibrate_locked(
 
     # 4. The batches, on the engine; each row's record replaces what the scan knew of it.
     bar = _Progress(len(todo), progress)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # the local engine's rows; each ray actor sets its own
     try:
         if batches and ray is None:
             if sd is None:
@@ -242,6 +253,7 @@ def _calibrate_locked(
                 )
             )
     finally:
+        torch.set_num_threads(threads_before)
         bar.close()
 
     # 5. The table, summary and pictures, over every row of the manifest.
@@ -427,6 +439,7 @@ class RayWorker:
     ):
         from minid.loading.checkpoint import load_stable_diffusion
 
+        torch.set_num_threads(config.threads)  # the driver's count, not Ray's 1 per actor
         analyzer = _face_analyzer(config) if config.face_pack is not None else None
         sd = load_stable_diffusion(weights, dtype=dtype, device=device)
         self.runner = BatchRunner(out, config, sd, analyzer, face_source)

@@ -268,7 +268,7 @@ class CLIPTokenizer:
             else:
                 start += 1
         if not found:
-            listed = shortened(" ".join(texts), 120)
+            listed = shortened(", ".join(repr(t) for t in texts), 120)
             raise ValueError(
                 f"the word {word!r} is not in the prompt {shortened(prompt)!r}; its words are "
                 f"{listed}"

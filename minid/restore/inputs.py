@@ -241,7 +241,8 @@ def word_positions(tokenizer, prompt: str, words: list[str], what: str) -> list[
         try:
             found = tokenizer.token_positions(prompt, w)
         except ValueError as e:
-            raise ValueError(f"{what} word {w!r}: {e}") from None
+            said = str(e).removeprefix(f"the word {w!r} ")  # "is not in the prompt …"
+            raise ValueError(f"{what} word {w!r} {said}") from None
         if not found:  # every occurrence lies past the window the text encoder reads
             raise ValueError(
                 f"{what} word {w!r} lies beyond the first {tokenizer.max_content_tokens} tokens of "
