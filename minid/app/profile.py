@@ -20,6 +20,7 @@ also given as a fraction of the card's peak (`PEAKS`, from the vendors' datashee
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections import defaultdict
@@ -320,21 +321,28 @@ def profile_unet(
             one_step()
         _sync(device)
         sites.events.clear()
-        with profile(activities=activities, record_shapes=True) as prof:
-            for _ in range(repeat):
-                if on_gpu:
-                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                    start.record()
-                else:
-                    t0 = time.perf_counter()
-                with record_function(STEP_RANGE):
-                    one_step()
-                if on_gpu:
-                    end.record()
-                    torch.cuda.synchronize(device)
-                    measured += start.elapsed_time(end) / 1e3
-                else:
-                    measured += time.perf_counter() - t0
+        # a garbage collection is not the step's cost, and one landing between the clock and the
+        # range would split them: collect now, and none while the steps are timed
+        gc.collect()
+        gc.disable()
+        try:
+            with profile(activities=activities, record_shapes=True) as prof:
+                for _ in range(repeat):
+                    if on_gpu:
+                        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                        start.record()
+                    else:
+                        t0 = time.perf_counter()
+                    with record_function(STEP_RANGE):
+                        one_step()
+                    if on_gpu:
+                        end.record()
+                        torch.cuda.synchronize(device)
+                        measured += start.elapsed_time(end) / 1e3
+                    else:
+                        measured += time.perf_counter() - t0
+        finally:
+            gc.enable()
         cuda_sites = sites.cuda_seconds() if on_gpu else None
         # plain SDPA on inputs of the shapes of every family op the step ran, in a profile of its
         # own read the same way

@@ -207,18 +207,23 @@ def check_round_trip(
     **testbed,
 ) -> list[float]:
     """Inversion then sampling returns the start at the exact score within a bound that shrinks
-    with N: every error falls from the coarsest grid's at least like N^-order (times `slack`), and
-    falls as N grows, until it reaches `floor`. DDIM's round trip is of order 1 (its inversion
-    reads ε at the less noisy end). Returns the errors."""
+    with N: the error falls at every finer grid (until it reaches `floor`); from the coarsest grid
+    to the finest it falls at least like N^-order, and between the two finest grids too (each
+    times `slack`). DDIM's round trip is of order 1 (its inversion reads ε at the less noisy end).
+
+    The rate is asked of the whole range and of its fine end, not of every grid from the
+    coarsest: under a peaked prompt a coarse inversion can carry the start into another mode's
+    basin, where the error stays O(1) (falling slowly) until N is fine enough, and only then falls
+    like N^-order. Returns the errors."""
     errors = round_trip_errors(step, inversion, ns, **testbed)
-    bounds = [max(errors[0] * slack * (ns[0] / n) ** order, floor) for n in ns]
+    overall = max(errors[0] * slack * (ns[0] / ns[-1]) ** order, floor)
+    fine = max(errors[-2] * slack * (ns[-2] / ns[-1]) ** order, floor) if len(ns) > 1 else overall
     shrinking = all(b < a or b <= floor for a, b in zip(errors, errors[1:]))
-    table = ", ".join(f"N={n}: {e:.3e} (bound {b:.3e})" for n, e, b in zip(ns, errors, bounds))
-    assert (
-        math.isfinite(errors[0])
-        and shrinking
-        and all(e <= b for e, b in zip(errors[1:], bounds[1:]))
-    ), f"round trip errors do not shrink like N^-{order}: {table}"
+    table = ", ".join(f"N={n}: {e:.3e}" for n, e in zip(ns, errors))
+    assert math.isfinite(errors[0]) and shrinking and errors[-1] <= min(overall, fine), (
+        f"round trip errors do not shrink like N^-{order}: {table} (bounds at N={ns[-1]}: "
+        f"{overall:.3e} from N={ns[0]}, {fine:.3e} from N={ns[-2]})"
+    )
     return errors
 
 
