@@ -631,4 +631,43 @@ def test_download_network_error_is_explained(remote, tmp_path):
         C.CheckpointError, match="download from CompVis/stable-diffusion-v1-4 failed"
     ) as e:
         W.download(tmp_path / "w", manifest=manifest, fetch=no_network, log=lambda s: None)
-    assert "model_index.json" in str(e.value) and "Check the network" in str(e.value)
+    message = str(e.value)
+    assert "Check the network" in message and "minid download --dest" in message
+    # copying by hand: the three weight files, not the nine small ones minid has its own copies of
+    weights = [n for n in W.hub_files("fp16") if n not in W.HUB_SMALL_FILES]
+    assert len(weights) == 3 and all(n in message for n in weights), message
+    assert "copy the 3 weight files" in message and "model_index.json" not in message
+
+
+def test_weights_copied_by_hand_are_enough_without_the_small_files(remote, tmp_path, monkeypatch):
+    """The network is down but the three weight files were copied in: download() verifies them,
+    notes the small files it could not fetch, and the loaders use minid's SD1.4 configs and
+    tokenizer instead."""
+    from minid.models.config import CLIPTextConfig, UNetConfig, VAEConfig
+
+    root, manifest = remote
+    dest = tmp_path / "w"
+    weights = [n for n in W.hub_files("fp16") if n not in W.HUB_SMALL_FILES]
+    for name in weights:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, dest / name)
+
+    def no_network(**kw):
+        raise ConnectionError("Name or service not known")
+
+    for offline in ("0", "1"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        logged: list[str] = []
+        W.download(dest, manifest=manifest, fetch=no_network, log=logged.append)
+        note = [line for line in logged if line.startswith("note:")]
+        assert len(note) == 1 and "9 small file(s)" in note[0] and "its own SD1.4" in note[0]
+    for component, cls in (
+        ("unet", UNetConfig),
+        ("vae", VAEConfig),
+        ("text_encoder", CLIPTextConfig),
+    ):
+        file, config = C._resolve(component, dest, None, torch.float16, None, None, None)
+        assert (
+            file == dest / next(n for n in weights if n.startswith(component)) and config == cls()
+        )
+    assert C.load_tokenizer(dest).encode("a photo")[0] == 49406

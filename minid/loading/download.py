@@ -130,7 +130,10 @@ def download(
     precision: "fp16" or "fp32" (`default_precision()` is what this machine runs: fp32 without a
     GPU; the `minid download` command fetches that by default).
     Files already present and verified are kept (no network needed: works with HF_HUB_OFFLINE=1); a
-    present file that fails verification is fetched again. `fetch` defaults to
+    present file that fails verification is fetched again. The small files (configs, tokenizer) are
+    fetched when they can be; one that cannot is skipped with a note, since the loaders fall back
+    to minid's own SD1.4 configs and CLIP tokenizer: copying the three weight files by hand is
+    enough. `fetch` defaults to
     `huggingface_hub.hf_hub_download` (which shows progress and resumes interrupted downloads);
     tests pass their own. Returns `dest`.
     """
@@ -144,11 +147,15 @@ def download(
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     again = f"minid download --dest {dest} --precision {precision}"
     names = hub_files(precision, components)
+    weight_files = [n for n in names if n not in HUB_SMALL_FILES]
+    weight_bytes = sum(entries.get(n, {}).get("bytes", 0) for n in weight_files)
     by_hand = (
-        f"or, without a network, copy these files of {repo} (revision {revision[:8]}) into {dest}, "
-        f"keeping "
-        f"their folders: {', '.join(names)}"
+        f"or, without a network, copy the {len(weight_files)} weight files of {repo} (revision "
+        f"{revision[:8]}, {weight_bytes / 1e9:.1f} GB) into {dest}, keeping their folders: "
+        f"{', '.join(weight_files)} (the configs and tokenizer files are optional: minid has "
+        "SD1.4's own)"
     )
+    skipped: list[str] = []  # small files that could not be fetched: minid's own copies serve
     missing = [n for n in names if not (dest / n).is_file()]
     if missing and not offline:
         from minid.loading.files import check_writable
@@ -159,7 +166,8 @@ def download(
             f"SD1.4 {precision} weights: fetching {len(missing)} file(s), {size / 1e9:.1f} GB, "
             f"into {dest}"
         )
-    for name in names:
+    # the weights first: a network that is down shows on the first file that matters
+    for name in weight_files + [n for n in names if n in HUB_SMALL_FILES]:
         if name not in entries:
             raise CheckpointError(
                 f"{name}: not in the manifest {manifest if not isinstance(manifest, dict) else ''}"
@@ -179,6 +187,9 @@ def download(
                 log(f"{e}; fetching it again")
                 local.unlink()
                 _sidecar(local).unlink(missing_ok=True)
+        elif offline and name in HUB_SMALL_FILES:
+            skipped.append(name)
+            continue
         elif offline:
             raise CheckpointError(
                 f"{local}: missing, and HF_HUB_OFFLINE is set. Run, online:\n    {again}\n"
@@ -189,6 +200,9 @@ def download(
             got = Path(fetch(repo_id=repo, filename=name, revision=revision, local_dir=str(dest)))
         # network, authentication, missing file: all end here with the same advice
         except Exception as e:
+            if name in HUB_SMALL_FILES:
+                skipped.append(name)
+                continue
             raise CheckpointError(
                 f"{name}: download from {repo} failed ({type(e).__name__}: {e}). Check the "
                 f"network (or HF_ENDPOINT), then run again:\n    {again}\n"
@@ -204,6 +218,11 @@ def download(
                 f"{e}\nThe downloaded file does not match the manifest; it was left in place for "
                 f"inspection. Delete it and run again:\n    {again}"
             ) from None
+    if skipped:
+        log(
+            f"note: {len(skipped)} small file(s) of {repo} not fetched ({', '.join(skipped)}); "
+            "minid uses its own SD1.4 configs and CLIP tokenizer in their place"
+        )
     return dest
 
 
