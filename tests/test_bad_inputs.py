@@ -66,15 +66,16 @@ def _mask(path: Path, size: int = IMAGE_SIZE) -> Path:
     return path
 
 
-def _bomb(path: Path) -> Path:
-    """A PNG that says it is 40000² pixels (PIL refuses to open it as a decompression bomb)."""
+def _bomb(path: Path, side: int = 40000) -> Path:
+    """A PNG whose header says it is side² pixels with almost no data (40000²: PIL refuses to open
+    it as a decompression bomb)."""
 
     def chunk(kind, body):
         return (
             struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
         )
 
-    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", ihdr)
@@ -1401,6 +1402,18 @@ def test_every_option_has_help_that_shows_its_default():
                 f"minid {name} {action.option_strings[0]}: the help does not show the default: "
                 f"{text}"
             )
+
+
+def test_an_unset_default_does_not_read_as_the_none_keyword(capsys):
+    """`--face-mask none` is IdGlow's mask-free mode: its unset default must not read "none"."""
+    with pytest.raises(SystemExit):
+        cli.main(["restore", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split("options:")[-1].split())
+    entry = help_text[
+        help_text.index("--face-mask FACE_MASK") : help_text.index("--regions REGIONS")
+    ]
+    assert "default: none" not in entry and "the mask comes from --mask-source" in entry, entry
+    assert "JSON file (default: not given)" in help_text  # --regions: unset, no keyword
 
 
 @pytest.mark.parametrize("command", ["download", "convert", "keymap"])

@@ -9,6 +9,7 @@ output.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from tiny_faces import (
     BOX_DIST,
     DET_SIZE,
@@ -43,6 +45,7 @@ from minid.imaging.crops import (
     ARCFACE_TEMPLATE,
     apply_affine,
     arcface_affine,
+    box_iou,
     crop_square,
     estimate_similarity,
     invert_affine,
@@ -246,6 +249,35 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
     boxes = np.array([[0.0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 10, 10]])
     scores = np.array([0.8, 0.9, 0.7, 0.8])
     assert nms(boxes, scores, 0.4) == [1, 2]
+    assert nms(np.zeros((0, 4)), np.zeros(0), 0.4) == []
+
+
+def _greedy_nms(boxes, scores, threshold):
+    """Textbook greedy NMS: each box in score order is kept unless a kept box overlaps it."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    keep: list[int] = []
+    for i in order:
+        if not keep or (box_iou(boxes[i], boxes[keep])[0] <= threshold).all():
+            keep.append(i)
+    return keep
+
+
+def test_nms_equals_the_pairwise_greedy_rule_on_crowded_detections():
+    """A detector firing on thousands of anchors: the vectorised NMS keeps exactly the boxes the
+    pairwise rule keeps (repeated scores included)."""
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 300):
+        xy = rng.uniform(0, 100, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 30, (n, 2))], axis=1)
+        scores = rng.choice([0.5, 0.6, 0.7, 0.8, 0.9], n)  # many ties
+        for threshold in (0.0, 0.4, 0.9):
+            assert nms(boxes, scores, threshold) == _greedy_nms(boxes, scores, threshold)
+    n = 20000  # a whole 640² detector output above threshold: one pass over arrays per kept box
+    xy = rng.uniform(0, 600, (n, 2))
+    boxes = np.concatenate([xy, xy + 40], axis=1)
+    keep = nms(boxes, rng.uniform(size=n), 0.4)
+    iou = box_iou(boxes[keep], boxes[keep])
+    assert (iou[~np.eye(len(keep), dtype=bool)] <= 0.4).all() and len(keep) > 50
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,6 +404,35 @@ def test_face_analyzer_from_a_pack_folder(onnx_models, tmp_path):
     assert analyzer.largest_face(image).area == max(f.area for f in found)
     with pytest.raises(ValueError, match="no face found in blank.png"):
         analyzer.largest_face(np.zeros((64, 64, 3), np.uint8), name="blank.png")
+    assert found.detected == 2 and found.dropped == 0
+
+
+def test_face_analyzer_caps_the_faces_per_image(onnx_models, tmp_path):
+    """Landmarks and ArcFace run on the `max_faces` best-scored faces only; `detected` counts the
+    rest, and `minid eval` notes the cap in the image's row."""
+    from minid.app.evaluate import evaluate_folder
+
+    write_face_pack(onnx_models, tmp_path)
+    config = FaceAnalyzerConfig(pack=PACK, root=str(tmp_path), det_size=DET_SIZE, max_faces=1)
+    analyzer = FaceAnalyzer.from_pack(config=config, providers=["CPUExecutionProvider"])
+    image = red_squares(96, 128, [(80, 32, 16), (16, 64, 16)])
+    everything = FaceAnalyzer(analyzer.detector, analyzer.arcface, analyzer.landmark, None)
+    all_faces = everything.analyze(image)
+    found = analyzer.analyze(image)
+    assert (len(found), found.detected, found.dropped) == (1, 2, 1)
+    assert np.allclose(found[0].box, all_faces[0].box)  # the best-scored one is kept
+    assert np.allclose(found[0].embedding, all_faces[0].embedding)
+    with pytest.raises(ValueError, match="max_faces must be at least 1"):
+        FaceAnalyzer(analyzer.detector, max_faces=0)
+
+    folder = tmp_path / "eval"
+    for role in ("original", "edited", "result"):
+        (folder / role).mkdir(parents=True)
+        Image.fromarray(image).save(folder / role / "a.png")
+    evaluate_folder(folder, analyzer, progress=False)
+    row = json.loads((folder / "metrics.json").read_text())["rows"][0]
+    assert "2 faces detected in original, the 1 best-scored measured (--max-faces)" in row["note"]
+    assert row["id_sim_result"] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from minid.method.null_text import NullTextConfig
 from minid.models.attention import Site
 from minid.restore.config import RestoreConfig
 from minid.restore.inputs import RestorePair, landmark_face_mask
-from minid.restore.multiface import FacePatchConfig, restore_faces
+from minid.restore.multiface import FacePatchConfig, map_face, plan_faces, restore_faces
 from minid.restore.pipeline import EditedID
 from minid.sampling.hybrid import HybridSchedule
 
@@ -158,7 +158,7 @@ def test_n_faces_are_restored_in_one_batch_and_nothing_else_changes(tiny_sd, pho
     assert seen.sizes.count(6 * n) == STEPS, "Stage 3 must run all faces in one call per step"
     assert [f.pair for f in result.faces] == [(k, k) for k in range(n)]
     assert result.image.shape == edited.shape
-    keep = outside_squares([f.box for f in result.faces])
+    keep = outside_squares([f.box_edited for f in result.faces])
     assert torch.equal(result.image[..., keep], edited[..., keep]), (
         "a pixel outside the pasted patches changed"
     )
@@ -206,17 +206,24 @@ def test_pairing_follows_positions_when_faces_are_shuffled_or_missing(tiny_sd, p
     assert set(seen.sizes) == {4, 12}
     for f in result.faces:
         i, j = f.pair
+        # the edit's face registered onto the original's: the 2-px shift is undone
+        shift = np.array(faces_o[i].kps[0]) - np.array(faces_e[j].kps[0])
+        assert np.allclose(f.registration.affine, [[1, 0, shift[0]], [0, 1, shift[1]]])
+        mapped = map_face(faces_e[j], f.registration.affine)
         union = np.concatenate(
             [
-                np.minimum(faces_o[i].box[:2], faces_e[j].box[:2]),
-                np.maximum(faces_o[i].box[2:], faces_e[j].box[2:]),
+                np.minimum(faces_o[i].box[:2], mapped.box[:2]),
+                np.maximum(faces_o[i].box[2:], mapped.box[2:]),
             ]
         )
         left, top, side = crops.square_around(union, FacePatchConfig().scale)
         assert np.allclose(f.box, (left, top, left + side, top + side)), (
-            "the square is not around the pair's boxes"
+            "the square is not around the pair's registered boxes"
         )
-    keep = outside_squares([f.box for f in result.faces])
+        assert np.allclose(f.box_edited, np.array(f.box) - np.tile(shift, 2)), (
+            "in the edited image the patch lies where its face is"
+        )
+    keep = outside_squares([f.box_edited for f in result.faces])
     assert torch.equal(result.image[..., keep], edited[..., keep])
     cx, cy = CENTRES[1]
     assert bool(keep[int(cy), int(cx)]), "the unpaired face lies outside every pasted patch"
@@ -331,10 +338,13 @@ def test_no_face_fails_early_naming_the_image(tiny_sd, photos, tmp_path):
         far = StubAnalyzer(
             [(original, [make_face(*CENTRES[0])]), (edited, [make_face(*CENTRES[2])])]
         )
-        with pytest.raises(ValueError, match="pairs="):
-            restore_faces(
-                pipe, original, edited, far, P_O, P_E, ["man"], ["glasses"], progress=False
-            )
+        # a face the edit moved far is the same face re-framed: paired and registered, not refused
+        plan = plan_faces(
+            original, edited, far, pipe.config, tiny_sd.tokenizer, P_O, P_E, ["man"], ["glasses"]
+        )
+        shift = np.array(CENTRES[0]) - np.array(CENTRES[2])
+        assert plan.pairing.pairs == [(0, 0)]
+        assert np.allclose(plan.registrations[0].affine, [[1, 0, shift[0]], [0, 1, shift[1]]])
         square = random_image(33)
         from minid.imaging.images import save_image
 

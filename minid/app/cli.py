@@ -199,13 +199,14 @@ def _run_demo(args, sd, config, steps: int, method) -> int:
 
 
 def _face_analyzer(args):
-    from minid.faces.analyzer import FaceAnalyzer
+    from minid.faces.analyzer import FaceAnalyzer, FaceAnalyzerConfig
 
     if getattr(args, "face_backend", "insightface") == "dlib":
         return _dlib_face_analyzer(args)
+    config = FaceAnalyzerConfig(max_faces=getattr(args, "max_faces", FaceAnalyzerConfig.max_faces))
     try:
         return FaceAnalyzer.from_pack(
-            args.face_pack, root=args.face_root, download=args.download_faces
+            args.face_pack, root=args.face_root, config=config, download=args.download_faces
         )
     except (ImportError, FileNotFoundError) as e:
         hint = _without_face_models(args)
@@ -259,12 +260,20 @@ def _pairs(text: str | None):
         ) from None
 
 
+# what a restore needs besides its pictures before the models load (the interpreter, torch): the
+# memory check refuses only what cannot fit even so; the models' own memory comes on top (SD1.4:
+# about 4.3 GB in fp32 on a CPU)
+MEMORY_MARGIN = 2**30
+
+
 def cmd_restore(args) -> int:
     from minid.imaging import images
     from minid.models.tokenizer import prompt_note
     from minid.restore import report
-    from minid.restore.inputs import RestorePair, check_pair
-    from minid.restore.multiface import restore_faces
+    from minid.loading.files import check_memory
+    from minid.restore import registration
+    from minid.restore.inputs import RestorePair, check_pair, check_settings, check_text
+    from minid.restore.multiface import FacePatchConfig, plan_faces, restore_planned
     from minid.restore.pipeline import EditedID
 
     out = Path(args.out)
@@ -309,24 +318,53 @@ def cmd_restore(args) -> int:
         tokenizer,
         {"--prompt-original": args.prompt_original, "--prompt-edited": args.prompt_edited},
     )
-    pending = check_pair(
-        RestorePair(
-            args.original,
-            args.edited,
-            args.prompt_original,
-            args.prompt_edited,
-            args.id_words,
-            args.element_words,
-            face_mask,
-            args.element_mask,
-            seed=args.seed,
-            regions=args.regions or None,
-        ),
-        tokenizer,
-        config,
+    pair = RestorePair(
+        args.original,
+        args.edited,
+        args.prompt_original,
+        args.prompt_edited,
+        args.id_words,
+        args.element_words,
+        face_mask,
+        args.element_mask,
+        seed=args.seed,
+        regions=args.regions or None,
     )
-    # check_pair's notes, said now (before the long run, and not again after it), its prompt notes
-    # in the flags' words
+    # Landmark face masks (the default), regions and --multi-face find the faces with the face
+    # models: the face-patch path (registration, a patch around each face). A given mask, or the
+    # attention maps, keep the centre crops.
+    patch_path = (
+        args.multi_face
+        or bool(args.regions)
+        or (face_mask is None and not mask_free and args.mask_source == "landmarks")
+    )
+    for path in (args.original, args.edited):  # headers only: cheap
+        images.check_image_file(path)
+    if not args.no_memory_check:
+        sizes = [images.picture_header_size(p) for p in (args.original, args.edited)]
+        listed = " and ".join(
+            f"{flag} {p} ({w}×{h})"
+            for flag, p, (w, h) in zip(
+                ("--original", "--edited"), (args.original, args.edited), sizes
+            )
+        )
+        check_memory(
+            images.picture_memory(sizes) + MEMORY_MARGIN,
+            f"holding {listed} in 8 bits",
+            "--no-memory-check",
+        )
+    if patch_path:  # the pictures are read once, by plan_faces
+        checked_notes = check_text(pair, tokenizer, config)[1]
+        check_settings(pair)
+        if pair.regions is not None:
+            from minid.faces.regions import parse_regions
+
+            parse_regions(pair.regions)
+    else:
+        pending = check_pair(pair, tokenizer, config)
+        checked_notes = list(pending.notes)  # the run appends its own notes to the pair's
+    # the checks' notes, said now (before the long run, and not again after it), prompt notes in
+    # the flags' words
     said = {
         prompt_note(tokenizer, p, what)
         for p, what in (
@@ -334,36 +372,50 @@ def cmd_restore(args) -> int:
             (args.prompt_edited, "prompt_edited"),
         )
     }
-    _print_notes(notes + [note for note in pending.notes if note not in said])
-    checked_notes = list(pending.notes)  # the run appends its own notes to the pair's
-    regions = pending.regions
+    _print_notes(notes + [note for note in checked_notes if note not in said])
     pairs = _pairs(args.pairs)
-    # Landmark face masks (the default) and regions need the face models: load them before the
-    # diffusion models, so a missing model pack is reported at once.
-    use_landmarks = (
-        args.multi_face
-        or bool(regions)
-        or (face_mask is None and not mask_free and args.mask_source == "landmarks")
-    )
-    analyzer = _face_analyzer(args) if use_landmarks else None
-    sd = _load(args)
-    method = EditedID(sd, config)
-    if args.multi_face:
-        result = restore_faces(
-            method,
+    if patch_path:
+        # the face models before the diffusion models, so a missing pack is reported at once, and
+        # the faces found and registered before SD loads
+        analyzer = _face_analyzer(args)
+        patches = FacePatchConfig(
+            max_residual=None if args.no_registration_check else registration.MAX_RESIDUAL
+        )
+        plan = plan_faces(
             args.original,
             args.edited,
             analyzer,
+            config,
+            tokenizer,
             args.prompt_original,
             args.prompt_edited,
             args.id_words,
             args.element_words,
             pairs=pairs,
+            faces="all" if args.multi_face else "main",
+            patches=patches,
+            element_masks=args.element_mask,
+            regions=pair.regions,
             seed=args.seed,
-            progress=True,
         )
-        written = images.save_image(result.image, out, inputs, overwrite=args.overwrite)
-        for face in result.faces:
+        for job in plan.jobs:
+            checked_notes += [n for n in job.notes if n not in checked_notes]
+        _print_notes(plan.notes + [n for job in plan.jobs for n in job.notes if n not in said])
+        checked_notes += plan.notes
+    sd = _load(args)
+    method = EditedID(sd, config)
+    if patch_path:
+        faces_result = restore_planned(
+            method,
+            plan,
+            analyzer,
+            progress=True,
+            save_intermediates=args.save_intermediates,
+            overwrite=args.overwrite,
+            patches=patches,
+        )
+        written = images.save_image(faces_result.image, out, inputs, overwrite=args.overwrite)
+        for face in faces_result.faces:
             sims = (
                 ""
                 if face.id_sim_before is None
@@ -374,12 +426,14 @@ def cmd_restore(args) -> int:
                 + ", ".join(f"{k} {v:.1f} dB" for k, v in face.psnr.items())
                 + sims
             )
+        results = [face.result for face in faces_result.faces]
+        run_notes = faces_result.notes + [n for r in results for n in r.notes]
     else:
         result = method.restore_checked(
             pending,
             progress=True,
             save_intermediates=args.save_intermediates,
-            analyzer=analyzer,
+            analyzer=None,
             name=f"the original image {args.original}",
             overwrite=args.overwrite,
         )
@@ -389,17 +443,23 @@ def cmd_restore(args) -> int:
         print(
             "reconstruction PSNR: " + ", ".join(f"{k} {v:.1f} dB" for k, v in result.psnr.items())
         )
+        crop_note = (
+            "no face models (a face mask given, or --mask-source attention): the two images were "
+            "centre-cropped, not registered; a face the edit moved or rescaled ghosts"
+        )
+        results, run_notes = [result], [*result.notes, crop_note]
+    for result in results:
         for region, scores in result.regions.items():
             print(
                 f"region {region}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f} (result "
                 f"vs {scores.get('against', 'original')})"
             )
-        calls = result.unet_calls.get("disentangle", {})
-        print(
-            f"Stage 2: {result.inversion} inversion, {calls.get('forward', 0)} UNet calls "
-            f"({calls.get('backward', 0)} differentiated)"
-        )
-    for note in result.notes:
+    calls = results[0].unet_calls.get("disentangle", {})
+    print(
+        f"Stage 2: {results[0].inversion} inversion, {calls.get('forward', 0)} UNet calls "
+        f"({calls.get('backward', 0)} differentiated)"
+    )
+    for note in dict.fromkeys(run_notes):
         if note not in checked_notes:  # the notes of the checks were said before the run
             print(f"note: {note}", file=sys.stderr)
     print(f"minid restore: wrote {written}")
@@ -749,9 +809,9 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:
         print(f"\nminid {command}: terminated (SIGTERM)", file=sys.stderr)
         return 143
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, MemoryError) as e:
         # ValueError: bad inputs and settings; OSError: files, folders, the network; ImportError: a
-        # missing extra
+        # missing extra; MemoryError: a run that cannot fit (checked before it starts)
         # an OSError minid words itself (errno, message) reads without its "[Errno N]" prefix
         words = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else e
         print(f"minid {command}: error: {words}", file=sys.stderr)

@@ -119,6 +119,13 @@ def evaluate_folder(
         faces = {role: analyzer.analyze(images[role]) for role in ROLES}
         row: dict[str, Any] = {"name": stem, "faces_original": len(faces["original"]), "note": ""}
         notes = [] if faces["original"] else ["no face in original"]
+        for role in ROLES:
+            dropped = getattr(faces[role], "dropped", 0)
+            if dropped:
+                notes.append(
+                    f"{faces[role].detected} faces detected in {role}, the "
+                    f"{len(faces[role])} best-scored measured (--max-faces)"
+                )
         for role in ("edited", "result"):
             sims = []
             if faces["original"] and not faces[role]:

@@ -119,7 +119,8 @@ class HelpFormatter(argparse.HelpFormatter):
         ):
             return text
         if action.default is None:
-            return text if action.required else text + " (default: none)"
+            # "not given", not "none": for some flags (--face-mask) none is a value with a meaning
+            return text if action.required else text + " (default: not given)"
         return text if action.default is False else text + " (default: %(default)s)"
 
 
@@ -255,7 +256,8 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
         "--face-mask",
         help="PNG, white = face region of the original; 'none': IdGlow's mask-free mode "
         "(no mask, no blending: T's self-attention at the gated layers attends over T's and O's "
-        "keys and values together, O's share --identity-schedule)",
+        "keys and values together, O's share --identity-schedule) (default: not given, the mask "
+        "comes from --mask-source)",
     )
     p.add_argument(
         "--regions",
@@ -293,6 +295,18 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pairs", help="with --multi-face: which faces, as original:edited indices, e.g. 0:1,2:0"
+    )
+    p.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="start even when the pictures (3 bytes a pixel each, and a copy of the edited one) "
+        "do not fit in the memory this machine has available",
+    )
+    p.add_argument(
+        "--no-registration-check",
+        action="store_true",
+        help="restore even when the edit's face does not line up with the original's after "
+        "registration (another pose, or another face): the mixing then blends two faces",
     )
     add_face_args(p)
     add_model_args(p)
@@ -464,6 +478,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="replace an existing metrics.csv and metrics.json (default: refuse)",
+    )
+    p.add_argument(
+        "--max-faces",
+        type=number_type(int, 1),
+        default=64,
+        help="the best-scored faces measured per image; an image with more gets a note in its row "
+        "(default: 64)",
     )
     add_face_args(p)
 

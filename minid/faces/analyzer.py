@@ -64,6 +64,8 @@ class FaceAnalyzerConfig:
     det_threshold: float = 0.5  # minimum detector score of a face (insightface's default)
     nms_threshold: float = 0.4  # boxes overlapping a better one by more IoU than this are dropped
     max_batch: int = 32  # crops per ONNX run for the landmark and ArcFace networks
+    # the best-scored faces kept per image; landmarks and ArcFace run on these only (None: all)
+    max_faces: int | None = 64
     landmarks: bool = True  # run the 106-point landmark network when the pack has one
     embeddings: bool = True  # run ArcFace
 
@@ -245,16 +247,35 @@ def distance_to_points(centers: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
     """Greedy non-maximum suppression: indices kept, best score first (ties keep the earlier
-    box)."""
-    order = list(np.argsort(-scores, kind="stable"))
+    box).
+
+    Each kept box removes, in one array operation, every remaining box that overlaps it by more
+    IoU than the threshold: O(kept · N) arithmetic and `kept` Python steps, so a detector firing
+    on thousands of anchors costs milliseconds, not minutes.
+    """
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     keep: list[int] = []
-    while order:
-        best = order.pop(0)
+    while len(order):
+        best, order = order[0], order[1:]
         keep.append(int(best))
-        if order:
-            overlap = box_iou(boxes[best], boxes[order])[0]
-            order = [k for k, o in zip(order, overlap) if o <= iou_threshold]
+        if len(order):
+            order = order[box_iou(boxes[best], boxes[order])[0] <= iou_threshold]
     return keep
+
+
+class FoundFaces(list):
+    """The faces of an image, best detector score first, at most a cap of them: `detected` is how
+    many the detector found before the cap (equal to len() when nothing was dropped)."""
+
+    def __init__(self, faces=(), detected: int | None = None):
+        super().__init__(faces)
+        self.detected = len(self) if detected is None else int(detected)
+
+    @property
+    def dropped(self) -> int:
+        """How many detected faces the cap left out."""
+        return self.detected - len(self)
 
 
 class SCRFD:
@@ -430,9 +451,16 @@ class FaceAnalyzer:
     """
 
     def __init__(
-        self, detector: SCRFD, arcface: ArcFace | None = None, landmark: Landmark106 | None = None
+        self,
+        detector: SCRFD,
+        arcface: ArcFace | None = None,
+        landmark: Landmark106 | None = None,
+        max_faces: int | None = FaceAnalyzerConfig.max_faces,
     ):
+        if max_faces is not None and max_faces < 1:
+            raise ValueError(f"faces: max_faces must be at least 1 or None, found {max_faces}")
         self.detector, self.arcface, self.landmark = detector, arcface, landmark
+        self.max_faces = max_faces
 
     @classmethod
     def from_pack(
@@ -481,15 +509,19 @@ class FaceAnalyzer:
             landmark = Landmark106(
                 session, *input_normalisation(path, (127.5, 128.0)), max_batch=config.max_batch
             )
-        return cls(detector, arcface, landmark)
+        return cls(detector, arcface, landmark, max_faces=config.max_faces)
 
-    def analyze(self, image: Any) -> list[Face]:
-        """Every face in the image, best detector score first (an empty list when there is none)."""
+    def analyze(self, image: Any) -> FoundFaces:
+        """The faces in the image, best detector score first, at most `max_faces` of them (an empty
+        list when there is none); `.detected` on the result counts them before the cap."""
         pixels = as_pixels(image)
         boxes, scores, kps = self.detector.detect(pixels)
+        detected = len(boxes)
+        if self.max_faces is not None:
+            boxes, scores, kps = (a[: self.max_faces] for a in (boxes, scores, kps))
         landmarks = self.landmark.predict(pixels, boxes) if self.landmark is not None else None
         embeddings = self.arcface.embed(pixels, list(kps)) if self.arcface is not None else None
-        return [
+        faces = [
             Face(
                 box=boxes[i].astype(np.float64),
                 score=float(scores[i]),
@@ -499,6 +531,7 @@ class FaceAnalyzer:
             )
             for i in range(len(boxes))
         ]
+        return FoundFaces(faces, detected=detected)
 
     def largest_face(self, image: Any, name: str = "the image") -> Face:
         """The largest face; `name` (a file name) is used in the error raised when there is no

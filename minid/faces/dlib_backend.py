@@ -48,7 +48,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from minid.faces.analyzer import Face, as_pixels
+from minid.faces.analyzer import Face, FaceAnalyzerConfig, FoundFaces, as_pixels
 from minid.imaging.crops import apply_affine, estimate_similarity
 
 INSTALL_HINT = (
@@ -153,7 +153,9 @@ class DlibFaceAnalyzer:
     detector: "hog" (fast, frontal faces) or "cnn" (the MMOD CNN: more poses, seconds per image on
     a CPU). upsample: how many times the detector doubles the image first (finds faces down to
     about 80 / 2^upsample px). embeddings: compute the descriptors (False: boxes and keypoints
-    only). num_jitters: dlib's test-time augmentation of the descriptor (0: none).
+    only). num_jitters: dlib's test-time augmentation of the descriptor (0: none). max_faces: the
+    best-scored faces kept per image; points and descriptors are computed for these only (None:
+    all).
     """
 
     name = BACKEND_NAME
@@ -166,7 +168,13 @@ class DlibFaceAnalyzer:
         embeddings: bool = True,
         num_jitters: int = 0,
         folder: str | Path | None = None,
+        max_faces: int | None = FaceAnalyzerConfig.max_faces,
     ):
+        if max_faces is not None and max_faces < 1:
+            raise ValueError(
+                f"dlib_backend: max_faces must be at least 1 or None, found {max_faces}"
+            )
+        self.max_faces = max_faces
         dlib = _import_dlib()
         folder = Path(folder) if folder is not None else model_folder()
         if detector == "hog":
@@ -213,12 +221,14 @@ class DlibFaceAnalyzer:
             parts=parts,
         )
 
-    def analyze(self, image: Any) -> list[Face]:
-        """Every face in the image, best detector score first (an empty list when there is
-        none)."""
+    def analyze(self, image: Any) -> FoundFaces:
+        """The faces in the image, best detector score first, at most `max_faces` of them (an empty
+        list when there is none); `.detected` on the result counts them before the cap."""
         array = self._array(image)
         found = sorted(self._detect(array), key=lambda rm: -float(rm[1]))
-        return [self._face(array, rect, _score(margin)) for rect, margin in found]
+        kept = found if self.max_faces is None else found[: self.max_faces]
+        faces = [self._face(array, rect, _score(margin)) for rect, margin in kept]
+        return FoundFaces(faces, detected=len(found))
 
     def faces_in_boxes(self, image: Any, boxes: Sequence[Sequence[float]]) -> list[Face]:
         """The points and descriptors of faces whose boxes are known (no detection): e.g. a whole

@@ -231,6 +231,41 @@ def square_affine(left: float, top: float, side: float, size: int) -> np.ndarray
     )
 
 
+def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The 2×3 affine of `inner` followed by `outer` (x ↦ outer(inner(x)))."""
+    outer, inner = np.asarray(outer, np.float64), np.asarray(inner, np.float64)
+    return np.concatenate(
+        [outer[:, :2] @ inner[:, :2], (outer[:, :2] @ inner[:, 2] + outer[:, 2])[:, None]], axis=1
+    )
+
+
+def shift_affine(affine: np.ndarray, x0: int, y0: int) -> np.ndarray:
+    """The affine (image → patch) of the sub-image whose pixel (0, 0) is the image's (x0, y0)."""
+    return compose_affine(affine, np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]]))
+
+
+def affine_scale(affine: np.ndarray) -> float:
+    """How many destination px one source px becomes (√|det| of the linear part)."""
+    return float(np.sqrt(abs(np.linalg.det(np.asarray(affine, np.float64)[:, :2]))))
+
+
+def footprint(
+    affine: np.ndarray, side: int, size: tuple[int, int], margin: float = 2.0
+) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1) of an image of `size` (h, w) that holds every pixel a
+    side×side patch made through `affine` (image → patch) reads, `margin` px wider, clipped to the
+    image (at least one pixel). Warping or pasting through this box only gives what the whole image
+    gives, at the cost of the box."""
+    h, w = size
+    corners = np.array([[-0.5, -0.5], [side - 0.5, -0.5], [-0.5, side - 0.5], [side - 0.5] * 2])
+    pts = apply_affine(corners, invert_affine(affine))
+    x0 = min(max(int(np.floor(pts[:, 0].min() - margin)), 0), w - 1)
+    y0 = min(max(int(np.floor(pts[:, 1].min() - margin)), 0), h - 1)
+    x1 = max(min(int(np.ceil(pts[:, 0].max() + margin)) + 1, w), x0 + 1)
+    y1 = max(min(int(np.ceil(pts[:, 1].max() + margin)) + 1, h), y0 + 1)
+    return x0, y0, x1, y1
+
+
 def border_ramp(size: int, width: float) -> torch.Tensor:
     """A (size, size) mask that is 1 inside and falls smoothly to 0 over `width` pixels at the
     edges.

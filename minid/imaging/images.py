@@ -23,6 +23,7 @@ an input, not a folder, in a folder that can be written, and not an existing fil
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,13 +81,13 @@ def open_image(image: ImageLike) -> tuple[Image.Image, Path | None]:
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found; give the path of a PNG or JPEG")
     try:
-        img = Image.open(path)
-        img.load()
+        with warnings.catch_warnings():
+            # minid says itself what a large picture costs (`memory_note`), not PIL's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
     except Image.DecompressionBombError as e:
-        raise ValueError(
-            f"{path} is too large to read safely ({e}); resize it below "
-            f"{Image.MAX_IMAGE_PIXELS:,} pixels first"
-        ) from None
+        raise _too_large(path, e) from None
     except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some malformed files
         raise ValueError(f"{path} could not be read as an image ({e})") from None
     return img, path
@@ -99,12 +100,25 @@ def check_image_file(path: str | Path) -> None:
     if not path.is_file():
         open_image(path)  # the folder / not-found errors
     try:
-        with Image.open(path):
-            pass
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path):
+                pass
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, e) from None
+    except (OSError, SyntaxError) as e:
         raise ValueError(f"{path} could not be read as an image ({e})") from None
 
 
+def _too_large(path: Path, e: Exception) -> ValueError:
+    """The one line for a picture past PIL's decompression-bomb limit (2 × MAX_IMAGE_PIXELS)."""
+    return ValueError(
+        f"{path} is too large to read safely ({e}); resize it below "
+        f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels first"
+    )
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the camera was held (1: as stored)
 WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # grey levels of more than 8 bits
 
 
@@ -125,8 +139,10 @@ def wide_grey_levels(img: Image.Image) -> np.ndarray:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB (step 2 of the aligned crop), turned as its EXIF orientation says
-    (the pixels a viewer shows)."""
-    img = ImageOps.exif_transpose(img)
+    (the pixels a viewer shows). An RGB image with no turn to make is returned as it is (no copy:
+    a 100 Mpx photo is 300 MB)."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode in WIDE_GREY_MODES:  # 16-bit or float grey: by the bit depth (`wide_grey_levels`)
         levels = (wide_grey_levels(img) * 255.0).round()
         img = Image.fromarray(levels.astype(np.uint8), mode="L")
@@ -134,7 +150,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
@@ -276,22 +292,159 @@ def save_restored(
     photo is `frame.picture` (the edited image's `CropFrame`, read when the pair was checked), or
     `original` (a file or PIL image, read here). Pixels outside the crop's square stay the
     photo's."""
-    from minid.imaging.crops import paste_back
-
     path = check_output_path(path, inputs, overwrite=overwrite)
     image = result.image
     picture = frame.picture if frame is not None else None
     if picture is None and original is not None and not isinstance(original, torch.Tensor):
         picture = to_rgb(open_image(original)[0])
     if picture is not None:
-        base = pil_to_tensor(picture)  # (1, 3, H, W)
         size = image.shape[-1]
-        frame = CropFrame(
-            original_size=(base.shape[-1], base.shape[-2]),
-            box=centre_square(base.shape[-1], base.shape[-2]),
-            size=size,
-        )
-        image = paste_back(base, image.float(), frame.affine, mask=torch.ones(size, size)).clamp(
-            -1, 1
-        )
+        frame = CropFrame(original_size=picture.size, box=centre_square(*picture.size), size=size)
+        # 8-bit and a band of rows at a time: a large photo costs its copy, not a float image
+        image = paste_into_picture(picture, image.float(), frame.affine, torch.ones(size, size))
     return save_image(image, path, inputs, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures kept whole: the face-patch path reads and writes only the regions it needs
+
+Picture = Image.Image | torch.Tensor  # 8-bit RGB PIL image, or (1, 3, H, W) float in [-1, 1]
+
+
+def read_picture(image: ImageLike | torch.Tensor, name: str) -> tuple[Picture, Path | None]:
+    """An input as the face-patch path keeps it, once: a file or PIL image as 8-bit RGB (EXIF
+    orientation applied, `to_rgb`), 3 bytes a pixel; a (1, 3, H, W) or (3, H, W) tensor in [-1, 1]
+    as it is. Returns the picture and the file it came from (None otherwise)."""
+    if isinstance(image, torch.Tensor):
+        x = image if image.dim() == 4 else image.unsqueeze(0)
+        if x.dim() != 4 or x.shape[:2] != (1, 3) or not x.is_floating_point():
+            raise ValueError(
+                f"the {name} image tensor must be (1, 3, H, W) floats in [-1, 1]; found "
+                f"{tuple(image.shape)} {image.dtype}"
+            )
+        return x.float(), None
+    img, path = open_image(image)
+    return to_rgb(img), path
+
+
+def picture_size(picture: Picture) -> tuple[int, int]:
+    """(width, height) of a picture."""
+    if isinstance(picture, torch.Tensor):
+        return int(picture.shape[-1]), int(picture.shape[-2])
+    return picture.size
+
+
+def picture_region(picture: Picture, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """The pixels of `box` (x0, y0, x1, y1) as (1, 3, h, w) float32 in [-1, 1]."""
+    x0, y0, x1, y1 = box
+    if isinstance(picture, torch.Tensor):
+        return picture[..., y0:y1, x0:x1].float()
+    return pil_to_tensor(picture.crop(box))
+
+
+def warp_picture(picture: Picture, affine: np.ndarray, size: int) -> torch.Tensor:
+    """`crops.warp(picture, affine, size, border="replicate")` reading only the patch's footprint
+    (the memory of the region, not of the picture). A patch smaller than its footprint (a large
+    face) is made from the region first resized to the patch's scale with an antialiasing filter,
+    so the bilinear warp does not alias."""
+    from minid.imaging import crops
+
+    width, height = picture_size(picture)
+    box = crops.footprint(affine, size, (height, width))
+    region = picture_region(picture, box)
+    local = crops.shift_affine(affine, box[0], box[1])
+    scale = crops.affine_scale(local)
+    if scale < 0.5:  # shrinking by more than 2: prefilter, then warp at about 1:1
+        h, w = region.shape[-2:]
+        new_h, new_w = max(round(h * scale), 1), max(round(w * scale), 1)
+        region = torch.nn.functional.interpolate(
+            region, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+        )
+        # index coordinates of the resized region: x' = (x + 0.5)·new_w/w − 0.5
+        fx, fy = new_w / w, new_h / h
+        resize = np.array([[fx, 0.0, 0.5 * fx - 0.5], [0.0, fy, 0.5 * fy - 0.5]])
+        local = crops.compose_affine(local, crops.invert_affine(resize))
+    return crops.warp(region, local, size, border="replicate")
+
+
+def paste_into_picture(
+    picture: Picture,
+    patch: torch.Tensor,
+    affine: np.ndarray,
+    mask: torch.Tensor,
+    rows: int = 256,
+) -> Picture:
+    """`crops.paste_back(picture, patch, affine, mask)` on the patch's footprint only, `rows` rows
+    at a time, into a copy of the picture (of its kind: an 8-bit picture stays 8-bit, so a 100 Mpx
+    photo costs its 300 MB once more, not 100 bytes a pixel). Pixels outside the footprint, and
+    inside it wherever the mask is 0, keep the picture's values exactly."""
+    from minid.imaging import crops
+
+    patch = patch[0] if patch.dim() == 4 else patch
+    width, height = picture_size(picture)
+    x0, y0, x1, y1 = crops.footprint(affine, patch.shape[-1], (height, width))
+    out = picture.clone() if isinstance(picture, torch.Tensor) else picture.copy()
+    for top in range(y0, y1, rows):
+        bottom = min(top + rows, y1)
+        region = picture_region(picture, (x0, top, x1, bottom))[0]
+        blended = crops.paste_back(region, patch, crops.shift_affine(affine, x0, top), mask=mask)
+        if isinstance(out, torch.Tensor):
+            out[..., top:bottom, x0:x1] = blended
+        else:
+            out.paste(tensor_to_pil(blended), (x0, top))
+    return out
+
+
+def detection_view(picture: Picture, max_side: int) -> tuple[torch.Tensor, float, float]:
+    """What a face detector is shown: the picture as (1, 3, h, w) in [-1, 1], shrunk (antialiased)
+    so its longer side is at most `max_side`, and the factors (fx, fy) = (w/W, h/H) by which it was
+    (1.0 when it was not): a detector letterboxes into 640² anyway, and a 100 Mpx photo in float32
+    would cost 1.2 GB."""
+    width, height = picture_size(picture)
+    factor = min(1.0, max_side / max(width, height))
+    if factor == 1.0:
+        return picture_region(picture, (0, 0, width, height)), 1.0, 1.0
+    new_w, new_h = max(round(width * factor), 1), max(round(height * factor), 1)
+    if isinstance(picture, torch.Tensor):
+        small = torch.nn.functional.interpolate(
+            picture.float(), size=(new_h, new_w), mode="bilinear", antialias=True
+        )
+    else:
+        small = pil_to_tensor(picture.resize((new_w, new_h), Image.Resampling.LANCZOS))
+    return small, new_w / width, new_h / height
+
+
+# bytes a pixel of a restore's pictures: each input kept in 8 bits (3), the edited picture's copy
+# that takes the paste (3), and while a file is decoded, its decoder's buffer (4, RGBA at most)
+PICTURE_BYTES, OUTPUT_BYTES, DECODE_BYTES = 3, 3, 4
+
+
+def picture_memory(sizes: list[tuple[int, int]]) -> int:
+    """Bytes a restore holds for its pictures at its peak, from their (width, height): the inputs
+    (the edited picture last), one output copy of the edited picture, one decode at a time."""
+    pixels = [w * h for w, h in sizes]
+    return PICTURE_BYTES * sum(pixels) + OUTPUT_BYTES * pixels[-1] + DECODE_BYTES * max(pixels)
+
+
+def picture_header_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) a viewer shows (EXIF turns applied), from the file's header only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            w, h = img.size
+            # a PNG's getexif() decodes the whole image when its header holds no EXIF: skip it
+            headerless = img.format == "PNG" and "exif" not in img.info
+            turn = 1 if headerless else img.getexif().get(EXIF_ORIENTATION, 1)
+            return (h, w) if turn in (5, 6, 7, 8) else (w, h)  # 5-8: a quarter turn
+
+
+def memory_note(sizes: dict[str, tuple[int, int]], threshold: int = Image.MAX_IMAGE_PIXELS) -> str:
+    """A note for pictures past PIL's decompression-bomb warning: what the run keeps of them."""
+    big = {name: wh for name, wh in sizes.items() if wh[0] * wh[1] > threshold}
+    if not big:
+        return ""
+    listed = ", ".join(f"{name} {w}×{h} ({w * h / 1e6:.0f} Mpx)" for name, (w, h) in big.items())
+    return (
+        f"large pictures: {listed}; each is kept once in 8 bits (3 bytes a pixel) and only the "
+        "patch around each face is restored and pasted back"
+    )

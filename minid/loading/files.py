@@ -139,3 +139,33 @@ def folder_lock(folder: Path, what: str = "output folder"):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give a new allocation without swapping (Linux's
+    MemAvailable, or psutil's `available`); None where neither is there to ask."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(need: int, what: str, flag: str, available: int | None = None) -> None:
+    """Raise MemoryError with one line when `need` bytes exceed what the machine has available
+    (`available_memory()`; unknown: no check). `what` says what needs it, `flag` how to go on."""
+    have = available_memory() if available is None else available
+    if have is None or need <= have:
+        return
+    raise MemoryError(
+        f"{what} needs about {need / 2**30:.1f} GiB of memory and this machine has "
+        f"{have / 2**30:.1f} GiB available; shrink the images, free memory, or pass {flag} to try "
+        "anyway"
+    )

@@ -75,6 +75,8 @@ class CheckedPair:
     # where each working square came from in its picture (None for a tensor input); the picture
     # itself is kept (8-bit) for the paste-back, so no input is decoded twice
     frames: tuple = (None, None)
+    # the face-patch path's registration of the edit onto the original (`Registration.to_dict`)
+    registration: dict | None = None
 
 
 def analyze(analyzer, x: torch.Tensor, name: str) -> list:
@@ -286,18 +288,22 @@ def face_masks(job: CheckedPair, analyzer, config: RestoreConfig, tokenizer, nam
     """M_O from the original's largest face when no face mask was given and an analyzer is: its
     landmark mask, or its regions (`RestorePair.regions`: M_O, the kept-from-E mask, λ_O map, region
     words)."""
-    if job.regions and analyzer is None:
+    if job.regions and analyzer is None and job.face is None:
         raise ValueError(
             "regions need the face landmarks of the original: give a face analyzer "
             "(CLI: the face pack, --face-pack/--face-root or --download-faces)"
         )
-    if job.mask_o is not None or analyzer is None:
+    if job.mask_o is not None or (analyzer is None and job.face is None):
         return
-    found = analyze(analyzer, job.x_o, name)
-    job.face = max(found, key=lambda f: f.area)
+    if job.face is None:
+        found = analyze(analyzer, job.x_o, name)
+        job.face = max(found, key=lambda f: f.area)
+        which = f"the original's largest face ({len(found)} found)"
+    else:  # the face-patch path found and registered it (`multiface.plan_faces`)
+        which = "the original's face"
     if not job.regions:
         job.mask_o, how = landmark_face_mask(job.face, config)
-        job.notes.append(f"face mask from the original's largest face ({len(found)} found): {how}")
+        job.notes.append(f"face mask from {which}: {how}")
         return
     from minid.faces.regions import region_edits, region_masks
     from minid.method.gating import LocalTokens

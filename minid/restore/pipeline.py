@@ -57,6 +57,9 @@ class RestoreResult:
     # the plan the reconstruction ran, one entry per step: solver, order, t, and the σ it starts
     # from and lands on
     plan: list[dict] = field(default_factory=list)
+    # the face-patch path's registration of the edit onto the original: the 2×3 affine edited →
+    # original in the two inputs' pixels, residual, both face boxes, backend (None: centre crops)
+    registration: dict | None = None
 
     @property
     def pil(self):
@@ -210,6 +213,7 @@ class EditedID:
             _check_folder(save_intermediates, job.sources, overwrite)
         face_masks(job, analyzer, self.config, self.sd.tokenizer, name)
         result = self._run([job], progress)[0]
+        result.registration = job.registration
         if save_intermediates is not None:
             from minid.restore.report import save_result
 
@@ -257,6 +261,8 @@ class EditedID:
                 job, analyzer, self.config, self.sd.tokenizer, f"the original image of pair {k}"
             )
         results = self._run(jobs, progress)
+        for job, result in zip(jobs, results):
+            result.registration = job.registration
         if save_intermediates is not None:
             from minid.restore.report import save_result
 

@@ -227,6 +227,7 @@ def save_result(result, out_dir: str | Path, inputs=()) -> dict[str, Path]:
         "unet_calls": result.unet_calls,
         "identity_schedule": result.identity_schedule,
         "regions": result.regions,
+        "registration": result.registration,
         "null_text": [dataclasses.asdict(s) for s in result.null_text],
     }
     paths["summary"] = write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
