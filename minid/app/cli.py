@@ -398,10 +398,10 @@ def cmd_restore(args) -> int:
             regions=pair.regions,
             seed=args.seed,
         )
-        for job in plan.jobs:
-            checked_notes += [n for n in job.notes if n not in checked_notes]
-        _print_notes(plan.notes + [n for job in plan.jobs for n in job.notes if n not in said])
-        checked_notes += plan.notes
+        planned = plan.notes + [n for job in plan.jobs for n in job.notes]
+        fresh = list(dict.fromkeys(n for n in planned if n not in said and n not in checked_notes))
+        _print_notes(fresh)
+        checked_notes += planned
     sd = _load(args)
     method = EditedID(sd, config)
     if patch_path:
