@@ -351,15 +351,24 @@ def warp_picture(picture: Picture, affine: np.ndarray, size: int) -> torch.Tenso
 
     width, height = picture_size(picture)
     box = crops.footprint(affine, size, (height, width))
-    region = picture_region(picture, box)
     local = crops.shift_affine(affine, box[0], box[1])
     scale = crops.affine_scale(local)
-    if scale < 0.5:  # shrinking by more than 2: prefilter, then warp at about 1:1
-        h, w = region.shape[-2:]
+    if scale >= 0.5:
+        region = picture_region(picture, box)
+    else:  # shrinking by more than 2: prefilter (an 8-bit picture in 8 bits), then warp at ~1:1
+        w, h = box[2] - box[0], box[3] - box[1]
         new_h, new_w = max(round(h * scale), 1), max(round(w * scale), 1)
-        region = torch.nn.functional.interpolate(
-            region, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
-        )
+        if isinstance(picture, torch.Tensor):
+            region = torch.nn.functional.interpolate(
+                picture_region(picture, box),
+                size=(new_h, new_w),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+        else:  # PIL's bilinear filter widens with the reduction: antialiased
+            shrunk = picture.crop(box).resize((new_w, new_h), Image.Resampling.BILINEAR)
+            region = pil_to_tensor(shrunk)
         # index coordinates of the resized region: x' = (x + 0.5)·new_w/w − 0.5
         fx, fy = new_w / w, new_h / h
         resize = np.array([[fx, 0.0, 0.5 * fx - 0.5], [0.0, fy, 0.5 * fy - 0.5]])
