@@ -273,7 +273,7 @@ def test_every_input_of_the_patch_path_honours_exif(tmp_path):
     array[:, :10] = 255  # a bright left band: after the turn, the top band
     path = _turned_jpeg(tmp_path / "turned.jpg", array)
     picture, _ = images.read_picture(path, "original")
-    assert picture.size == (40, 60) == images.picture_header_size(path)
+    assert picture.size == (40, 60) == images.check_image_file(path)
     top = np.asarray(picture)[:10].mean()
     assert top > 200 and np.asarray(picture)[20:].mean() < 30
     mask = _element_mask(path, (40, 60), "")
@@ -287,7 +287,7 @@ def test_a_large_picture_gives_minids_note_not_pils_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         images.check_image_file(big)
-        assert images.picture_header_size(big) == (side, side)
+        assert images.check_image_file(big) == (side, side)
     note = images.memory_note({"the edited image": (side, side)})
     assert f"{side}×{side}" in note and "8 bits" in note
     assert images.memory_note({"a": (512, 512)}) == ""

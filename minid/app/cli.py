@@ -338,10 +338,9 @@ def cmd_restore(args) -> int:
         or bool(args.regions)
         or (face_mask is None and not mask_free and args.mask_source == "landmarks")
     )
-    for path in (args.original, args.edited):  # headers only: cheap
-        images.check_image_file(path)
+    # headers only: cheap
+    sizes = [images.check_image_file(p) for p in (args.original, args.edited)]
     if not args.no_memory_check:
-        sizes = [images.picture_header_size(p) for p in (args.original, args.edited)]
         listed = " and ".join(
             f"{flag} {p} ({w}×{h})"
             for flag, p, (w, h) in zip(

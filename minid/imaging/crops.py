@@ -249,6 +249,19 @@ def affine_scale(affine: np.ndarray) -> float:
     return float(np.sqrt(abs(np.linalg.det(np.asarray(affine, np.float64)[:, :2]))))
 
 
+def patch_box(affine: np.ndarray, side: int) -> tuple[float, float, float, float]:
+    """The box (pixel edges) around a side×side patch made through `affine` (image → patch), in
+    the image's coordinates."""
+    corners = np.array([[-0.5, -0.5], [side - 0.5, -0.5], [-0.5, side - 0.5], [side - 0.5] * 2])
+    pts = apply_affine(corners, invert_affine(affine)) + 0.5
+    return (
+        float(pts[:, 0].min()),
+        float(pts[:, 1].min()),
+        float(pts[:, 0].max()),
+        float(pts[:, 1].max()),
+    )
+
+
 def footprint(
     affine: np.ndarray, side: int, size: tuple[int, int], margin: float = 2.0
 ) -> tuple[int, int, int, int]:
@@ -257,12 +270,11 @@ def footprint(
     image (at least one pixel). Warping or pasting through this box only gives what the whole image
     gives, at the cost of the box."""
     h, w = size
-    corners = np.array([[-0.5, -0.5], [side - 0.5, -0.5], [-0.5, side - 0.5], [side - 0.5] * 2])
-    pts = apply_affine(corners, invert_affine(affine))
-    x0 = min(max(int(np.floor(pts[:, 0].min() - margin)), 0), w - 1)
-    y0 = min(max(int(np.floor(pts[:, 1].min() - margin)), 0), h - 1)
-    x1 = max(min(int(np.ceil(pts[:, 0].max() + margin)) + 1, w), x0 + 1)
-    y1 = max(min(int(np.ceil(pts[:, 1].max() + margin)) + 1, h), y0 + 1)
+    left, top, right, bottom = patch_box(affine, side)  # pixel edges: index = edge − 0.5
+    x0 = min(max(int(np.floor(left - 0.5 - margin)), 0), w - 1)
+    y0 = min(max(int(np.floor(top - 0.5 - margin)), 0), h - 1)
+    x1 = max(min(int(np.ceil(right - 0.5 + margin)) + 1, w), x0 + 1)
+    y1 = max(min(int(np.ceil(bottom - 0.5 + margin)) + 1, h), y0 + 1)
     return x0, y0, x1, y1
 
 

@@ -93,21 +93,26 @@ def open_image(image: ImageLike) -> tuple[Image.Image, Path | None]:
     return img, path
 
 
-def check_image_file(path: str | Path) -> None:
+def check_image_file(path: str | Path) -> tuple[int, int]:
     """Raise the errors of `open_image` for a file that is not an image, reading only its header
-    (cheap: for checking a folder of inputs before any work)."""
+    (cheap: for checking a folder of inputs before any work); returns the (width, height) a viewer
+    shows (EXIF quarter turns applied)."""
     path = Path(path)
     if not path.is_file():
         open_image(path)  # the folder / not-found errors
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path):
-                pass
+            with Image.open(path) as img:
+                w, h = img.size
+                # a PNG's getexif() decodes the whole image when its header holds no EXIF
+                headerless = img.format == "PNG" and "exif" not in img.info
+                turn = 1 if headerless else img.getexif().get(EXIF_ORIENTATION, 1)
     except Image.DecompressionBombError as e:
         raise _too_large(path, e) from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{path} could not be read as an image ({e})") from None
+    return (h, w) if turn in (5, 6, 7, 8) else (w, h)  # 5-8: a quarter turn
 
 
 def _too_large(path: Path, e: Exception) -> ValueError:
@@ -433,18 +438,6 @@ def picture_memory(sizes: list[tuple[int, int]]) -> int:
     (the edited picture last), one output copy of the edited picture, one decode at a time."""
     pixels = [w * h for w, h in sizes]
     return PICTURE_BYTES * sum(pixels) + OUTPUT_BYTES * pixels[-1] + DECODE_BYTES * max(pixels)
-
-
-def picture_header_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) a viewer shows (EXIF turns applied), from the file's header only."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            w, h = img.size
-            # a PNG's getexif() decodes the whole image when its header holds no EXIF: skip it
-            headerless = img.format == "PNG" and "exif" not in img.info
-            turn = 1 if headerless else img.getexif().get(EXIF_ORIENTATION, 1)
-            return (h, w) if turn in (5, 6, 7, 8) else (w, h)  # 5-8: a quarter turn
 
 
 def memory_note(sizes: dict[str, tuple[int, int]], threshold: int = Image.MAX_IMAGE_PIXELS) -> str:

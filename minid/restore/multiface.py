@@ -134,15 +134,6 @@ def map_face(face, affine: np.ndarray):
     return out
 
 
-def _square_in(affine: np.ndarray, side: int) -> tuple[float, float, float, float]:
-    """The box (pixel edges) around the side×side patch of `affine` (image → patch) in the image."""
-    corners = np.array([[0.0, 0.0], [side, 0.0], [0.0, side], [side, side]]) - 0.5
-    pts = crops.apply_affine(corners, crops.invert_affine(affine)) + 0.5
-    x0, y0 = pts.min(0)
-    x1, y1 = pts.max(0)
-    return float(x0), float(y0), float(x1), float(y1)
-
-
 def _find_faces(analyzer, picture: images.Picture, name: str, max_side: int) -> list:
     """The analyzer's faces of a picture in its own pixels, detected on `images.detection_view`."""
     view, fx, fy = images.detection_view(picture, max_side)
@@ -442,7 +433,7 @@ def restore_planned(
                 pair=(i, j),
                 box=plan.squares[k],
                 affine=plan.affines_edited[k],
-                box_edited=_square_in(plan.affines_edited[k], s),
+                box_edited=crops.patch_box(plan.affines_edited[k], s),
                 result=results[k],
                 paste_mask=paste_masks[k],
                 registration=plan.registrations[k],
