@@ -33,6 +33,10 @@ from pathlib import Path
 import torch
 from minid.kernels.dispatch import masked_multi_source, token_replace
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = 8
 BRANCHES = 3  # O, E, T
@@ -282,10 +286,21 @@ def main() -> None:
             "",
         ]
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"attention_{name}.md"
-    path.write_text(text)
-    print(f"wrote {path}")
+    config = {
+        "args": vars(args),
+        "device": device,
+        "mode": "gpu" if use_gpu else "cpu",
+        "dtypes": ["float16", "bfloat16"] if use_gpu else ["float32"],
+        "backend": "triton" if use_gpu else "torch",
+        "heads": HEADS,
+        "branches": BRANCHES,
+        "levels": [{"side": side, "head_dim": d} for side, d in LEVELS],
+        "text_tokens": TEXT_TOKENS,
+        "timing": "triton.testing.do_bench median" if use_gpu else "median of 3 wall-clock runs",
+        "matmul_rate_side": 8192 if use_gpu else None,
+        "threads": torch.get_num_threads(),
+    }
+    write_results(RESULTS / f"attention_{name}.md", text, config)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import IMAGE_SIZE, build_tiny_sd, random_image  # noqa: E402
+from record import write_results  # noqa: E402
+from tiny_models import IMAGE_SIZE, build_tiny_sd, random_image, tiny_configs  # noqa: E402
 from unet_forward import cpu_model  # noqa: E402  (bench/ is the script's own folder)
 
 P_O, P_E = "a photo of a man", "a photo of a man wearing glasses"
@@ -184,10 +186,21 @@ def main(argv=None) -> int:
         "thread, as "
         "the local run here, so the images are compared byte for byte.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    clip_cfg, unet_cfg, vae_cfg = tiny_configs()
+    config = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": "cpu",
+        "dtype": "float32",
+        "torch_threads": 1,
+        "image_size": IMAGE_SIZE,
+        "prompts": {"original": P_O, "edited": P_E, "id_words": "man", "element_words": "glasses"},
+        "model": {"seed": 0, "text_encoder": clip_cfg, "unet": unet_cfg, "vae": vae_cfg},
+        "local": local,
+        "ray": ray_config,
+        "ray_init": {"num_cpus": 2},
+    }
     print("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_results(args.out, "\n".join(lines) + "\n", config)
     return 0
 
 

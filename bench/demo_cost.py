@@ -17,12 +17,16 @@ import argparse
 import datetime
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import write_results  # noqa: E402
 
 
 @torch.no_grad()
@@ -57,14 +61,15 @@ def main(argv=None) -> int:
     from minid.models.unet import UNet
 
     torch.manual_seed(0)
-    unet = UNet(UNetConfig()).eval().requires_grad_(False).to(args.device)
+    unet_config, base_method = UNetConfig(), EditedIDConfig()
+    unet = UNet(unet_config).eval().requires_grad_(False).to(args.device)
     times = seconds_per_image(unet, args.size // 8, args.repeats, args.device)
     per_image = statistics.median(times)
     rows = []
     for name, paper in (("paper's settings", True), ("CPU path", False)):
-        steps, method = demo_settings("cpu", EditedIDConfig(), paper_settings=paper)
+        steps, method = demo_settings("cpu", base_method, paper_settings=paper)
         images = demo_unet_images(steps, method)
-        rows.append((name, steps, method.inversion, images, sum(images.values()) * per_image))
+        rows.append((name, steps, method, images, sum(images.values()) * per_image))
     where = (
         f"GPU {torch.cuda.get_device_name()}"
         if args.device == "cuda"
@@ -86,9 +91,9 @@ def main(argv=None) -> int:
         "estimated time |",
         "|---|---:|---|---|---:|",
     ]
-    for name, steps, inversion, images, seconds in rows:
+    for name, steps, method, images, seconds in rows:
         lines.append(
-            f"| {name} | {steps} | {inversion} | "
+            f"| {name} | {steps} | {method.inversion} | "
             + " / ".join(str(v) for v in images.values())
             + f" | {seconds / 60:.0f} min |"
         )
@@ -103,7 +108,28 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or REPO / "bench" / "results" / f"demo_cost_{args.device}.md"
-    out.write_text(text)
+    config = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": args.device,
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "seed": 0,
+        "latent": args.size // 8,
+        "unet_batch": 2,
+        "timestep": 500,
+        "text_tokens": 77,
+        "unet": unet_config,
+        "method": base_method,
+        "paths": [
+            {"name": name, "generate_steps": steps, "method": method, "unet_images": images}
+            for name, steps, method, images, _ in rows
+        ],
+    }
+    defaults = {
+        "unet": "minid.models.config.UNetConfig",
+        "method": "minid.method.editedid.EditedIDConfig",
+    }
+    write_results(out, text, config, defaults)
     return 0
 
 

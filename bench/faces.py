@@ -30,7 +30,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline import minid_stack  # noqa: E402  (the shared small random stack)
+from pipeline import configs, minid_stack  # noqa: E402  (the shared small random stack)
+from record import write_results  # noqa: E402
 
 P_O = "a photo of a man"
 P_E = "a photo of a man wearing black glasses"
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
         ),
     )
     # stop: every K does the same work
-    pipe = EditedID(sd, RestoreConfig(method, image_size=args.size))
+    restore = RestoreConfig(method, image_size=args.size)
+    pipe = EditedID(sd, restore)
     rows = []
     for k in args.faces:
         times = time_batch(pipe, k, args.size, args.repeats, sync)
@@ -138,10 +140,30 @@ def main(argv=None) -> int:
         "on a GPU a batch of small patches runs in about the time of one.",
     ]
     out = args.out or REPO / "bench" / "results" / f"faces_{args.device}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    clip_cfg, unet_cfg, vae_cfg, _ = configs(args.full)
+    config = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "model": {
+            "weights": "random (bench/pipeline.py randomize_, seeds 1 / 2 / 3)",
+            "text_encoder": clip_cfg,
+            "unet": unet_cfg,
+            "vae": vae_cfg,
+        },
+        "restore": restore,
+        "prompts": {
+            "original": P_O,
+            "edited": P_E,
+            "id_words": ["man"],
+            "element_words": ["glasses"],
+        },
+        "inputs": "smooth_image(2i) / smooth_image(2i + 1) per face i, size/16 noise upsampled",
+        "warmup_runs": 1,
+    }
     print("\n".join(lines))
-    print(f"wrote {out}")
+    write_results(out, "\n".join(lines) + "\n", config)
     return 0
 
 

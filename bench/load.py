@@ -24,6 +24,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import write_results  # noqa: E402
+
 DEFAULT_LAYOUTS = ROOT / "tests" / "data" / "sd14" / "layouts.json"
 UNET16 = "unet/diffusion_pytorch_model.fp16.safetensors"
 UNET32 = "unet/diffusion_pytorch_model.safetensors"
@@ -146,9 +150,19 @@ def main() -> None:
     ]
     text = "\n".join(header + rows) + "\n"
     out = ROOT / "bench" / "results" / "load_cpu.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    config = {
+        "args": vars(args),
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "values": "random: uniform(-1, 1) floats, arange int64, in the published layouts",
+        "files": {"unet_fp16": UNET16, "unet_fp32": UNET32, "stack": list(STACK)},
+        "cases": [
+            {"case": title, "load": what, "path": str(path), "dtype": dtype}
+            for title, what, path, dtype in cases
+        ],
+    }
     print(text)
+    write_results(out, text, config)
     if not args.keep:
         shutil.rmtree(work)
 

@@ -25,6 +25,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import write_results  # noqa: E402
+
 FAST = ["--steps", "2", "--dpm-start", "2", "--dpm-end", "2", "--null-inner-steps", "1"]
 PATHS = {
     "face patch (--face-backend dlib)": ["--face-backend", "dlib"],
@@ -75,8 +79,9 @@ def pair(side: int, folder: Path) -> tuple[Path, Path]:
     return original, edited
 
 
-def peak_kib(hub: Path, original: Path, edited: Path, out: Path, flags: list[str]) -> int:
-    argv = [
+def restore_argv(hub, original, edited, out, flags: list[str]) -> list[str]:
+    """The `minid restore` command line of one run."""
+    return [
         "restore", "--original", str(original), "--edited", str(edited),
         "--prompt-original", "a photo of a woman",
         "--prompt-edited", "a photo of a woman wearing glasses",
@@ -84,6 +89,10 @@ def peak_kib(hub: Path, original: Path, edited: Path, out: Path, flags: list[str
         "--weights", str(hub), "--image-size", "64", "--device", "cpu", "--dtype", "fp32",
         "--overwrite", *FAST, *flags,
     ]  # fmt: skip
+
+
+def peak_kib(hub: Path, original: Path, edited: Path, out: Path, flags: list[str]) -> int:
+    argv = restore_argv(hub, original, edited, out, flags)
     run = subprocess.run(
         [sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, check=True
     )
@@ -134,9 +143,28 @@ def main(argv=None) -> int:
         extra = side * side - args.sides[0] ** 2
         per = f"{(kib - base[name]) * 1024 / extra:.1f}" if extra > 0 else ""
         lines.append(f"| {name} | {side}² | {kib / 1024:.0f} MiB | {per} |")
-    args.out.write_text("\n".join(lines) + "\n")
+    from minid.loading.tiny import tiny_configs
+
+    clip_cfg, unet_cfg, vae_cfg = tiny_configs()
+    config = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": "cpu",
+        "model": {
+            "weights": "minid.loading.tiny.build_tiny_sd() (seed 0)",
+            "text_encoder": clip_cfg,
+            "unet": unet_cfg,
+            "vae": vae_cfg,
+        },
+        "fast_flags": FAST,
+        "paths": PATHS,
+        "restore_argv": {
+            name: restore_argv("HUB", "ORIGINAL", "EDITED", "OUT", flags)
+            for name, flags in PATHS.items()
+        },
+        "pair": "skimage.data.astronaut() resized bilinearly to side², edited: blue channel + 40",
+    }
     print("\n".join(lines[8:]))
-    print(f"wrote {args.out}")
+    write_results(args.out, "\n".join(lines) + "\n", config)
     return 0
 
 

@@ -26,11 +26,12 @@ rounding: checked at start-up), and records D_j and w_j per step.
 Fig. 14 (paper A.8): reconstruction PSNR of both images after Stage 1 and Stage 2 (null-text
 optimisation, `inversion.null_text_optimization`, guidance 7.5, Mokady's settings), against w_0 ∈
 {0.02, 0.04, 0.06, 0.08,
-0.1, 0.3, 0.5} at 10 and 20 steps (and 6, the default), for pairs that differ only in a "face"
-region (minid/sampling/toy.py `edit_region`: a 3×3 patch of the 8×8 latent, all 4 channels, 14 % of
-the values, redrawn from the Gaussian conditional of the same component, same prompt) and for pairs
-that differ everywhere (two independent latents of two components, two prompts). The hybrid plan
-puts DPM-Solver++ on the last two steps.
+0.1, 0.3, 0.5} at 10 and 20 steps (and 6, the default), on the testbed of bench/defaults.py
+(`ToyConfig(offset_rank=16)`: ∅ acts through prompt-like conditioning), for pairs that differ only
+in a "face" region (minid/sampling/toy.py `edit_region`: a 3×3 patch of the 8×8 latent, all 4
+channels, 14 % of the values, redrawn from the Gaussian conditional of the same component, same
+prompt) and for pairs that differ everywhere (two independent latents of two components, two
+prompts). The plan is the shipped one, `EditedIDConfig().plan` at each N.
 
     python bench/mixing.py [--pairs 6]
 
@@ -53,12 +54,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from defaults import TESTBED  # noqa: E402
+from record import write_results  # noqa: E402
 from unet_forward import cpu_model  # noqa: E402
 
 from minid.imaging.metrics import psnr  # noqa: E402
 from minid.method.mixing import MixingConfig, adaptive_mixing_inversion  # noqa: E402
 from minid.method.null_text import NullTextConfig, null_text_optimization
-from minid.sampling.hybrid import HybridSchedule, hybrid_plan  # noqa: E402
+from minid.method.editedid import EditedIDConfig  # noqa: E402
+from minid.sampling.hybrid import HybridSchedule  # noqa: E402
 from minid.sampling.plans import Plan
 from minid.sampling.samplers import invert_loop  # noqa: E402
 from minid.sampling.toy import GaussianMixtureModel  # noqa: E402
@@ -242,14 +246,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start_time = time.perf_counter()
-    model = GaussianMixtureModel()
+    model = GaussianMixtureModel(TESTBED)
     data = {
         kind: pairs(model, kind, args.pairs, seed=1 + i)
         for i, kind in enumerate(("face", "everywhere"))
     }
 
     def plan_for(n):
-        return hybrid_plan(model.schedule, HybridSchedule(num_steps=n, dpm_start=n - 1, dpm_end=n))
+        return EditedIDConfig(solver=HybridSchedule(num_steps=n)).plan(model.schedule)
 
     check = check_raw_rule_is_the_library(model, plan_for(6), *data["everywhere"])
     print(f"rule 'raw' vs inversion.adaptive_mixing_inversion: max abs difference {check:.1e}")
@@ -328,10 +332,10 @@ def main() -> None:
         f"- CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python "
         f"{platform.python_version()}",
-        f"- model: minid.sampling.toy.GaussianMixtureModel() (K = {model.num_components}, d = "
-        f"{model.dim}), {args.pairs} "
-        "pairs of each kind, float64; hybrid plan with DPM-Solver++ on the last two steps "
-        "(logSNR); Stage 2: "
+        f"- model: minid.sampling.toy.GaussianMixtureModel({TESTBED}) (K = "
+        f"{model.num_components}, d = {model.dim}), {args.pairs} "
+        "pairs of each kind, float64; the shipped plan, `EditedIDConfig(solver=HybridSchedule("
+        "num_steps=N)).plan`; Stage 2: "
         "`null_text_optimization`, guidance 7.5, `NullTextConfig()`; PSNR over the toy's data "
         "range "
         f"{model.data_range:.3f}",
@@ -340,9 +344,23 @@ def main() -> None:
         "",
     ]
     table = "\n".join(header) + "\n".join(sections) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(f"wrote {args.out} in {time.perf_counter() - start_time:.0f} s")
+    write_results(
+        args.out,
+        table,
+        {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "testbed": TESTBED,
+            "solver": HybridSchedule(),
+            "null_text": NullTextConfig(),
+            "guidance": 7.5,
+            "w0_grid": list(W0S),
+            "torch_threads": torch.get_num_threads(),
+        },
+        defaults={
+            "solver": "minid.sampling.hybrid.HybridSchedule",
+            "null_text": "minid.method.null_text.NullTextConfig",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ SD14_HUB = REPO / "tests" / "data" / "sd14" / "hub"  # SD1.4's published configs
 INVERSION_REPEATS = 3  # restores per Stage 2 choice; the table shows the median run
 P_O = "a photo of a man"
 P_E = "a photo of a man wearing black glasses"
+INVERSIONS = ("null-text", "direct", "negative-prompt")  # Stage 2's three ways
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import write_results  # noqa: E402
 
 
 # ---- model stacks with shared random weights -----------------------------------------------------
@@ -377,10 +382,29 @@ class StageMeter:
             self.peaks[stage] = (max(self._peak, _rss()) - self._base) / 2**30
 
 
-def run_one(impl: str, device: str, full: bool, inner_steps: int, out_json: Path) -> None:
+def restore_configs(size: int, inner_steps: int) -> dict:
+    """The RestoreConfigs the bench runs: "timed" (minid vs reference), "warmup", and one per
+    Stage 2 choice under "inversions"."""
     from minid.method.editedid import EditedIDConfig
     from minid.method.null_text import NullTextConfig
     from minid.restore.config import RestoreConfig
+
+    # fixed work per step
+    fixed = NullTextConfig(inner_steps=inner_steps, epsilon=0.0, epsilon_growth=0.0)
+    return {
+        "timed": RestoreConfig(EditedIDConfig(null_text=fixed), image_size=size),
+        "warmup": RestoreConfig(
+            EditedIDConfig(null_text=NullTextConfig(inner_steps=1)), image_size=size
+        ),
+        # the defaults: ≤ 10 null-text updates, early stop
+        "inversions": {
+            inversion: RestoreConfig(EditedIDConfig(inversion=inversion), image_size=size)
+            for inversion in INVERSIONS
+        },
+    }
+
+
+def run_one(impl: str, device: str, full: bool, inner_steps: int, out_json: Path) -> None:
     from minid.restore.pipeline import EditedID
 
     torch.manual_seed(0)
@@ -395,15 +419,12 @@ def run_one(impl: str, device: str, full: bool, inner_steps: int, out_json: Path
     face[size // 8 : 5 * size // 8, size // 4 : 3 * size // 4] = 1
     glasses = torch.zeros(size, size)
     glasses[size // 4 : 3 * size // 8, size // 4 : 3 * size // 4] = 1
-    # fixed work per step
-    fixed = NullTextConfig(inner_steps=inner_steps, epsilon=0.0, epsilon_growth=0.0)
-    pipe = EditedID(sd, RestoreConfig(EditedIDConfig(null_text=fixed), image_size=size))
+    restores = restore_configs(size, inner_steps)
+    pipe = EditedID(sd, restores["timed"])
     # Warm-up: one whole restore with one null-text update per step, so every batch shape has been
     # seen (Triton kernels compiled, oneDNN/cuDNN primitives created, allocator primed) before the
     # timed run.
-    warm = EditedID(
-        sd, RestoreConfig(EditedIDConfig(null_text=NullTextConfig(inner_steps=1)), image_size=size)
-    )
+    warm = EditedID(sd, restores["warmup"])
     warm.restore(
         images[0:1],
         images[1:2],
@@ -450,10 +471,8 @@ def run_one(impl: str, device: str, full: bool, inner_steps: int, out_json: Path
     # Stage 2's three ways, side by side on the same model and inputs, in this process
     if impl == "minid":
         record["inversions"] = {}
-        for inversion in ("null-text", "direct", "negative-prompt"):
-            # the defaults: ≤ 10 null-text updates, early stop
-            method = EditedIDConfig(inversion=inversion)
-            pipe = EditedID(sd, RestoreConfig(method, image_size=size))
+        for inversion, restore in restores["inversions"].items():
+            pipe = EditedID(sd, restore)
             runs = []
             for _ in range(INVERSION_REPEATS):
                 meter = StageMeter(device)
@@ -613,8 +632,46 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or REPO / "bench" / "results" / f"pipeline_{args.device}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    from minid.method.editedid import EditedIDConfig
+
+    clip_cfg, unet_cfg, vae_cfg, _ = configs(full)
+    restores = restore_configs(size, inner)
+    config = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": args.device,
+        "full": full,
+        "inner_steps": inner,
+        "dtype": "float16" if cuda else "float32",
+        "threads": torch.get_num_threads(),
+        "size": size,
+        "model": {
+            "weights": "random (randomize_, seeds 1 / 2 / 3; torch seed 0)",
+            "text_encoder": clip_cfg,
+            "unet": unet_cfg,
+            "vae": vae_cfg,
+        },
+        "inputs": {
+            "images": f"seed 5, {size // 32}² uniform noise upsampled bilinearly to {size}²",
+            "face_mask": "rows [size/8, 5 size/8), columns [size/4, 3 size/4)",
+            "element_mask": "rows [size/4, 3 size/8), columns [size/4, 3 size/4)",
+            "prompts": [P_O, P_E],
+            "id_words": ["man"],
+            "element_words": ["glasses"],
+        },
+        "timed": restores["timed"],
+        "warmup": restores["warmup"],
+        "inversions": restores["inversions"],
+        "inversion_repeats": INVERSION_REPEATS,
+        "rss_sample_s": 0.002,
+    }
+    defaults = {}
+    # the Stage 2 row that runs the shipped method unmodified (EditedIDConfig()'s own inversion)
+    shipped = EditedIDConfig()
+    row = restores["inversions"].get(shipped.inversion)
+    if row is not None and row.method == shipped:
+        config["inversion_shipped_method"] = shipped
+        defaults["inversion_shipped_method"] = "minid.method.editedid.EditedIDConfig"
+    write_results(out, text, config, defaults)
 
 
 if __name__ == "__main__":

@@ -400,16 +400,16 @@ def test_ddim_plan_converges_on_gaussian_data():
 
 
 def test_default_hybrid_plan():
-    # the default DPM-Solver++ spacing is diffusers' "leading" (decided on the exact-score testbed,
-    # docs O1)
+    # the default DPM-Solver++ spacing is λ-uniform, paper A.4's "log-uniform" (decided on the
+    # pipeline, bench/results/defaults_cpu.md; docs O1)
     plan = hybrid_plan(SCHEDULE)
     assert [s.solver for s in plan.steps] == [DDIM] * 4 + [DPM_SOLVER] * 2
-    dpm = dpm_solver_times(SCHEDULE, 6, "leading")
+    dpm = dpm_solver_times(SCHEDULE, 6, "logSNR")
     assert [s.t for s in plan.steps] == [831.0, 665.0, 499.0, 333.0, dpm[4], dpm[5]]
-    assert plan.timesteps == [831, 665, 499, 333, 285, 143]
+    assert plan.timesteps == [831, 665, 499, 333, 11, 0]
     assert plan.steps[-1].s == CLEAN
-    logsnr = hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="logSNR"))
-    assert logsnr.timesteps == [831, 665, 499, 333, 11, 0]
+    leading = hybrid_plan(SCHEDULE, HybridSchedule(dpm_spacing="leading"))
+    assert leading.timesteps == [831, 665, 499, 333, 285, 143]
 
 
 @pytest.mark.parametrize("window", [(5, 6), (4, 6), (1, 2), (6, 6), (7, 6)])

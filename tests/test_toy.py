@@ -124,7 +124,7 @@ def test_the_unet_signature(model, data):
     assert torch.equal(model(z, 500, context[:1].expand(6, -1, -1)), model(z, 500, context[:1])), (
         "one embedding broadcasts over the batch"
     )
-    with pytest.raises(ValueError, match="\\(B, 1, E=262\\), K = 6 logits, then d = 256 offsets"):
+    with pytest.raises(ValueError, match="\\(B, 1, E=262\\), K = 6 logits, then 256 offset values"):
         model(z, 500, torch.zeros(6, 77, 768, dtype=torch.float64))
 
 

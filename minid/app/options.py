@@ -85,11 +85,11 @@ def method_config(args):
     ).window()
     # in the flags' words, before the config says it in its fields'
     if not 1 <= start <= end <= steps:
-        resolved = (
-            "" if min(args.dpm_start, args.dpm_end) >= 0 else f" (here steps {start} and {end})"
-        )
+        given = start if args.dpm_start is None else args.dpm_start
+        resolved = "" if min(given, args.dpm_end) >= 0 else f" (here steps {start} and {end})"
+        first = "the last third" if args.dpm_start is None else args.dpm_start
         raise ValueError(
-            f"--dpm-start {args.dpm_start}, --dpm-end {args.dpm_end}{resolved} and --steps {steps} "
+            f"--dpm-start {first}, --dpm-end {args.dpm_end}{resolved} and --steps {steps} "
             f"must "
             f"satisfy "
             f"1 ≤ --dpm-start ≤ --dpm-end ≤ --steps (DPM-Solver++ runs steps --dpm-start … "

@@ -142,7 +142,8 @@ class EditedIDConfig:
             value = self
             for name in path.split("."):
                 value = getattr(value, name)
-            if value is None and path == "mixing.lr":  # η from N (MixingConfig.step_size)
+            # η from N (MixingConfig.step_size); the DPM-Solver++ window's start from N
+            if value is None and path in ("mixing.lr", "solver.dpm_start"):
                 continue
             problem = number_problem(value, *limits)
             if problem:

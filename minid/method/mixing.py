@@ -28,7 +28,7 @@ class MixingConfig:
     The alignment loss is L(w) = (1−2w)²·D, D = mean((ẑ^O − ẑ^E)²). With `rule="normalised"` (the
     default) w descends L/D = (1−2w)², so its path does not depend on how far apart the pair is: the
     gap 0.5 − w shrinks by (1 − 8η) per step, and with `lr=None` η is set from N so that the gap
-    left at the last free step is `reach` × the first (8η = 1 − reach^{1/(N−2)}: η = 0.066 at N =
+    left at the last free step is `reach` × the first (8η = 1 − reach^{1/(N−2)}: η = 0.020 at N =
     6). `rule="raw"` descends L itself, whose steps scale with D: a pair that differs only in the
     face barely moves w before the forced 0.5. Decided on the exact-score testbed
     (bench/results/mixing_cpu.md).
@@ -38,11 +38,11 @@ class MixingConfig:
     w0: float = 0.04
     rule: Literal["normalised", "raw"] = "normalised"
     lr: float | None = None  # η; None: from N and `reach` (normalised), 0.05 (raw)
-    # normalised rule with lr=None: the gap left at the last free step / the first gap. 0.05 keeps
-    # the forced last step (w → 0.5) no larger than the first for every N ≤ 50; 0.2 scored 0.4 dB
-    # higher on the testbed at N = 6 but ends with a larger jump from N = 10 on
-    # (bench/results/mixing_cpu.md)
-    reach: float = 0.05
+    # normalised rule with lr=None: the gap left at the last free step / the first gap. 0.5 (w from
+    # 0.04 to 0.27 by the last free step at any N, then the forced 0.5) scored as 0.05 and 0.2 on
+    # every pair kind that differs in part, and 0.3-2.4 dB above them on two different images, on
+    # the pipeline (Stages 1-2, bench/results/defaults_cpu.md)
+    reach: float = 0.5
     iterations: int = 1  # gradient steps on w per inversion step
     # w is projected onto [0, w_max] after each update, so it never overshoots 0.5
     w_max: float = 0.5

@@ -71,27 +71,30 @@ METHOD_FLAGS = {
         "method.mixing.lr",
         float,
         "η, the step of w on the alignment loss normalised by D (default: from "
-        "N, the gap to 0.5 down to 5 %% by the last free step: 0.066 at N = 6)",
+        "N, the gap to 0.5 down to half by the last free step: 0.020 at N = 6)",
     ),
     "--dpm-start": (
         "method.solver.dpm_start",
         int,
         "first DPM-Solver++ step τ_s (1-based from noise; negative counts from the end, -1 = the "
         "last step; with --dpm-end the authors' TOTAL_STEPS_DPM, the same in inversion and "
-        "reconstruction)",
+        "reconstruction) (default: the last third of the steps, round(N/3) of them: 5 at N = 6, "
+        "14 at N = 20)",
     ),
     "--dpm-end": ("method.solver.dpm_end", int, "last DPM-Solver++ step τ_e (as --dpm-start)"),
     "--dpm-spacing": (
         "method.solver.dpm_spacing",
         DPM_SPACINGS,
-        "timesteps of the DPM-Solver++ steps: diffusers' spacings, or uniform in λ",
+        "timesteps of the DPM-Solver++ steps: uniform in λ (logSNR, paper A.4's log-uniform), "
+        "or diffusers' spacings",
     ),
     "--inversion": (
         "method.inversion",
         INVERSIONS,
         "Stage 2: null-text optimisation (the paper); direct (PnP Inversion's add-source "
         "variant: O and E put back on their pivots, T corrected as E, so their PSNR is the VAE's); "
-        "or negative-prompt (∅ = the prompt, a preview that cannot undo Stage 1's mixing)",
+        "or negative-prompt (∅ = the prompt, a preview that cannot undo Stage 1's mixing: with "
+        "one prompt for both images, O and E come back as one image)",
     ),
     "--null-inner-steps": (
         "method.null_text.inner_steps",

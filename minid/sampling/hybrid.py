@@ -45,9 +45,11 @@ class HybridSchedule:
 
     num_steps: int = 6  # N, model calls per pass (the paper's 6)
     # τ_s, τ_e: the first and last steps run by DPM-Solver++, 1-based, counted from pure noise; a
-    # negative value counts from the end (−1 is step N), so the default −2 … −1 is "the last two
-    # steps" for every N (at N = 6 the paper's 5 … 6). τ_s > τ_e (resolved) gives DDIM only.
-    dpm_start: int = -2
+    # negative value counts from the end (−1 is step N). dpm_start=None (the default) is the last
+    # third of the pass, round(N/3) steps and at least one: the paper's 5 … 6 at N = 6, 8 … 10 at
+    # N = 10, 14 … 20 at N = 20 (decided on the pipeline, bench/results/defaults_cpu.md: a fixed two
+    # steps lost 2.3 dB at N = 20). τ_s > τ_e (resolved) gives DDIM only.
+    dpm_start: int | None = None
     dpm_end: int = -1
     # "global": both full N-step sequences first, step i takes t_i from its solver's sequence and
     # lands where step i+1 starts (paper Eq. 6, no jump at the switch). "fragmented": each run of
@@ -59,7 +61,7 @@ class HybridSchedule:
     # exact-score testbed, bench/results/solver_stability_cpu.md; docs/editedid.md "Defaults and
     # readings"), "linspace", "trailing", or λ-uniform "logSNR" (paper A.4's "log-uniform";
     # schedule.dpm_solver_times)
-    dpm_spacing: str = "leading"
+    dpm_spacing: str = "logSNR"
     dpm_order: int = 2  # DPM-Solver++ order (2M is diffusers' default)
     # "pass": DPM-Solver++ steps use the x̂_0 of every preceding step on the path, DDIM steps'
     # included; "run": only those of the current run of DPM-Solver++ steps (order-1 warm-up after
@@ -69,6 +71,13 @@ class HybridSchedule:
     lower_order_final: bool = True
     # the cap on the last step under lower_order_final (diffusers: 1); the one before: 2
     final_order: int = 2
+    # where a pass whose last step is DPM-Solver++ ends, and so where its inversion starts: "clean"
+    # (σ = 0, diffusers' final_sigmas_type="zero"), or "final", DDIM's last level (ᾱ_0, σ = 0.029 on
+    # SD1.4). From CLEAN the first inversion step's x̂_0 is the latent itself whatever the model
+    # says, so it goes up to α_t·z_0, a latent with no noise in it that the next step's model is
+    # asked about at t; from FINAL the model is asked about the clean latent at the step's label t
+    # (as DDIM inversion asks it), and that ε carries z_0 up (docs/editedid.md, "Samplers")
+    last_level: str = "clean"
     # clamp the DDIM steps' x̂_0 (diffusers' DDIMScheduler option; see `Plan`)
     clip_sample: bool = False
     clip_sample_range: float = 1.0
@@ -76,9 +85,10 @@ class HybridSchedule:
     def window(self) -> tuple[int, int]:
         """(τ_s, τ_e) as step numbers 1 … N: a negative value counts from the end (−1 → N, −2 → N −
         1), no further back than step 1 (as a slice would: the last two of a 1-step pass is its one
-        step)."""
+        step); dpm_start=None is −round(N/3) (at least −1)."""
         n = self.num_steps
-        return tuple(max(k + n + 1, 1) if k < 0 else k for k in (self.dpm_start, self.dpm_end))
+        start = -max(1, round(n / 3)) if self.dpm_start is None else self.dpm_start
+        return tuple(max(k + n + 1, 1) if k < 0 else k for k in (start, self.dpm_end))
 
     def solvers(self) -> list[str]:
         start, end = self.window()
@@ -91,7 +101,12 @@ def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule
     `_global_times`."""
     n, T = hybrid.num_steps, schedule.num_train_timesteps
     solvers = hybrid.solvers()
-    final = {DDIM: FINAL, DPM_SOLVER: CLEAN}  # where each solver's own pass ends
+    if hybrid.last_level not in ("clean", "final"):
+        raise ValueError(
+            f"HybridSchedule.last_level={hybrid.last_level!r} is not 'clean' or 'final'"
+        )
+    # where each solver's own pass ends
+    final = {DDIM: FINAL, DPM_SOLVER: CLEAN if hybrid.last_level == "clean" else FINAL}
     if hybrid.timesteps == "global":
         sequences = {
             DDIM: [
@@ -117,13 +132,18 @@ def hybrid_plan(schedule: NoiseSchedule, hybrid: HybridSchedule = HybridSchedule
                 lands = [t - T // m if t - T // m >= 0 else FINAL for t in own]
             else:
                 own = dpm_solver_times(schedule, m, hybrid.dpm_spacing)
-                lands = own[1:] + [CLEAN]
+                lands = own[1:] + [final[DPM_SOLVER] if j == n else CLEAN]
             ts += own
             ss += lands
             i = j
     else:
         raise ValueError(
             f"HybridSchedule.timesteps={hybrid.timesteps!r} is not 'global' or 'fragmented'"
+        )
+    if solvers[-1] == DPM_SOLVER and ss[-1] == FINAL and ts[-1] <= 0:
+        raise ValueError(
+            f"HybridSchedule(dpm_spacing={hybrid.dpm_spacing!r}) ends its last step at t = 0, the "
+            "level of last_level='final' itself; use last_level='clean'"
         )
     return Plan(
         schedule,

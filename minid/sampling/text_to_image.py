@@ -31,8 +31,9 @@ def solver_plan(solver: str, num_steps: int, schedule: NoiseSchedule) -> Plan:
 
 
 def max_steps(solver: str) -> int:
-    """The most steps `solver` may take on SD1.4's schedule (`schedule.max_num_steps`): 999 for
-    DDIM, 998 where DPM-Solver++ runs ("leading" times, steps_offset 1)."""
+    """The most steps `solver` may take on SD1.4's schedule (`schedule.max_num_steps`): 999, for
+    DDIM and for the default λ-uniform DPM-Solver++ times (diffusers' "leading" ones would allow
+    998)."""
     dpm = None if solver == "ddim" else HybridSchedule().dpm_spacing
     return max_num_steps(NoiseSchedule.scaled_linear(), HybridSchedule().ddim_spacing, dpm)
 

@@ -75,6 +75,12 @@ class ToyConfig:
     prompt_strength: float = 2.0
     # the embedding carries a mean offset s after the logits (see the module docstring)
     offset: bool = True
+    # 0: s is the embedding's d offset values themselves (full rank). m > 0: the embedding carries m
+    # prompt features f and s = B tanh(f), B a fixed d × m matrix (drawn from `seed`): ∅ then acts
+    # through the conditioning as a prompt's words do, nonlinearly and in m < d directions, and
+    # null-text is no longer a linear least-squares fit of the pivots (bench/defaults.py)
+    offset_rank: int = 0
+    offset_scale: float = 1.0  # the sd of s per coordinate at |tanh| = 1, with offset_rank > 0
     seed: int = 0  # the mixture's parameters are drawn from this seed
 
 
@@ -102,6 +108,13 @@ class GaussianMixtureModel:
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.covariances)
         # (K·d, d): rows V_kᵀ
         self._stacked_eigenvectors = self.eigenvectors.transpose(1, 2).reshape(k * d, d)
+        m = c.offset_rank
+        # (d, m) B of s = B tanh(f); None: s is the offset itself
+        self.offset_basis = (
+            c.offset_scale / math.sqrt(m) * torch.randn(d, m, generator=g, dtype=f64)
+            if c.offset and m > 0
+            else None
+        )
         self.data_range = 6.0 * math.sqrt(self._data_variance())  # ±3 sd: the "image" span for PSNR
 
     # ---- shapes ----------------------------------------------------------------------------------
@@ -119,8 +132,20 @@ class GaussianMixtureModel:
 
     @property
     def embedding_width(self) -> int:
-        """E = K logits, + d offset values when `config.offset`."""
-        return self.num_components + (self.dim if self.config.offset else 0)
+        """E = K logits, + d offset values when `config.offset` (+ m prompt features instead with
+        `config.offset_rank` = m > 0)."""
+        if not self.config.offset:
+            return self.num_components
+        return self.num_components + (self.config.offset_rank or self.dim)
+
+    def offset(self, condition: torch.Tensor) -> torch.Tensor | None:
+        """The mean offset s (B, d) of the embeddings' rows `condition` (B, E); None without one."""
+        if condition.shape[1] <= self.num_components:
+            return None
+        values = condition[:, self.num_components :]
+        if self.offset_basis is None:
+            return values
+        return torch.tanh(values) @ self.offset_basis.to(values.dtype).T
 
     def prompt(self, component: int | list[int], strength: float | None = None) -> torch.Tensor:
         """Prompt embeddings favouring the given component(s): (B, 1, E), `strength` on the
@@ -141,7 +166,8 @@ class GaussianMixtureModel:
         if context.ndim != 3 or context.shape[1] != 1 or context.shape[2] != self.embedding_width:
             parts = f"K = {self.num_components} logits"
             if self.config.offset:
-                parts += f", then d = {self.dim} offsets"
+                width = self.embedding_width - self.num_components
+                parts += f", then {width} offset values"
             raise ValueError(
                 f"a prompt embedding is (B, 1, E={self.embedding_width}), {parts}; found "
                 f"{tuple(context.shape)}; build it with model.prompt(k) or model.null_prompt()"
@@ -204,8 +230,9 @@ class GaussianMixtureModel:
         sigma = torch.as_tensor(sigma, dtype=dt).expand(b)
         logits = condition[:, : self.num_components].to(dt)  # (B, K)
         means = self.means.to(dt)[None]  # (1, K, d) μ_k
-        if condition.shape[1] > self.num_components:  # m_k = μ_k + s
-            means = means + condition[:, None, self.num_components :].to(dt)  # (B, K, d)
+        offset = self.offset(condition)
+        if offset is not None:  # m_k = μ_k + s
+            means = means + offset[:, None].to(dt)  # (B, K, d)
         x = z.reshape(b, self.dim)  # (B, d)
         diff = x[:, None, :] - alpha[:, None, None] * means  # (B, K, d)
         r = torch.bmm(diff.transpose(0, 1), self.eigenvectors.to(dt)).transpose(0, 1)  # (B, K, d)
@@ -228,8 +255,9 @@ class GaussianMixtureModel:
         n = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
         e, v = self.eigenvalues[ks], self.eigenvectors[ks]  # (B, d), (B, d, d)
         x = self.means[ks] + torch.einsum("bde,be->bd", v, e.clamp_min(0).sqrt() * n)
-        if condition.shape[1] > self.num_components:
-            x = x + condition[:, self.num_components :]  # the offset s
+        offset = self.offset(condition)
+        if offset is not None:
+            x = x + offset  # the offset s
         return x.reshape(b, *self.latent_shape), ks
 
     def edit_region(
