@@ -3,7 +3,7 @@
 
 Stage 1 (docs/editedid.md, Stage 1; paper Eq. 1-3) mixes the two inversions with a weight w that one
 gradient step per inversion step drives from w_0 toward 0.5, and forces w = 0.5 at the last step.
-The library's rule (`inversion.adaptive_mixing_inversion`) steps on
+Eq. 1's rule as written (`mixing.adaptive_mixing_inversion` with `rule="raw"`) steps on
 
     L(w) = (1 − 2w)² D_j,   D_j = mean((ẑ^O_j − ẑ^E_j)²),   w ← clamp(w + 4η(1 − 2w) D_j, 0, 0.5)
     (Eq. 1)
@@ -12,19 +12,21 @@ so the gap g = 0.5 − w shrinks by (1 − 8ηD_j) a step: the step is proportio
 the pair's difference. Candidates here make it independent of D's scale (docs/editedid.md, Open item
 O2):
 
-    rule "raw"        the library's: L = (1 − 2w)² D_j
-    rule "current"    L/D_j = (1 − 2w)²:  g ← (1 − 8η) g, whatever the pair
+    rule "raw"        Eq. 1 as written: L = (1 − 2w)² D_j
+    rule "normalised" L/D_j = (1 − 2w)²:  g ← (1 − 8η) g, whatever the pair
     rule "first"      L/D_1:              g ← (1 − 8η D_j/D_1) g, the growth of D along the
                                           inversion kept
-    rule "reach"      "current" with η from N: g shrinks geometrically to ρ·g_0 at the last free
-                      step, 8η = 1 − ρ^{1/(N−2)} (N = 6: η = 0.0414 for ρ = 0.2; N = 20: 0.0107)
+    rule "reach"      "normalised" with η from N: g shrinks geometrically to ρ·g_0 at the last free
+                      step, 8η = 1 − ρ^{1/(N−2)} (N = 6: η = 0.0414 for ρ = 0.2; N = 20: 0.0107);
+                      ρ = 0.5 is minid's `MixingConfig()`
 
 `mixing_inversion` runs each of them with `samplers.invert_loop` and a callback, mirroring
-`inversion.adaptive_mixing_inversion` (with rule "raw" it reproduces the library's pivots to float64
-rounding: checked at start-up), and records D_j and w_j per step.
+`mixing.adaptive_mixing_inversion` (rule "raw" with η 0.05 reproduces `MixingConfig(rule="raw")`,
+rule "reach" with ρ = 0.5 the shipped `MixingConfig()`, pivots and w to float64 rounding: checked at
+start-up), and records D_j and w_j per step.
 
 Fig. 14 (paper A.8): reconstruction PSNR of both images after Stage 1 and Stage 2 (null-text
-optimisation, `inversion.null_text_optimization`, guidance 7.5, Mokady's settings), against w_0 ∈
+optimisation, `null_text.null_text_optimization`, guidance 7.5, Mokady's settings), against w_0 ∈
 {0.02, 0.04, 0.06, 0.08,
 0.1, 0.3, 0.5} at 10 and 20 steps (and 6, the default), on the testbed of bench/defaults.py
 (`ToyConfig(offset_rank=16)`: ∅ acts through prompt-like conditioning), for pairs that differ only
@@ -59,9 +61,9 @@ from record import write_results  # noqa: E402
 from unet_forward import cpu_model  # noqa: E402
 
 from minid.imaging.metrics import psnr  # noqa: E402
+from minid.method.editedid import EditedIDConfig  # noqa: E402
 from minid.method.mixing import MixingConfig, adaptive_mixing_inversion  # noqa: E402
 from minid.method.null_text import NullTextConfig, null_text_optimization
-from minid.method.editedid import EditedIDConfig  # noqa: E402
 from minid.sampling.hybrid import HybridSchedule  # noqa: E402
 from minid.sampling.plans import Plan
 from minid.sampling.samplers import invert_loop  # noqa: E402
@@ -74,15 +76,18 @@ W0S = (0.02, 0.04, 0.06, 0.08, 0.1, 0.3, 0.5)  # Fig. 14's grid
 class MixingRule:
     """One candidate update of w (see the module docstring)."""
 
-    rule: str = "raw"  # "raw", "current", "first" or "reach"
-    lr: float = 0.05  # η ("raw", "current", "first"); ignored by "reach"
+    rule: str = "raw"  # "raw", "normalised", "first" or "reach"
+    lr: float = 0.05  # η ("raw", "normalised", "first"); ignored by "reach"
     # ρ of "reach": the gap left at the last free step, as a fraction of 0.5 − w_0
     reach: float = 0.2
     w0: float = 0.04
     w_max: float = 0.5
 
     def name(self) -> str:
-        return f"reach ρ={self.reach:g}" if self.rule == "reach" else f"{self.rule} η={self.lr:g}"
+        if self.rule != "reach":
+            return f"{self.rule} η={self.lr:g}"
+        shipped = " (`MixingConfig()`)" if self.reach == MixingConfig().reach else ""
+        return f"reach ρ={self.reach:g}{shipped}"
 
     def step_size(self, num_steps: int) -> float:
         if self.rule != "reach":
@@ -105,7 +110,7 @@ class Mixing:
 def mixing_inversion(model, plan: Plan, z0_o, z0_e, cond_o, cond_e, rule: MixingRule) -> Mixing:
     """Stage 1 (Eq. 1-3) with `rule`: each image takes its inversion step, the pair mixes with its
     current w, then w takes one gradient step on the rule's loss; the last step mixes with 0.5 (Eq.
-    3). The loss of each rule is (1 − 2w)² D_j / scale with scale 1 ("raw"), D_j ("current",
+    3). The loss of each rule is (1 − 2w)² D_j / scale with scale 1 ("raw"), D_j ("normalised",
     "reach") or D_1 ("first"); the gradient step is taken in closed form, ∂L/∂w = −4(1 − 2w) D_j /
     scale, as SGD would take it."""
     k_pairs = z0_o.shape[0]
@@ -138,7 +143,7 @@ def mixing_inversion(model, plan: Plan, z0_o, z0_e, cond_o, cond_e, rule: Mixing
             if first_d[k] is None:
                 first_d[k] = d
             if not last:
-                scale = {"raw": 1.0, "current": d, "reach": d, "first": first_d[k]}[rule.rule]
+                scale = {"raw": 1.0, "normalised": d, "reach": d, "first": first_d[k]}[rule.rule]
                 grad = -4.0 * (1.0 - 2.0 * w[k]) * d / scale if scale > 0 else 0.0
                 w[k] = min(max(w[k] - lr * grad, 0.0), rule.w_max)
         mo, me = torch.cat(mixed_o), torch.cat(mixed_e)
@@ -150,15 +155,11 @@ def mixing_inversion(model, plan: Plan, z0_o, z0_e, cond_o, cond_e, rule: Mixing
     return out
 
 
-def check_raw_rule_is_the_library(model, plan, z0_o, z0_e, cond_o, cond_e) -> float:
-    """Max abs difference of the pivots and w schedules of rule "raw" and
-    `adaptive_mixing_inversion`."""
-    ours = mixing_inversion(
-        model, plan, z0_o, z0_e, cond_o, cond_e, MixingRule("raw", 0.05, w0=0.04)
-    )
-    lib = adaptive_mixing_inversion(
-        model, plan, z0_o, z0_e, cond_o, cond_e, MixingConfig(w0=0.04, lr=0.05, rule="raw")
-    )
+def check_rule_is_the_library(model, plan, z0_o, z0_e, cond_o, cond_e, rule, config) -> float:
+    """Max abs difference of the pivots and w schedules of `rule` here and
+    `adaptive_mixing_inversion` with `config`."""
+    ours = mixing_inversion(model, plan, z0_o, z0_e, cond_o, cond_e, rule)
+    lib = adaptive_mixing_inversion(model, plan, z0_o, z0_e, cond_o, cond_e, config)
     diff = max(
         (a - b).abs().max().item()
         for a, b in zip(ours.pivots_o + ours.pivots_e, lib.pivots_o + lib.pivots_e)
@@ -255,18 +256,35 @@ def main() -> None:
     def plan_for(n):
         return EditedIDConfig(solver=HybridSchedule(num_steps=n)).plan(model.schedule)
 
-    check = check_raw_rule_is_the_library(model, plan_for(6), *data["everywhere"])
-    print(f"rule 'raw' vs inversion.adaptive_mixing_inversion: max abs difference {check:.1e}")
-    # SGD on autograd's ∂L/∂w vs the closed form −4(1 − 2w)D: the same up to float64 rounding
-    assert check < 1e-12, f"the raw rule must reproduce the library, differs by {check:.1e}"
+    # SGD on autograd's ∂L/∂w vs the closed forms: the same up to float64 rounding
+    checks = {
+        "raw": check_rule_is_the_library(
+            model,
+            plan_for(6),
+            *data["everywhere"],
+            MixingRule("raw", 0.05, w0=0.04),
+            MixingConfig(w0=0.04, lr=0.05, rule="raw"),
+        ),
+        "reach ρ=0.5": check_rule_is_the_library(
+            model,
+            plan_for(6),
+            *data["everywhere"],
+            MixingRule("reach", reach=0.5),
+            MixingConfig(),
+        ),
+    }
+    for name, check in checks.items():
+        print(f"rule {name!r} vs mixing.adaptive_mixing_inversion: max abs difference {check:.1e}")
+        assert check < 1e-12, f"rule {name!r} must reproduce the library, differs by {check:.1e}"
 
     rules = [
         MixingRule("raw", 0.05),
         MixingRule("raw", 0.01),
-        MixingRule("current", 0.02),
-        MixingRule("current", 0.04),
-        MixingRule("current", 0.0625),
+        MixingRule("normalised", 0.02),
+        MixingRule("normalised", 0.04),
+        MixingRule("normalised", 0.0625),
         MixingRule("first", 0.04),
+        MixingRule("reach", reach=0.5),
         MixingRule("reach", reach=0.2),
         MixingRule("reach", reach=0.05),
     ]
@@ -339,8 +357,10 @@ def main() -> None:
         "`null_text_optimization`, guidance 7.5, `NullTextConfig()`; PSNR over the toy's data "
         "range "
         f"{model.data_range:.3f}",
-        f"- rule 'raw' reproduces `inversion.adaptive_mixing_inversion` (max abs difference "
-        f"{check:.1e})",
+        "- `mixing.adaptive_mixing_inversion` reproduced: "
+        + "; ".join(
+            f"rule {name!r}, max abs difference {check:.1e}" for name, check in checks.items()
+        ),
         "",
     ]
     table = "\n".join(header) + "\n".join(sections) + "\n"

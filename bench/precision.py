@@ -17,7 +17,7 @@ small latent, on the CPU:
 2. the gradient ∂L/∂∅ in each policy against a float64 reference (cosine, relative norm), at losses
    1e-3, 1e-4 and 1e-5 (= the first step's threshold); the fp16 UNets, ~1 min per gradient on a CPU,
    at the last two;
-3. one Stage 2 step (`inversion.null_text_optimization`: ≤ 10 Adam updates, threshold 1e-5) from a
+3. one Stage 2 step (`null_text.null_text_optimization`: ≤ 10 Adam updates, threshold 1e-5) from a
    loss of 1e-4, ten times the threshold: the loss the policy reports, and the true loss of the ∅ it
    keeps, evaluated in float64 (the fp16 UNets only with --stage2-fp16);
 4. memory: the weights, and the activations autograd saves for one ∂L/∂∅ (saved-tensor hooks),

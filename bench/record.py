@@ -47,7 +47,8 @@ def jsonable(value):
 
 
 def commit() -> tuple[str, bool]:
-    """The checkout's commit (short) and whether tracked files differ from it."""
+    """The checkout's commit (short) and whether tracked files outside bench/results differ from it
+    (a bench run after another finds that one's results rewritten: not a change to the code)."""
 
     def git(*args):
         return subprocess.run(
@@ -55,7 +56,7 @@ def commit() -> tuple[str, bool]:
         ).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"))
     return head, dirty
 
 

@@ -30,8 +30,8 @@ class MixingConfig:
     gap 0.5 − w shrinks by (1 − 8η) per step, and with `lr=None` η is set from N so that the gap
     left at the last free step is `reach` × the first (8η = 1 − reach^{1/(N−2)}: η = 0.020 at N =
     6). `rule="raw"` descends L itself, whose steps scale with D: a pair that differs only in the
-    face barely moves w before the forced 0.5. Decided on the exact-score testbed
-    (bench/results/mixing_cpu.md).
+    face barely moves w before the forced 0.5. Decided on the pipeline over the exact-score
+    testbed (bench/results/defaults_cpu.md; the w paths: bench/results/mixing_cpu.md).
     """
 
     # initial mixing weight; too large blends identities, too small leaves a jump at the end
@@ -55,9 +55,8 @@ class MixingConfig:
             raise ValueError(f"MixingConfig.rule must be 'normalised' or 'raw', got {self.rule!r}")
         if not isinstance(self.forced_steps, int) or self.forced_steps < 1:
             raise ValueError(
-                f"MixingConfig.forced_steps must be a whole number ≥ 1 (the last step at least "
-                f"ends "
-                f"at w = 0.5), got {self.forced_steps!r}"
+                f"MixingConfig.forced_steps must be a whole number ≥ 1 (at least the last step "
+                f"ends at w = 0.5), got {self.forced_steps!r}"
             )
 
     def forced(self, num_steps: int) -> int:

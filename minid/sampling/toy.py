@@ -5,7 +5,7 @@ It stands in for the UNet wherever a property of the sampler math is to be measu
 argued (docs/editedid.md, Open items O1 and O2; paper A.8 Fig. 14 and A.13 Table 11:
 bench/solver_stability.py, bench/mixing.py). It has the UNet's call signature, `model(z, timestep,
 context, controller=None) -> ε`, so `samplers.sample_loop` / `invert_loop`,
-`inversion.adaptive_mixing_inversion` and `inversion.null_text_optimization` run on it unchanged.
+`mixing.adaptive_mixing_inversion` and `null_text.null_text_optimization` run on it unchanged.
 
 The data. x_0 ∈ R^d with d = C·H·W (4×8×8 = 256 by default), drawn from K components,
 
