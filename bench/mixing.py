@@ -56,7 +56,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from defaults import TESTBED  # noqa: E402
+from defaults import TESTBED, pairs  # noqa: E402
 from record import write_results  # noqa: E402
 from unet_forward import cpu_model  # noqa: E402
 
@@ -168,27 +168,6 @@ def check_rule_is_the_library(model, plan, z0_o, z0_e, cond_o, cond_e, rule, con
     return max(diff, w_diff)
 
 
-def pairs(model: GaussianMixtureModel, kind: str, count: int, seed: int):
-    """(x_O, x_E, c_O, c_E) for `count` pairs: "face" (E = O with a 3×3 patch redrawn from the
-    conditional of the same component, same prompt) or "everywhere" (independent latents of two
-    different components)."""
-    g = torch.Generator().manual_seed(seed)
-    k = model.num_components
-    comp_o = [i % k for i in range(count)]
-    cond_o = model.prompt(comp_o)
-    x_o, drawn = model.sample(cond_o, g)
-    if kind == "face":
-        mask = torch.zeros(model.latent_shape, dtype=torch.bool)
-        mask[:, 3:6, 3:6] = True
-        x_e = torch.cat(
-            [model.edit_region(x_o[i : i + 1], mask, int(drawn[i]), g) for i in range(count)]
-        )
-        return x_o, x_e, cond_o, cond_o.clone()
-    cond_e = model.prompt([(c + 1 + i % (k - 1)) % k for i, c in enumerate(comp_o)])
-    x_e, _ = model.sample(cond_e, g)
-    return x_o, x_e, cond_o, cond_e
-
-
 def restore(model, plan, x_o, x_e, cond_o, cond_e, rule: MixingRule | None):
     """Stage 1 (rule, or separate inversions when None) then Stage 2; per-image PSNRs and the Stage
     1 record."""
@@ -248,9 +227,11 @@ def main() -> None:
     torch.set_num_threads(1)
     start_time = time.perf_counter()
     model = GaussianMixtureModel(TESTBED)
+    # bench/defaults.py's pairs: "face" (a 3×3 patch redrawn, same prompt) and "different" (two
+    # components' independent latents), here called "everywhere"
     data = {
-        kind: pairs(model, kind, args.pairs, seed=1 + i)
-        for i, kind in enumerate(("face", "everywhere"))
+        kind: pairs(model, drawn, args.pairs, seed=1 + i)
+        for i, (kind, drawn) in enumerate((("face", "face"), ("everywhere", "different")))
     }
 
     def plan_for(n):

@@ -106,19 +106,10 @@ def test_the_pipeline_metric_is_the_restores_stages(bench, small_instance):
     assert 20 < sum(ours) / 3 < 40, "the testbed sits in the paper's regime, not at 40-50 dB"
 
 
-def _face_pair(model: GaussianMixtureModel, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    cond = model.prompt([0])
-    x_o, drawn = model.sample(cond, g)
-    mask = torch.zeros(model.latent_shape, dtype=torch.bool)
-    mask[:, 3:6, 3:6] = True  # a small "face" of the latent
-    return x_o, model.edit_region(x_o, mask, int(drawn[0]), g), cond
-
-
 @pytest.mark.parametrize("n", [6, 10, 20])
-def test_w_rises_to_half_the_gap_then_the_forced_one_half(n):
+def test_w_rises_to_half_the_gap_then_the_forced_one_half(bench, n):
     model = GaussianMixtureModel()
-    x_o, x_e, cond = _face_pair(model, seed=n)
+    x_o, x_e, cond, _ = bench.pairs(model, "face", 1, seed=n)
     plan = EditedIDConfig(solver=HybridSchedule(num_steps=n)).plan(SCHEDULE)
     res = adaptive_mixing_inversion(model, plan, x_o, x_e, cond, cond.clone(), MixingConfig())
     ws, ds = res.w_schedules[0], res.differences[0]
@@ -135,9 +126,9 @@ def test_w_rises_to_half_the_gap_then_the_forced_one_half(n):
     )
 
 
-def test_the_normalised_step_does_not_depend_on_the_pairs_distance():
+def test_the_normalised_step_does_not_depend_on_the_pairs_distance(bench):
     model = GaussianMixtureModel()
-    x_o, x_e, cond = _face_pair(model, seed=3)
+    x_o, x_e, cond, _ = bench.pairs(model, "face", 1, seed=3)
     plan = EditedIDConfig().plan(SCHEDULE)
     near = adaptive_mixing_inversion(model, plan, x_o, x_e, cond, cond.clone()).w_schedules[0]
     far = adaptive_mixing_inversion(

@@ -89,13 +89,10 @@ def method_config(args):
         resolved = "" if min(given, args.dpm_end) >= 0 else f" (here steps {start} and {end})"
         first = "the last third" if args.dpm_start is None else args.dpm_start
         raise ValueError(
-            f"--dpm-start {first}, --dpm-end {args.dpm_end}{resolved} and --steps {steps} "
-            f"must "
-            f"satisfy "
-            f"1 ≤ --dpm-start ≤ --dpm-end ≤ --steps (DPM-Solver++ runs steps --dpm-start … "
-            f"--dpm-end "
-            f"of the --steps, counted from 1 at pure noise, a negative value from the end; "
-            f"e.g. --dpm-start -2 --dpm-end -1, the last two)"
+            f"--dpm-start {first}, --dpm-end {args.dpm_end}{resolved} and --steps {steps} must "
+            "satisfy 1 ≤ --dpm-start ≤ --dpm-end ≤ --steps (DPM-Solver++ runs steps --dpm-start "
+            "… --dpm-end of the --steps, counted from 1 at pure noise, a negative value from the "
+            "end; e.g. --dpm-start -2 --dpm-end -1, the last two)"
         )
     return with_fields(
         RestoreConfig(),

@@ -99,7 +99,7 @@ class EditedIDConfig:
     # "no_entanglement" = no self-attention gating, cross-attention tokens only.
     ablation: Ablation = "none"
     # Hybrid solver (Eq. 5-6): N steps, DPM-Solver++ on reconstruction steps τ_s..τ_e (1-based from
-    # noise, negative from the end: the last two by default), DDIM on the others, global timestep
+    # noise, negative from the end: the last third by default), DDIM on the others, global timestep
     # pre-setting; inversion mirrors it.
     solver: HybridSchedule = HybridSchedule()
     guidance: float = 7.5  # classifier-free guidance s of reconstruction (Stages 2 and 3)

@@ -57,10 +57,9 @@ class HybridSchedule:
     # rule (the paper's ablation, which jumps at the switch).
     timesteps: str = "global"
     ddim_spacing: str = "leading"  # SD's DDIM spacing (with the schedule's steps_offset)
-    # diffusers' DPMSolverMultistepScheduler spacings "leading" (the default: decided on the
-    # exact-score testbed, bench/results/solver_stability_cpu.md; docs/editedid.md "Defaults and
-    # readings"), "linspace", "trailing", or λ-uniform "logSNR" (paper A.4's "log-uniform";
-    # schedule.dpm_solver_times)
+    # λ-uniform "logSNR" (the default, paper A.4's "log-uniform"; schedule.dpm_solver_times:
+    # decided on the pipeline, bench/results/defaults_cpu.md, docs/editedid.md O1), or diffusers'
+    # DPMSolverMultistepScheduler spacings "leading", "linspace", "trailing"
     dpm_spacing: str = "logSNR"
     dpm_order: int = 2  # DPM-Solver++ order (2M is diffusers' default)
     # "pass": DPM-Solver++ steps use the x̂_0 of every preceding step on the path, DDIM steps'
