@@ -99,8 +99,12 @@ def test_the_table_sums_to_the_measured_step(profiles):
         sites = sum(r.time_s for r in p.sites)
         assert all(r.time_s > 0 for r in p.sites), name
         assert 0 < sites < p.measured_s and p.rest_s > 0, (name, sites, p.measured_s)
-        gap = abs(p.total_s - p.measured_s) / p.measured_s
-        assert gap < 0.03, f"{name}: table {p.total_s:.6f} s vs measured {p.measured_s:.6f} s"
+        # the clock runs a little outside the profiler's range (its enter and exit): 3 %, plus 1 ms
+        # for a thread switch on a busy CPU landing in those edges
+        gap = abs(p.total_s - p.measured_s)
+        assert gap < 0.03 * p.measured_s + 1e-3, (
+            f"{name}: table {p.total_s:.6f} s vs measured {p.measured_s:.6f} s"
+        )
         # the rest's parts are measured ops, and what is left between them
         assert abs(sum(p.rest_parts.values()) - p.rest_s) < 1e-9 * max(1.0, p.rest_s)
         measured_ops = {k: v for k, v in p.rest_parts.items() if not k.startswith("between")}
