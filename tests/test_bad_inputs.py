@@ -1498,6 +1498,32 @@ def test_a_write_that_fills_the_disk_names_the_file_and_leaves_nothing(tmp_path)
     assert list((tmp_path / "out").iterdir()) == [], "a temporary file was left behind"
 
 
+def test_a_process_killed_in_the_write_check_leaves_no_file_it_can_keep(tmp_path):
+    """SIGKILL while the probe file is open: where the OS has unnamed files (O_TMPFILE) the folder
+    stays empty; elsewhere the probe's name ends in ".tmp", which a resumed `calibrate` sweeps."""
+    import signal
+    import subprocess
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    code = (
+        "import os, signal, tempfile\n"
+        "from minid.loading import files\n"
+        "real = tempfile.TemporaryFile\n"
+        "def killed(*a, **k):\n"
+        "    f = real(*a, **k)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "files.tempfile.TemporaryFile = killed\n"
+        f"files.check_writable({str(folder)!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = [p.name for p in folder.iterdir()]
+    if sys.platform.startswith("linux"):
+        assert left == [], f"the killed write check left {left}"
+    assert all(n.startswith(".") and n.endswith(".tmp") for n in left), left
+
+
 def test_a_second_calibrate_on_the_same_out_is_refused_while_the_first_runs(
     tiny_hub, tmp_path, capsys
 ):

@@ -153,7 +153,12 @@ def test_rerun_skips_done_rows_and_recreates_only_a_deleted_result(
     out = tmp_path / "out"
     shutil.copytree(first_run[0], out)
     stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "results").iterdir()}
+    # what a killed run leaves: an atomic write's temporary file, a write check's named probe
+    leftovers = [".row-00002.png.k1l2.tmp", ".minid-write-check.k1l2.tmp"]
+    for name in leftovers:
+        (out / "results" / name).write_bytes(b"half")
     again = calibrate(dataset, out, CONFIG, weights=tiny_hub, sd=_no_model, progress=False)
+    assert not any((out / "results" / n).exists() for n in leftovers), "a leftover was kept"
     assert (again.summary["ran"], again.summary["skipped"]) == (0, 4), again.summary
     now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "results").iterdir()}
     assert now == stamps, "a skipped row's files were written again"

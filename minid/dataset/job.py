@@ -199,7 +199,7 @@ def _calibrate_locked(
     manifest, out, config, weights, sd, dtype, device, analyzer, ray, face_source, progress, t0
 ) -> Calibration:
     """Steps 2-5 of `calibrate`, with the lock on `out` held (`t0`: when the job began)."""
-    # left by an atomic write (images.py) that a killed run never finished
+    # left by an atomic write or a write check (loading/files.py) that a killed run never finished
     for stale in out.rglob(".*.tmp"):
         stale.unlink()
 

@@ -70,14 +70,16 @@ def check_writable(
     if not probe.is_dir():
         raise NotADirectoryError(f"cannot write into {folder}: {probe} is a file, not a folder")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".minid-write-check.", dir=probe)
+        # an unnamed file (O_TMPFILE) where the OS has them, so a process killed here leaves no
+        # name behind; elsewhere a named one, unlinked at once, whose ".tmp" a resumed
+        # `calibrate` sweeps up with the atomic writes' leftovers
+        with tempfile.TemporaryFile(prefix=".minid-write-check.", suffix=".tmp", dir=probe):
+            pass
     except OSError as e:
         raise PermissionError(
             f"cannot write into the {what} {folder} ({e.strerror or e}); choose a folder you "
             "can write to"
         ) from None
-    os.close(fd)
-    os.unlink(tmp)
     free = shutil.disk_usage(probe).free
     if free < min_free:
         raise OSError(
